@@ -1,0 +1,311 @@
+"""Softmax and LogSoftmax algorithms as pure TE compute (no scheduling here).
+
+Every function takes a 3-D view ``x[outer, length, inner]`` and normalises along ``length``
+(callers reshape: ONNX opset-13 ``axis`` gives outer = prod(dims before), inner = prod(dims
+after); opsets 1/11 give inner = 1). float16/bfloat16 inputs are read as float32, accumulated in
+float32 and the result is cast back.
+
+The algorithms (memory accesses per element, reads + writes):
+
+* ``three-pass``           max; exp stored and summed; scale the stored exp (5)
+* ``three-pass-recompute`` max; sum of exp; recompute exp and scale (4)
+* ``two-pass``             Dukhan & Ablavatski 2020: (mantissa, exponent) pairs summed with exact
+                           power-of-two rescaling, no max pass; then scale (3)
+* ``online``               Milakov & Gimelshein 2018: running (max, sum) pairs merged with the
+                           associative operator; then scale (3)
+
+Partial states. TVM's ``rfactor`` refuses custom tuple reducers, so the several accumulators the
+papers use (one per vector lane, and one per thread for a row split across threads) are part of
+the compute: element ``k`` of a row goes to partial state ``q = s * partials + lane`` with
+``k = s * chunk + j * partials + lane``; the ``splits * partials`` states of a row are merged with
+the same associative operator. ``partials`` and ``splits`` come from the schedule knobs
+(``tvmsoftmax.schedules``); they change the summation order, not the result beyond rounding.
+
+Edge values follow onnxruntime: an all -inf row gives NaN; +inf or NaN anywhere gives a NaN row;
+[0, -inf] gives [1, 0]; rows of -FLT_MAX or -1e9 alone give a uniform distribution.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+from tvm import te, tirx
+
+from .exp import SPLIT_LIMIT, clamp_keep_nan, exp_split, fast_exp, ldexp_wide
+
+ALGORITHMS = ("three-pass", "three-pass-recompute", "two-pass", "online")
+
+FLT_LOWEST = -3.4028234663852886e38
+_LN2 = math.log(2.0)
+
+
+@dataclass(frozen=True)
+class Partitioning:
+    """How a row is cut into partial states (set by the schedule knobs, see module docstring)."""
+
+    partials: int = 1
+    splits: int = 1
+
+    @property
+    def states(self) -> int:
+        return self.partials * self.splits
+
+
+def _f32(value: float) -> tirx.PrimExpr:
+    return tirx.const(value, "float32")
+
+
+def _load(x: te.Tensor, o, k, i) -> tirx.PrimExpr:
+    value = x[o, k, i]
+    return value if value.dtype == "float32" else value.astype("float32")
+
+
+def _not_finite_to_nan(value: tirx.PrimExpr) -> tirx.PrimExpr:
+    """0 for a finite value, NaN for +-inf or NaN (added to poison a non-finite row).
+
+    Not `value - value` (TVM's simplifier assumes no NaN and folds it to 0) and no `isnan` (folded
+    to false in vectorised reductions): |v| < inf is false exactly for NaN and +-inf.
+    """
+    return tirx.Select(tirx.abs(value) < _f32(math.inf), _f32(0.0), _f32(math.nan))
+
+
+class _RowReduction:
+    """Index bookkeeping for partial states over the ``length`` axis of ``x[outer, length, inner]``."""
+
+    def __init__(self, x: te.Tensor, part: Partitioning):
+        self.x = x
+        self.outer, self.length, self.inner = x.shape
+        self.part = part
+        q = part.partials
+        per_split = (self.length + part.splits - 1) // part.splits
+        self.steps = (per_split + q - 1) // q  # j in [0, steps)
+        self.chunk = self.steps * q  # elements per split
+        self.masked = part.states > 1
+
+    def element_index(self, state, j):
+        q = self.part.partials
+        return (state // q) * self.chunk + j * q + state % q
+
+    def element(self, o, state, j, i, value_of: Callable, pad: tuple):
+        """value_of(loaded float32, o, i) -> reduction operands; pad: identity for k >= length."""
+        k = self.element_index(state, j)
+        if not self.masked:
+            return value_of(_load(self.x, o, k, i), o, i)
+        inside = k < self.length
+        safe_k = tirx.min(k, self.length - 1)
+        values = value_of(_load(self.x, o, safe_k, i), o, i)
+        # Select, not if_then_else: TVM 0.27 vectorises if_then_else inside reductions wrongly.
+        return tuple(tirx.Select(inside, v, p) for v, p in zip(values, pad))
+
+    def reduce(self, name: str, reducer, value_of: Callable, pad: tuple):
+        """Partial states [outer, states, inner], then the merged state [outer, inner]."""
+        outer, inner, states = self.outer, self.inner, self.part.states
+        j = te.reduce_axis((0, self.steps), name=f"{name}_j")
+        partial = te.compute(
+            (outer, states, inner),
+            lambda o, s, i: reducer(_single(self.element(o, s, j, i, value_of, pad)), axis=j),
+            name=f"{name}_partial",
+        )
+        partial = partial if isinstance(partial, (list, tuple)) else [partial]
+        r = te.reduce_axis((0, states), name=f"{name}_q")
+        merged = te.compute(
+            (outer, inner),
+            lambda o, i: reducer(_single(tuple(p[o, r, i] for p in partial)), axis=r),
+            name=f"{name}_state",
+        )
+        return merged if isinstance(merged, (list, tuple)) else [merged]
+
+
+def _single(values: tuple):
+    """TE reducers take a bare expression for one operand and a tuple for several."""
+    return values[0] if len(values) == 1 else values
+
+
+# The standard reducers (TVM knows them, so schedules may also rfactor these reductions).
+_sum_reducer = te.comm_reducer(lambda a, b: a + b, lambda t: tirx.const(0, t), name="sum")
+_max_reducer = te.comm_reducer(lambda a, b: tirx.max(a, b), lambda t: tirx.min_value(t), name="max")
+
+
+def _online_reducer():
+    """(max, sum) merge of Milakov & Gimelshein with one exp per merge.
+
+    (ma, da) + (mb, db) = (M, d_big + d_small * e^(m_small - M)). Identity (-FLT_MAX, 0): never
+    -inf, so no inf - inf appears. A NaN operand makes d NaN. An +inf maximum is caught per row by
+    `_not_finite_to_nan(M)` (this form would otherwise give the other elements 0).
+    """
+
+    def combine(a, b):
+        big = tirx.max(a[0], b[0])
+        small = tirx.min(a[0], b[0])
+        e = fast_exp(small - big)
+        a_is_big = a[0] >= b[0]
+        d = tirx.Select(a_is_big, a[1] + b[1] * e, a[1] * e + b[1])
+        return big, d
+
+    def identity(t0, t1):
+        return tirx.const(FLT_LOWEST, t0), tirx.const(0.0, t1)
+
+    return te.comm_reducer(combine, identity, name="online")
+
+
+# Exponents of the two-pass pairs are integer-valued floats; scale factors 2^k are clamped below at
+# -252 (where two exponent-bit factors underflow to exactly 0).
+_POW2_FLOOR = -252.0
+
+
+def _two_pass_reducer():
+    """(v, e) pairs of Dukhan & Ablavatski: v * 2^e, merged by exact power-of-two rescaling."""
+
+    def combine(a, b):
+        e = tirx.max(a[1], b[1])
+        va = ldexp_wide(a[0], tirx.max(a[1] - e, _f32(_POW2_FLOOR)))
+        vb = ldexp_wide(b[0], tirx.max(b[1] - e, _f32(_POW2_FLOOR)))
+        return va + vb, e
+
+    def identity(t0, t1):
+        return tirx.const(0.0, t0), tirx.const(FLT_LOWEST, t1)
+
+    return te.comm_reducer(combine, identity, name="extexp")
+
+
+def _two_pass_element(x: tirx.PrimExpr) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
+    """(mantissa, exponent) of e^x with the guards the reference kernels lack.
+
+    -inf and -FLT_MAX would make x*log2(e) overflow and the reduction compute inf - inf (NaN row):
+    x is clamped to -SPLIT_LIMIT first, and -inf then gets mantissa 0 (so an all -inf row is 0/0 =
+    NaN as in onnxruntime). +inf and NaN poison the mantissa (whole row NaN, as in onnxruntime).
+    """
+    p, n = exp_split(clamp_keep_nan(x, -SPLIT_LIMIT, SPLIT_LIMIT))
+    p = tirx.Select(x == _f32(-math.inf), _f32(0.0), p + _not_finite_to_nan(x))
+    return p, n
+
+
+def softmax(
+    x: te.Tensor,
+    *,
+    algorithm: str = "three-pass",
+    log: bool = False,
+    partitioning: Partitioning = Partitioning(),
+    name: str = "softmax",
+) -> te.Tensor:
+    """Softmax (or LogSoftmax if ``log``) of ``x[outer, length, inner]`` along ``length``."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown softmax algorithm {algorithm!r}; expected one of {ALGORITHMS}")
+    if len(x.shape) != 3:
+        raise ValueError(f"softmax compute takes a 3-D [outer, length, inner] view, got {x.shape}")
+    out_dtype = x.dtype
+    rows = _RowReduction(x, partitioning)
+    builder = {
+        "three-pass": _three_pass,
+        "three-pass-recompute": _three_pass_recompute,
+        "two-pass": _two_pass,
+        "online": _online,
+    }[algorithm]
+    return builder(x, rows, log, out_dtype, name)
+
+
+def _cast(value: tirx.PrimExpr, dtype: str) -> tirx.PrimExpr:
+    return value if dtype == "float32" else value.astype(dtype)
+
+
+def _row_max(rows: _RowReduction) -> te.Tensor:
+    (row_max,) = rows.reduce("max", _max_reducer, lambda v, o, i: (v,), (_f32(FLT_LOWEST),))
+    return row_max
+
+
+def _row_sum(rows: _RowReduction, name: str, value_of: Callable) -> te.Tensor:
+    (total,) = rows.reduce(name, _sum_reducer, lambda v, o, i: (value_of(v, o, i),), (_f32(0.0),))
+    return total
+
+
+def _scale_output(x, shift, scale, out_dtype, name, exp_of=None):
+    """y = exp(x - shift) * scale (or stored_exp * scale)."""
+
+    def body(o, k, i):
+        e = exp_of(o, k, i) if exp_of is not None else fast_exp(_load(x, o, k, i) - shift[o, i])
+        return _cast(e * scale[o, i], out_dtype)
+
+    return te.compute(x.shape, body, name=name)
+
+
+def _log_output(x, shift, log_sum, out_dtype, name):
+    """y = (x - shift) - log_sum: as onnxruntime computes LogSoftmax (x - max - log(sum)).
+
+    Subtracting the shift first keeps rows of -FLT_MAX alone finite (-log(n), not 0 or NaN).
+    """
+    return te.compute(
+        x.shape,
+        lambda o, k, i: _cast((_load(x, o, k, i) - shift[o, i]) - log_sum[o, i], out_dtype),
+        name=name,
+    )
+
+
+def _row_constants(x, name, fn) -> te.Tensor:
+    return te.compute((x.shape[0], x.shape[2]), fn, name=name)
+
+
+def _three_pass(x, rows, log, out_dtype, name):
+    row_max = _row_max(rows)
+    stored = te.compute(
+        x.shape, lambda o, k, i: fast_exp(_load(x, o, k, i) - row_max[o, i]), name=f"{name}_exp"
+    )
+    total = _row_sum(_RowReduction(stored, rows.part), "sum", lambda v, o, i: v)
+    return _finish(x, row_max, total, log, out_dtype, name, exp_of=lambda o, k, i: stored[o, k, i])
+
+
+def _three_pass_recompute(x, rows, log, out_dtype, name):
+    row_max = _row_max(rows)
+    # The sum reads x again: exp(x - max) is recomputed in the output pass instead of stored.
+    total = _row_sum(rows, "sum", lambda v, o, i: fast_exp(v - row_max[o, i]))
+    return _finish(x, row_max, total, log, out_dtype, name)
+
+
+def _online(x, rows, log, out_dtype, name):
+    row_max, total = rows.reduce(
+        "online",
+        _online_reducer(),
+        lambda v, o, i: (v, _f32(1.0)),
+        (_f32(FLT_LOWEST), _f32(0.0)),
+    )
+    return _finish(x, row_max, total, log, out_dtype, name)
+
+
+def _finish(x, row_max, total, log, out_dtype, name, exp_of=None):
+    """Output pass shared by the max-based algorithms (three-pass, recompute, online)."""
+    if log:
+        log_sum = _row_constants(
+            x,
+            f"{name}_logsum",
+            lambda o, i: tirx.log(total[o, i]) + _not_finite_to_nan(row_max[o, i]),
+        )
+        return _log_output(x, row_max, log_sum, out_dtype, name)
+    scale = _row_constants(
+        x,
+        f"{name}_scale",
+        lambda o, i: _f32(1.0) / total[o, i] + _not_finite_to_nan(row_max[o, i]),
+    )
+    return _scale_output(x, row_max, scale, out_dtype, name, exp_of=exp_of)
+
+
+def _two_pass(x, rows, log, out_dtype, name):
+    mantissa_sum, exponent = rows.reduce(
+        "extexp",
+        _two_pass_reducer(),
+        lambda v, o, i: _two_pass_element(v),
+        (_f32(0.0), _f32(FLT_LOWEST)),
+    )
+    if log:
+        # log(v * 2^e) = e*ln2 + log(v); no max is known, so the shift is e*ln2 (see limits).
+        shift = _row_constants(x, f"{name}_shift", lambda o, i: exponent[o, i] * _f32(_LN2))
+        log_sum = _row_constants(x, f"{name}_logsum", lambda o, i: tirx.log(mantissa_sum[o, i]))
+        return _log_output(x, shift, log_sum, out_dtype, name)
+    inverse = _row_constants(x, f"{name}_scale", lambda o, i: _f32(1.0) / mantissa_sum[o, i])
+
+    def body(o, k, i):
+        p, n = _two_pass_element(_load(x, o, k, i))
+        shift = tirx.max(n - exponent[o, i], _f32(_POW2_FLOOR))
+        return _cast(ldexp_wide(p * inverse[o, i], shift), out_dtype)
+
+    return te.compute(x.shape, body, name=name)

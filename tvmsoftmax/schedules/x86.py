@@ -1,0 +1,159 @@
+"""x86 (LLVM) schedule for the softmax compute of `tvmsoftmax.ops.softmax`.
+
+The PrimFunc's blocks are recognised by the names the compute gives them:
+``*_partial`` (per-row partial states over the row), ``*_state`` (their merge), ``*_exp``
+(three-pass's stored exponentials), row constants (``*_scale``, ``*_logsum``, ``*_shift``) and
+the output block. Two layouts:
+
+* rows contiguous (inner == 1): the ``partials`` partial states of a row are vector lanes
+  (several accumulators), the output pass is vectorised along the row. With ``splits == 1`` every
+  stage is computed at the row inside one loop parallel over rows (the row stays in cache between
+  passes); with ``splits > 1`` a row's chunks are reduced on different threads and the partial
+  states merged (for few long rows).
+* strided rows (inner > 1, i.e. an ONNX axis that is not the last): rows are reduced side by side,
+  vectorised across ``inner``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from tvm import s_tir, tirx
+
+from ..ops.softmax import Partitioning
+
+
+@dataclass(frozen=True)
+class X86SoftmaxKnobs:
+    """Tunable knobs of the x86 softmax schedule."""
+
+    vector_lanes: int = 8  # float32 lanes of one vector register (8: AVX2, 16: AVX-512)
+    accumulators: int = 2  # vector accumulators per row (partial states = lanes * accumulators)
+    splits: int = 1  # threads sharing one row (for few long rows)
+    unroll: int = 2  # unroll of the vectorised output loop
+
+    def partitioning(self, contiguous_rows: bool) -> Partitioning:
+        """Partial states the compute must provide for this schedule (see `ops.softmax`)."""
+        if not contiguous_rows:
+            return Partitioning()  # strided rows are vectorised across rows, one state each
+        return Partitioning(partials=self.vector_lanes * self.accumulators, splits=self.splits)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _is_one(extent) -> bool:
+    return isinstance(extent, (int, tirx.IntImm)) and int(extent) == 1
+
+
+def _static(extent) -> int | None:
+    return int(extent) if isinstance(extent, (int, tirx.IntImm)) else None
+
+
+def _blocks(sch: s_tir.Schedule):
+    root = sch.get_sblock("root") if _has_block(sch, "root") else None
+    children = sch.get_child_blocks(root) if root is not None else []
+    return [(sch.get(b).name_hint, b) for b in children]
+
+
+def _has_block(sch, name):
+    try:
+        sch.get_sblock(name)
+        return True
+    except Exception:  # noqa: BLE001 - TVM raises a generic error for a missing block
+        return False
+
+
+def schedule_softmax(func: tirx.PrimFunc, knobs: X86SoftmaxKnobs) -> tirx.PrimFunc:
+    """Return ``func`` (a softmax PrimFunc from `ops.softmax`) scheduled for x86."""
+    sch = s_tir.Schedule(func)
+    named = _blocks(sch)
+    inner = sch.get(sch.get_loops(named[-1][1])[2]).extent
+    if _is_one(inner):
+        if knobs.splits == 1:
+            _schedule_rows_fused(sch, named, knobs)
+        else:
+            _schedule_rows_split(sch, named, knobs)
+    else:
+        _schedule_strided(sch, named, knobs)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _vectorize_tail(sch, loop, lanes: int, unroll: int = 1):
+    """Split `loop` into (outer, lanes) and vectorise the lanes; returns the outer loop."""
+    outer, inner = sch.split(loop, [None, lanes])
+    sch.vectorize(inner)
+    if unroll > 1:
+        outer, _ = sch.split(outer, [None, unroll])
+    return outer
+
+
+def _schedule_rows_fused(sch, named, knobs: X86SoftmaxKnobs):
+    """inner == 1, splits == 1: all stages computed at the row, parallel over rows."""
+    _, output = named[-1]
+    o, k, i = sch.get_loops(output)
+    sch.parallel(o)
+    _vectorize_tail(sch, sch.fuse(k, i), knobs.vector_lanes, knobs.unroll)
+    for name, block in reversed(named[:-1]):
+        sch.compute_at(block, o)
+        loops = sch.get_loops(block)[1:]
+        if name.endswith("_partial"):
+            # loops: states, j -> j outer, states vectorised (accumulators x lanes).
+            states, j = loops
+            sch.reorder(j, states)
+            lane_outer, lanes = sch.split(states, [None, knobs.vector_lanes])
+            sch.vectorize(lanes)
+            sch.unroll(lane_outer)
+            sch.decompose_reduction(block, j)
+        elif name.endswith("_exp"):
+            _vectorize_tail(sch, loops[0], knobs.vector_lanes)
+
+
+def _schedule_rows_split(sch, named, knobs: X86SoftmaxKnobs):
+    """inner == 1, splits > 1: a row's chunks on different threads, partial states merged."""
+    for name, block in named:
+        loops = sch.get_loops(block)
+        if name.endswith("_partial"):
+            o, states, unit, j = loops
+            split, lane_outer, lanes = sch.split(
+                states, [knobs.splits, knobs.accumulators, knobs.vector_lanes]
+            )
+            sch.reorder(o, split, j, lane_outer, lanes, unit)
+            sch.parallel(sch.fuse(o, split))
+            sch.vectorize(lanes)
+            sch.unroll(lane_outer)
+            sch.decompose_reduction(block, j)
+        elif name.endswith("_state"):
+            sch.parallel(loops[0])
+        elif len(loops) == 3:  # elementwise over the row: stored exp or output
+            o, k, i = loops
+            k_outer, k_inner = sch.split(sch.fuse(k, i), [knobs.splits, None])
+            sch.parallel(sch.fuse(o, k_outer))
+            _vectorize_tail(sch, k_inner, knobs.vector_lanes, knobs.unroll)
+
+
+def _schedule_strided(sch, named, knobs: X86SoftmaxKnobs):
+    """inner > 1: rows side by side, vectorised across `inner`, parallel over `outer`."""
+    _, output = named[-1]
+    o, k, i = sch.get_loops(output)
+    sch.parallel(o)
+    _vectorize_inner(sch, i, knobs)
+    for name, block in reversed(named[:-1]):
+        sch.compute_at(block, o)
+        loops = sch.get_loops(block)[1:]
+        if name.endswith("_partial"):
+            i_loop, j = loops[-2:]  # (states of extent 1 is dropped by compute_at)
+            sch.reorder(j, i_loop)
+            _vectorize_inner(sch, i_loop, knobs)
+            sch.decompose_reduction(block, j)
+        elif name.endswith("_exp"):
+            _vectorize_inner(sch, loops[-1], knobs)
+
+
+def _vectorize_inner(sch, loop, knobs):
+    extent = _static(sch.get(loop).extent)
+    if extent is not None and extent % knobs.vector_lanes == 0:
+        _, lanes = sch.split(loop, [None, knobs.vector_lanes])
+        sch.vectorize(lanes)
+    elif extent is not None and extent <= 64:
+        sch.vectorize(loop)
