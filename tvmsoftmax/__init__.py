@@ -1,1 +1,71 @@
-"""tvmsoftmax"""
+"""tvmsoftmax: ONNX Softmax/LogSoftmax (and attention) lowered to TVM tensor-expression schedules.
+
+    import tvmsoftmax
+    model = tvmsoftmax.compile("model.onnx", target="x86", algorithm="auto", shapes={"x": [1, 128]})
+    outputs = model.run({"x": x})
+    model.save("model.tvmsm")
+    again = tvmsoftmax.load("model.tvmsm")          # TVM runtime only
+    report = tvmsoftmax.check("model.onnx")          # against onnxruntime
+
+Heavy imports (TVM's compiler, onnxscript) happen on first use, so `load` works on a host that
+has only TVM's runtime.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import (  # noqa: E402
+    ArtifactError,
+    InputError,
+    ModelError,
+    TvmSoftmaxError,
+    UnsupportedOperatorError,
+)
+
+
+def compile(model, target="x86", algorithm="auto", shapes=None, **options):  # noqa: A001
+    """Compile an ONNX model (path, bytes or onnx.ModelProto) with our softmax lowering.
+
+    target: "x86" or "cuda" (options: arch="sm_90", mcpu="x86-64-v3"); algorithm: "auto",
+    "three-pass", "three-pass-recompute", "two-pass" or "online"; shapes: binds symbolic input
+    dims, e.g. {"input_ids": [1, 128]} (unbound ones stay dynamic where TVM can keep them).
+    """
+    from .lowering.compiler import compile_model
+
+    return compile_model(model, target, algorithm, shapes, **options)
+
+
+def load(path, *, target=None):
+    """Load a saved artifact (needs only TVM's runtime)."""
+    from .lowering.artifact import load as _load
+
+    return _load(path, target=target)
+
+
+def check(model, target="x86", algorithm="auto", shapes=None, **options):
+    """Compile, run ours and onnxruntime on the same inputs, compare: returns a CheckReport."""
+    from .lowering.check import check as _check
+
+    return _check(model, target=target, algorithm=algorithm, shapes=shapes, **options)
+
+
+def inspect(model, algorithm="auto", shapes=None):
+    """The Softmax/LogSoftmax/attention sites of a model and what each will be lowered to."""
+    from .lowering.compiler import prepare
+
+    return prepare(model, algorithm=algorithm, shapes=shapes).sites
+
+
+__all__ = [
+    "ArtifactError",
+    "InputError",
+    "ModelError",
+    "TvmSoftmaxError",
+    "UnsupportedOperatorError",
+    "__version__",
+    "check",
+    "compile",
+    "inspect",
+    "load",
+]

@@ -95,18 +95,19 @@ def _schedule_rows_fused(sch, named, knobs: X86SoftmaxKnobs):
     sch.parallel(o)
     _vectorize_tail(sch, sch.fuse(k, i), knobs.vector_lanes, knobs.unroll)
     for name, block in reversed(named[:-1]):
-        sch.compute_at(block, o)
-        loops = sch.get_loops(block)[1:]
+        sch.compute_at(block, o, preserve_unit_loops=True)
+        loops = sch.get_loops(block)[2:]  # [o, unit o, *block loops]
         if name.endswith("_partial"):
-            # loops: states, j -> j outer, states vectorised (accumulators x lanes).
-            states, j = loops
+            # loops: states, inner (1), j -> j outer, states vectorised (accumulators x lanes).
+            states, _, j = loops
             sch.reorder(j, states)
             lane_outer, lanes = sch.split(states, [None, knobs.vector_lanes])
             sch.vectorize(lanes)
             sch.unroll(lane_outer)
             sch.decompose_reduction(block, j)
         elif name.endswith("_exp"):
-            _vectorize_tail(sch, loops[0], knobs.vector_lanes)
+            k_loop, unit = loops
+            _vectorize_tail(sch, sch.fuse(k_loop, unit), knobs.vector_lanes)
 
 
 def _schedule_rows_split(sch, named, knobs: X86SoftmaxKnobs):
@@ -139,10 +140,10 @@ def _schedule_strided(sch, named, knobs: X86SoftmaxKnobs):
     sch.parallel(o)
     _vectorize_inner(sch, i, knobs)
     for name, block in reversed(named[:-1]):
-        sch.compute_at(block, o)
-        loops = sch.get_loops(block)[1:]
+        sch.compute_at(block, o, preserve_unit_loops=True)
+        loops = sch.get_loops(block)[2:]  # [o, unit o, *block loops]
         if name.endswith("_partial"):
-            i_loop, j = loops[-2:]  # (states of extent 1 is dropped by compute_at)
+            _, i_loop, j = loops  # states (extent 1), inner, j
             sch.reorder(j, i_loop)
             _vectorize_inner(sch, i_loop, knobs)
             sch.decompose_reduction(block, j)
@@ -157,3 +158,42 @@ def _vectorize_inner(sch, loop, knobs):
         sch.vectorize(lanes)
     elif extent is not None and extent <= 64:
         sch.vectorize(loop)
+
+
+# Row lengths at or above which the max-free / single-read algorithms pay off (rows leave L1/L2).
+LONG_ROW = 1024
+SPLIT_ROW = 1 << 16
+
+
+def choose(
+    requested: str, log: bool, view: list[int | None], vector_lanes: int, num_cores: int
+) -> tuple[str, X86SoftmaxKnobs]:
+    """The `auto` rule for x86, and the knobs for an explicit algorithm.
+
+    * LogSoftmax: ``three-pass-recompute`` (what onnxruntime does; two-pass cannot know the max of
+      a fully masked row, see the README's limits).
+    * Softmax, contiguous rows of at least LONG_ROW elements: ``online`` (3 memory accesses per
+      element instead of 5, exact onnxruntime semantics on masked rows).
+    * otherwise ``three-pass`` (short rows stay in L1, the stored exp is cheaper than recomputing).
+    Knobs: two vector accumulators per row; a row is split across threads when there are fewer
+    rows than cores and rows of at least SPLIT_ROW elements.
+    """
+    outer, length, inner = view
+    contiguous = inner == 1
+    algorithm = requested
+    if requested == "auto":
+        if log:
+            algorithm = "three-pass-recompute"
+        elif contiguous and length is not None and length >= LONG_ROW:
+            algorithm = "online"
+        else:
+            algorithm = "three-pass"
+    rows = outer if outer is not None else None
+    splits = 1
+    if contiguous and num_cores > 1 and length is not None and length >= SPLIT_ROW:
+        if rows is not None and rows < num_cores:
+            splits = num_cores
+    accumulators = 2 if length is None or length >= 4 * vector_lanes else 1
+    return algorithm, X86SoftmaxKnobs(
+        vector_lanes=vector_lanes, accumulators=accumulators, splits=splits
+    )

@@ -1,0 +1,1 @@
+"""ONNX load/validate -> rewrite -> Relax import -> our PrimFuncs -> compile -> artifact -> run."""

@@ -1,0 +1,235 @@
+"""The deployable artifact and the runnable model.
+
+An artifact is one file (a zip archive, conventionally ``*.tvmsm``) holding
+
+* ``model.so``: the compiled library (TVM Relax VM executable, exported with g++), and
+* ``manifest.json``: format version, tvmsoftmax/TVM versions, target (with the CPU features the
+  code needs), inputs and outputs (dtypes, shapes with symbolic dims by name), every rewritten
+  site with its algorithm and schedule knobs, sha256 of the source model and of the library.
+
+`save` writes a temporary file beside the destination and renames it over (atomic). `load` checks
+the format version, the library's sha256 and that this host can run the target, and needs only
+TVM's runtime (it works with ``TVM_USE_RUNTIME_LIB=1`` and without the compiler library): this
+module imports nothing from TVM's compiler.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ArtifactError, InputError
+
+FORMAT = "tvmsoftmax-artifact"
+FORMAT_VERSION = 1
+LIBRARY = "model.so"
+MANIFEST = "manifest.json"
+
+
+class CompiledModel:
+    """A compiled model: `run` it, `save` it, read its `manifest`."""
+
+    def __init__(self, vm_module, manifest: dict, *, executable=None):
+        import tvm
+        from tvm import relax
+
+        self.manifest = manifest
+        self._executable = executable
+        device_type = "cuda" if manifest["target"]["name"] == "cuda" else "cpu"
+        self.device = tvm.cuda(0) if device_type == "cuda" else tvm.cpu(0)
+        self._vm = relax.VirtualMachine(vm_module, self.device)
+
+    # ---- description -------------------------------------------------------------------------
+    @property
+    def inputs(self) -> list[dict]:
+        return self.manifest["inputs"]
+
+    @property
+    def outputs(self) -> list[dict]:
+        return self.manifest["outputs"]
+
+    @property
+    def sites(self) -> list[dict]:
+        return self.manifest["sites"]
+
+    @property
+    def target(self) -> dict:
+        return self.manifest["target"]
+
+    # ---- running -----------------------------------------------------------------------------
+    def _prepare(self, feeds: dict) -> list:
+        import tvm
+
+        if not isinstance(feeds, dict):
+            raise InputError(f"feeds must be a dict of input name -> array, got {type(feeds).__name__}")
+        expected = [spec["name"] for spec in self.inputs]
+        missing = [n for n in expected if n not in feeds]
+        extra = [n for n in feeds if n not in expected]
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"missing input(s) {', '.join(map(repr, missing))}")
+            if extra:
+                parts.append(f"unknown input(s) {', '.join(map(repr, extra))}")
+            raise InputError(f"{'; '.join(parts)}; the model's inputs are: {', '.join(expected)}")
+        bound: dict[str, int] = {}
+        args = []
+        for spec in self.inputs:
+            name = spec["name"]
+            value = np.asarray(feeds[name])
+            if value.dtype.name != spec["dtype"]:
+                raise InputError(
+                    f"input {name!r}: expected dtype {spec['dtype']}, got {value.dtype.name}"
+                )
+            dims = spec["shape"]
+            if dims is not None:
+                if value.ndim != len(dims):
+                    raise InputError(
+                        f"input {name!r}: expected rank {len(dims)} {dims}, got shape {list(value.shape)}"
+                    )
+                for index, (want, got) in enumerate(zip(dims, value.shape)):
+                    if isinstance(want, int):
+                        if want != got:
+                            raise InputError(
+                                f"input {name!r}: dim {index} must be {want} (shape {dims}), got {got}"
+                            )
+                    elif want in bound and bound[want] != got:
+                        raise InputError(
+                            f"input {name!r}: dim {index} ({want}) is {got} here but "
+                            f"{bound[want]} in another input"
+                        )
+                    else:
+                        bound[want] = got
+            args.append(tvm.runtime.tensor(np.ascontiguousarray(value), self.device))
+        return args
+
+    def _invoke(self, args):
+        return self._vm["main"](*args)
+
+    @staticmethod
+    def _to_numpy(result) -> list[np.ndarray]:
+        if hasattr(result, "numpy"):
+            return [result.numpy()]
+        out = []
+        for item in result:
+            out.extend(CompiledModel._to_numpy(item))
+        return out
+
+    def run(self, feeds: dict) -> dict[str, np.ndarray]:
+        """Run on numpy feeds (name -> array); returns name -> array for every model output."""
+        values = self._to_numpy(self._invoke(self._prepare(feeds)))
+        names = [spec["name"] for spec in self.outputs]
+        return dict(zip(names, values))
+
+    def time(self, feeds: dict, *, repeat: int = 20, warmup: int = 3) -> list[float]:
+        """Seconds per run (inputs already on the device), `repeat` samples."""
+        args = self._prepare(feeds)
+        for _ in range(warmup):
+            self._invoke(args)
+        self.device.sync()
+        samples = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            self._invoke(args)
+            self.device.sync()
+            samples.append(time.perf_counter() - start)
+        return samples
+
+    # ---- persistence -------------------------------------------------------------------------
+    def save(self, path) -> Path:
+        """Write the artifact to `path` atomically (temporary file + rename)."""
+        if self._executable is None:
+            raise ArtifactError("this model was loaded from an artifact; copy that file instead")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="tvmsoftmax-") as scratch:
+            library = Path(scratch) / LIBRARY
+            self._executable.export_library(str(library))
+            payload = library.read_bytes()
+            manifest = dict(self.manifest)
+            manifest["library_sha256"] = hashlib.sha256(payload).hexdigest()
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            try:
+                with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+                    archive.writestr(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+                    archive.writestr(LIBRARY, payload)
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        self.manifest = manifest
+        return path
+
+
+def read_manifest(path) -> dict:
+    """The manifest of an artifact, checked for format and version (no TVM needed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no such artifact")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            manifest = json.loads(archive.read(MANIFEST))
+    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError) as err:
+        raise ArtifactError(f"{path}: not a tvmsoftmax artifact or corrupted ({err})") from None
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: not a tvmsoftmax artifact (format {manifest.get('format')!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path}: artifact format version {manifest.get('format_version')} is not supported "
+            f"by this tvmsoftmax (it reads version {FORMAT_VERSION}); recompile the model"
+        )
+    return manifest
+
+
+def _check_host(path, manifest: dict, expected_target: str | None) -> None:
+    from .targets import host_cpu_flags
+
+    target = manifest["target"]
+    if expected_target is not None and target["name"] != expected_target:
+        raise ArtifactError(
+            f"{path}: artifact was compiled for target {target['name']!r}, not {expected_target!r}"
+        )
+    flags = host_cpu_flags()
+    needed = set(target.get("required_features", ()))
+    if flags is not None and not needed <= flags:
+        raise ArtifactError(
+            f"{path}: compiled for CPU {target['mcpu']} and needs {', '.join(sorted(needed - flags))}, "
+            "which this host lacks; recompile on (or for) this host"
+        )
+    if target["name"] == "cuda":
+        import tvm
+
+        if not tvm.cuda(0).exist:
+            raise ArtifactError(f"{path}: artifact is for CUDA ({target.get('arch')}), but this host has no CUDA device")
+
+
+def load(path, *, target: str | None = None) -> CompiledModel:
+    """Load an artifact written by `CompiledModel.save` (TVM runtime only)."""
+    import tvm
+
+    manifest = read_manifest(path)
+    _check_host(path, manifest, target)
+    with zipfile.ZipFile(path) as archive:
+        try:
+            payload = archive.read(LIBRARY)
+        except (KeyError, zipfile.BadZipFile, OSError) as err:
+            raise ArtifactError(f"{path}: corrupted artifact, cannot read its library ({err})") from None
+    if hashlib.sha256(payload).hexdigest() != manifest.get("library_sha256"):
+        raise ArtifactError(f"{path}: corrupted artifact (library checksum does not match its manifest)")
+    with tempfile.TemporaryDirectory(prefix="tvmsoftmax-load-") as scratch:
+        library = Path(scratch) / LIBRARY
+        library.write_bytes(payload)
+        try:
+            module = tvm.runtime.load_module(str(library))
+        except Exception as err:  # noqa: BLE001
+            raise ArtifactError(f"{path}: cannot load its library: {err}") from None
+    return CompiledModel(module, manifest)

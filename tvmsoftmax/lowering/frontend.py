@@ -1,0 +1,186 @@
+"""ONNX in: load, validate, bind input shapes, normalise exported graphs for TVM's importer.
+
+Real torch exports (BERT, GPT-2, Llama) compute sizes at run time with Shape/Gather/Concat/
+Range/Expand/Where subgraphs that TVM 0.27's `from_onnx` cannot import (`broadcast_to ... ndim`,
+`Reshape expects ... known shape`, `'NoneType' object is not iterable` on Expand). `normalize`
+binds the shapes the user gives, runs ONNX shape inference with data propagation, and folds
+constant subgraphs (shape computations included) with onnxscript's optimizer, so those graphs
+become static where the shapes are bound and keep symbolic dims where they are not.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..errors import InputError, ModelError
+
+ModelLike = "str | os.PathLike | onnx.ModelProto | bytes"
+
+
+@dataclass
+class LoadedModel:
+    """A validated model and where it came from."""
+
+    proto: onnx.ModelProto
+    source: str  # path or "<ModelProto>"
+    sha256: str  # of the serialized source model
+
+
+def load_model(model) -> LoadedModel:
+    """Read and validate an ONNX model (path, bytes or ModelProto); raise ModelError if unusable."""
+    if isinstance(model, onnx.ModelProto):
+        proto = copy.deepcopy(model)
+        source = "<ModelProto>"
+        raw = proto.SerializeToString()
+    elif isinstance(model, (bytes, bytearray)):
+        raw = bytes(model)
+        source = "<bytes>"
+        proto = _parse(raw, source)
+    elif isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        source = str(path)
+        if not path.is_file():
+            raise ModelError(f"{source}: no such model file")
+        raw = path.read_bytes()
+        proto = _parse(raw, source)
+        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+            try:
+                onnx.load_external_data_for_model(proto, str(path.parent))
+            except (OSError, ValueError) as err:
+                raise ModelError(f"{source}: cannot read its external weights: {err}") from None
+    else:
+        raise ModelError(f"expected a path, bytes or onnx.ModelProto, got {type(model).__name__}")
+    if not proto.graph.node:
+        raise ModelError(f"{source}: the graph has no nodes")
+    try:
+        onnx.checker.check_model(proto)
+    except (onnx.checker.ValidationError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"{source}: not a valid ONNX model: {first}") from None
+    _name_nodes(proto.graph)
+    return LoadedModel(proto, source, hashlib.sha256(raw).hexdigest())
+
+
+def _parse(raw: bytes, source: str) -> onnx.ModelProto:
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(raw)
+    except Exception as err:  # noqa: BLE001 - protobuf raises DecodeError or RuntimeWarning kinds
+        raise ModelError(f"{source}: not an ONNX model (protobuf decode failed: {err})") from None
+    if not proto.HasField("graph") or not proto.opset_import:
+        raise ModelError(f"{source}: not an ONNX model (no graph or opset; truncated file?)")
+    return proto
+
+
+def _name_nodes(graph: onnx.GraphProto) -> None:
+    """Give unnamed nodes stable names (Op_index) so errors and `inspect` can point at them."""
+    used = {n.name for n in graph.node if n.name}
+    for index, node in enumerate(graph.node):
+        if not node.name:
+            name = f"{node.op_type}_{index}"
+            while name in used:
+                name += "_"
+            node.name = name
+            used.add(name)
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return 1
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Inputs a caller must feed (initializers listed as inputs are weights, not feeds)."""
+    weights = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in weights]
+
+
+def dims_of(value: onnx.ValueInfoProto) -> list[int | str] | None:
+    """Dims of a tensor value: ints, dim_param names, or '?' for an unnamed unknown dim."""
+    tensor = value.type.tensor_type
+    if not tensor.HasField("shape"):
+        return None
+    out: list[int | str] = []
+    for dim in tensor.shape.dim:
+        if dim.HasField("dim_value"):
+            out.append(int(dim.dim_value))
+        elif dim.dim_param:
+            out.append(dim.dim_param)
+        else:
+            out.append("?")
+    return out
+
+
+def elem_dtype(value: onnx.ValueInfoProto) -> str:
+    return np.dtype(helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)).name
+
+
+def bind_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]] | None) -> onnx.ModelProto:
+    """Fix the named inputs' dims (every other symbolic dim stays symbolic)."""
+    if not shapes:
+        return model
+    model = copy.deepcopy(model)
+    inputs = {i.name: i for i in graph_inputs(model)}
+    for name, dims in shapes.items():
+        if name not in inputs:
+            raise InputError(
+                f"--shape names input {name!r}, but the model's inputs are: {', '.join(inputs)}"
+            )
+        value = inputs[name]
+        current = dims_of(value)
+        dims = [int(d) for d in dims]
+        if current is not None and len(current) != len(dims):
+            raise InputError(
+                f"input {name!r} has rank {len(current)} ({current}), but the shape given is {dims}"
+            )
+        for index, size in enumerate(dims):
+            if size < 0:
+                raise InputError(f"input {name!r}: dim {index} must be >= 0, got {size}")
+            if current is not None and isinstance(current[index], int) and current[index] != size:
+                raise InputError(
+                    f"input {name!r}: dim {index} is fixed to {current[index]} in the model, "
+                    f"but the shape given is {dims}"
+                )
+        shape = value.type.tensor_type.shape
+        del shape.dim[:]
+        for size in dims:
+            shape.dim.add().dim_value = size
+    return model
+
+
+def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape inference and constant folding (shape subgraphs included) for TVM's importer."""
+    try:
+        import onnxscript.optimizer
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            folded = onnxscript.optimizer.optimize(copy.deepcopy(model), num_iterations=3)
+        onnx.checker.check_model(folded)
+        model = folded
+    except Exception as err:  # noqa: BLE001 - an optimizer failure must not stop the compile
+        warnings.warn(f"onnxscript optimizer failed ({type(err).__name__}: {err}); using the model as is")
+    try:
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as err:  # noqa: BLE001
+        warnings.warn(f"ONNX shape inference failed ({err}); continuing without it")
+    _name_nodes(model.graph)
+    return model
+
+
+def value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    table = {v.name: v for v in model.graph.value_info}
+    table.update({v.name: v for v in model.graph.input})
+    table.update({v.name: v for v in model.graph.output})
+    return table

@@ -1,0 +1,177 @@
+"""Relax import: TVM's ONNX importer plus our converter for the rewritten sites.
+
+TVM 0.27's `from_onnx` has no custom-converter argument; its converters come from the module
+function `_get_convert_map`, so `_our_converters()` extends that map for the duration of one import
+(and restores it). The ``SoftmaxSite`` converter reshapes the input to the [outer, length, inner]
+view of `ops.softmax`, emits our compute as its own PrimFunc (attributes: the site id, the
+algorithm and the knobs as JSON, and an opaque op pattern so that FuseOps leaves it whole), and
+reshapes back. The schedule is applied later by `pipeline.schedule_sites`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import warnings
+from dataclasses import dataclass
+
+import onnx
+
+from ..errors import ModelError, UnsupportedOperatorError
+from ..ops.softmax import softmax
+from ..schedules import choose_knobs
+from .rewrite import SITE_OP, Site
+from .targets import TargetSpec
+
+SITE_ATTR = "tvmsoftmax.site"
+KNOBS_ATTR = "tvmsoftmax.knobs"
+ALGORITHM_ATTR = "tvmsoftmax.algorithm"
+_OPAQUE = 8  # relax OpPatternKind::kOpaque
+
+
+@dataclass
+class _ImportContext:
+    spec: TargetSpec
+    sites: dict[str, Site]
+
+
+_CONTEXT: list[_ImportContext] = []
+
+
+def _static_int(expr) -> int | None:
+    from tvm import tirx
+
+    return int(expr.value) if isinstance(expr, tirx.IntImm) else None
+
+
+def _product(dims):
+    from tvm import tirx
+
+    out = tirx.const(1, "int64")
+    for d in dims:
+        out = out * d
+    return out
+
+
+def _make_site_converter():
+    from tvm import relax
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    class SoftmaxSiteConverter(OnnxOpConverter):
+        """ai.tvmsoftmax.SoftmaxSite -> reshape to [outer, length, inner] -> our PrimFunc."""
+
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            context = _CONTEXT[-1]
+            site = context.sites[attr["site"].decode() if isinstance(attr["site"], bytes) else attr["site"]]
+            x = bb.normalize(inputs[0])
+            log = bool(attr.get("log", 0))
+            shape = getattr(x.ty, "shape", None)
+            values = getattr(shape, "values", None)
+            if values is None:
+                site.rewritten = False
+                site.reason = "input shape unknown at import; TVM's lowering"
+                op = relax.op.nn.log_softmax if log else relax.op.nn.softmax
+                return op(x, axis=int(attr["axis"]))
+            values = list(values)
+            rank = len(values)
+            axis = int(attr["axis"])
+            axis = axis + rank if axis < 0 else axis
+            if rank == 0:
+                outer, length, inner = [], [], []
+            elif attr.get("coerce_2d", 0):
+                outer, length, inner = values[:axis], values[axis:], []
+            else:
+                outer, length, inner = values[:axis], values[axis : axis + 1], values[axis + 1 :]
+            view = [_product(outer), _product(length), _product(inner)]
+            static_view = [_static_int(v) for v in view]
+            algorithm, knobs = choose_knobs(
+                context.spec, site.requested, log, static_view
+            )
+            x3 = bb.normalize(relax.op.reshape(x, view))
+            name = re.sub(r"\W", "_", f"tvmsoftmax_{site.id}_{algorithm.replace('-', '_')}")
+
+            def compute(x_te):
+                return softmax(
+                    x_te,
+                    algorithm=algorithm,
+                    log=log,
+                    partitioning=knobs.partitioning(static_view[2] == 1),
+                    name="softmax",
+                )
+
+            y3 = bb.emit_te(compute, x3, primfunc_name_hint=name)
+            gvar = bb.lookup_binding(y3).args[0]
+            func = bb.get()[gvar].with_attrs(
+                {
+                    SITE_ATTR: site.id,
+                    ALGORITHM_ATTR: algorithm,
+                    KNOBS_ATTR: json.dumps(knobs.to_json()),
+                    "op_pattern": _OPAQUE,
+                }
+            )
+            bb.update_func(gvar, func)
+            site.lowered = {
+                "algorithm": algorithm,
+                "knobs": knobs.to_json(),
+                "schedule": type(knobs).__name__,
+                "view": [v if v is not None else re.sub(r"T\.int64\((\d+)\)", r"\1", str(e)) for v, e in zip(static_view, view)],
+                "primfunc": gvar.name_hint,
+            }
+            return relax.op.reshape(y3, values)
+
+    return SoftmaxSiteConverter
+
+
+@contextlib.contextmanager
+def _our_converters():
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    original = onnx_frontend._get_convert_map
+    converter = _make_site_converter()
+
+    def extended():
+        table = dict(original())
+        table[SITE_OP] = converter
+        return table
+
+    onnx_frontend._get_convert_map = extended
+    try:
+        yield
+    finally:
+        onnx_frontend._get_convert_map = original
+
+
+def check_supported(model: onnx.ModelProto) -> None:
+    """Raise UnsupportedOperatorError naming the first node whose op nobody can lower."""
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    known = set(onnx_frontend._get_convert_map()) | {SITE_OP, "If", "Constant"}
+    for node in model.graph.node:
+        if node.op_type not in known:
+            domain = node.domain or "ai.onnx"
+            raise UnsupportedOperatorError(
+                f"node {node.name!r}: operator {domain}.{node.op_type} is not supported "
+                "(neither by tvmsoftmax nor by TVM's ONNX importer)"
+            )
+
+
+def import_model(model: onnx.ModelProto, sites: list[Site], spec: TargetSpec):
+    """ONNX (with rewritten sites) -> Relax IRModule."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    check_supported(model)
+    _CONTEXT.append(_ImportContext(spec, {s.id: s for s in sites}))
+    try:
+        with _our_converters(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return from_onnx(model, keep_params_in_input=False, sanitize_input_names=False)
+    except (UnsupportedOperatorError, ModelError):
+        raise
+    except Exception as err:  # noqa: BLE001 - TVM raises many kinds; report one clear line
+        message = str(err).strip().splitlines()
+        text = message[-1] if message else type(err).__name__
+        raise ModelError(f"TVM could not import the model: {type(err).__name__}: {text}") from err
+    finally:
+        _CONTEXT.pop()

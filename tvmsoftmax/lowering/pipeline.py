@@ -1,0 +1,86 @@
+"""Relax -> executable: TVM's default per-target passes with our sites scheduled in between.
+
+Order: library dispatch, LegalizeOps (the rest of the model becomes TIR), op-pattern annotation
+and fusion (our PrimFuncs carry an opaque pattern, so they are never fused into neighbours),
+`schedule_sites` (our schedule rules, by target), on CUDA dlight's default GPU rules for every
+other kernel (they skip functions marked scheduled), then TVM's dataflow lowering and
+finalisation.
+"""
+
+from __future__ import annotations
+
+import json
+
+import tvm
+from tvm import relax
+
+from ..schedules import KNOB_TYPES, schedule_softmax
+from .importer import KNOBS_ATTR, SITE_ATTR
+from .targets import TargetSpec
+
+
+def _knobs_of(func):
+    data = json.loads(str(func.attrs[KNOBS_ATTR]))
+    return data
+
+
+def schedule_sites(spec: TargetSpec) -> tvm.transform.Pass:
+    """Module pass: apply our schedule rule to every PrimFunc that carries a site attribute."""
+
+    @tvm.transform.module_pass(opt_level=0, name="tvmsoftmax.ScheduleSites")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        knob_type = KNOB_TYPES["CudaSoftmaxKnobs" if spec.name == "cuda" else "X86SoftmaxKnobs"]
+        updates = {}
+        for gvar, func in mod.functions_items():
+            if not isinstance(func, tvm.tirx.PrimFunc) or func.attrs is None:
+                continue
+            if SITE_ATTR not in func.attrs:
+                continue
+            knobs = knob_type(**_knobs_of(func))
+            updates[gvar] = schedule_softmax(func, spec, knobs)
+        for gvar, func in updates.items():
+            mod[gvar] = func
+        return mod
+
+    return _pass
+
+
+def _passes(spec: TargetSpec) -> list:
+    if spec.name == "cuda":
+        from tvm.relax.backend.cuda import pipeline as backend
+        from tvm.s_tir import dlight as dl
+
+        legalize = backend.legalize_passes(spec.tvm_target())
+        # The last legalize pass is dlight's ApplyDefaultSchedule: our sites go first.
+        fusion, gpu_rules = legalize[:-1], [
+            dl.ApplyDefaultSchedule(
+                dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                dl.gpu.GeneralReduction(), dl.gpu.Fallback(),
+            )
+        ]
+    else:
+        from tvm.relax.backend.cpu_generic import pipeline as backend
+
+        fusion, gpu_rules = backend.legalize_passes(spec.tvm_target()), []
+    target = spec.tvm_target()
+    return (
+        backend.library_dispatch_passes(target)
+        + fusion
+        + [schedule_sites(spec)]
+        + gpu_rules
+        + backend.dataflow_lower_passes(target)
+        + backend.finalize_passes(target)
+    )
+
+
+def build(mod: tvm.IRModule, spec: TargetSpec) -> tvm.runtime.Executable:
+    """Compile a Relax module (with site PrimFuncs) for `spec`."""
+    target = spec.tvm_target()
+
+    @tvm.transform.module_pass(opt_level=0, name="tvmsoftmax.Pipeline")
+    def pipeline(module: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with target:
+            return tvm.transform.Sequential(_passes(spec))(module)
+
+    mod = relax.transform.DecomposeOpsForInference()(mod)
+    return tvm.compile(mod, target=target, relax_pipeline=pipeline)
