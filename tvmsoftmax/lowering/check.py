@@ -1,0 +1,221 @@
+"""Check a compiled model against onnxruntime, the way Polygraphy compares runners.
+
+Reference: onnxruntime CPU with graph optimisations off, on the source model (shapes bound as for
+the compile). Inputs: the user's arrays, or seeded random values suited to each input (ids in the
+valid range of the embedding they index, attention masks of ones, positions 0..n-1, floats from a
+normal distribution). Per output: max/mean/p99 absolute and relative error, NaN/inf mismatches,
+pass/fail against |ours - ref| <= atol + rtol * |ref| with non-finite values required to match
+exactly. Default tolerances: float32 atol = rtol = 1e-5; float16 atol = rtol = 1e-3 (stated in
+`DEFAULT_TOLERANCES`).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+
+from ..errors import InputError
+from .frontend import bind_shapes, dims_of, elem_dtype, graph_inputs, load_model
+
+DEFAULT_TOLERANCES = {
+    "float32": (1e-5, 1e-5),  # (rtol, atol)
+    "float16": (1e-3, 1e-3),
+    "bfloat16": (1e-2, 1e-2),
+    "float64": (1e-7, 1e-7),
+}
+DEFAULT_DIM = 4  # value of a symbolic dim nobody bound, for generated inputs
+
+
+@dataclass
+class OutputReport:
+    name: str
+    dtype: str
+    shape: list
+    rtol: float
+    atol: float
+    max_abs: float
+    mean_abs: float
+    p99_abs: float
+    max_rel: float
+    mean_rel: float
+    p99_rel: float
+    nonfinite_mismatches: int
+    violations: int
+    passed: bool
+
+
+@dataclass
+class CheckReport:
+    outputs: list[OutputReport]
+    sites: list[dict]
+    target: dict
+    timings: dict = field(default_factory=dict)  # median seconds: ours, onnxruntime
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outputs)
+
+    def to_json(self) -> dict:
+        return {
+            "passed": self.passed,
+            "outputs": [asdict(o) for o in self.outputs],
+            "sites": self.sites,
+            "target": self.target,
+            "timings": self.timings,
+        }
+
+
+def _vocab_sizes(model: onnx.ModelProto) -> dict[str, int]:
+    """Input name -> rows of the embedding table it indexes (Gather(table, ids))."""
+    tables = {t.name: list(t.dims) for t in model.graph.initializer}
+    sizes: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[0] in tables:
+            dims = tables[node.input[0]]
+            if dims:
+                sizes[node.input[1]] = min(sizes.get(node.input[1], dims[0]), dims[0])
+    return sizes
+
+
+def make_inputs(model: onnx.ModelProto, seed: int = 0, dims: dict[str, int] | None = None) -> dict:
+    """Seeded inputs suited to each input's dtype and role."""
+    rng = np.random.default_rng(seed)
+    vocab = _vocab_sizes(model)
+    symbols = dict(dims or {})
+    feeds = {}
+    for value in graph_inputs(model):
+        shape = []
+        for d in dims_of(value) or []:
+            if isinstance(d, int):
+                shape.append(d)
+            else:
+                shape.append(symbols.setdefault(d, DEFAULT_DIM))
+        dtype = np.dtype(elem_dtype(value))
+        lowered = value.name.lower()
+        if dtype.kind in "iu":
+            if "mask" in lowered:
+                array = np.ones(shape, dtype)
+            elif "position" in lowered and shape:
+                array = np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy()
+            elif "type" in lowered:
+                array = np.zeros(shape, dtype)
+            else:
+                high = vocab.get(value.name, 2)
+                array = rng.integers(0, max(high, 1), size=shape).astype(dtype)
+        elif dtype.kind == "b":
+            array = np.ones(shape, dtype) if "mask" in lowered else rng.random(shape) < 0.5
+        elif dtype.kind == "f":
+            array = rng.standard_normal(shape).astype(dtype)
+            if "mask" in lowered:
+                array = np.ones(shape, dtype)
+        else:
+            raise InputError(f"input {value.name!r}: cannot generate values of dtype {dtype}")
+        feeds[value.name] = array
+    return feeds
+
+
+def onnxruntime_session(model: onnx.ModelProto, *, optimized: bool = False, threads: int = 0):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def compare(name: str, ours: np.ndarray, ref: np.ndarray, rtol: float, atol: float) -> OutputReport:
+    if ours.shape != ref.shape:
+        return OutputReport(name, str(ref.dtype), list(ref.shape), rtol, atol, *([float("inf")] * 6),
+                            int(ref.size), int(ref.size), False)
+    a = ours.astype(np.float64)
+    b = ref.astype(np.float64)
+    finite = np.isfinite(a) & np.isfinite(b)
+    # Non-finite values must match: NaN with NaN, +inf with +inf, -inf with -inf.
+    same_nonfinite = (np.isnan(a) & np.isnan(b)) | (np.isinf(a) & np.isinf(b) & (np.sign(a) == np.sign(b)))
+    nonfinite_mismatches = int(np.count_nonzero(~finite & ~same_nonfinite))
+    diff = np.abs(a[finite] - b[finite])
+    rel = diff / np.maximum(np.abs(b[finite]), np.finfo(np.float64).tiny)
+    violations = int(np.count_nonzero(diff > atol + rtol * np.abs(b[finite])))
+
+    def stat(values, fn):
+        return float(fn(values)) if values.size else 0.0
+
+    return OutputReport(
+        name=name,
+        dtype=str(ref.dtype),
+        shape=list(ref.shape),
+        rtol=rtol,
+        atol=atol,
+        max_abs=stat(diff, np.max),
+        mean_abs=stat(diff, np.mean),
+        p99_abs=stat(diff, lambda v: np.percentile(v, 99)),
+        max_rel=stat(rel, np.max),
+        mean_rel=stat(rel, np.mean),
+        p99_rel=stat(rel, lambda v: np.percentile(v, 99)),
+        nonfinite_mismatches=nonfinite_mismatches,
+        violations=violations,
+        passed=violations == 0 and nonfinite_mismatches == 0,
+    )
+
+
+def _median_time(fn, repeat: int) -> float:
+    fn()
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def check(
+    model,
+    *,
+    target: str = "x86",
+    algorithm: str = "auto",
+    shapes: dict | None = None,
+    inputs: dict | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    seed: int = 0,
+    time_runs: int = 0,
+    compiled=None,
+    **options,
+) -> CheckReport:
+    """Compile (unless `compiled` is given), run ours and onnxruntime, compare every output."""
+    from .compiler import compile_model
+
+    source = load_model(model).proto
+    bound = bind_shapes(source, shapes)
+    compiled = compiled or compile_model(bound, target, algorithm, None, **options)
+    if compiled.target["name"] == "cuda":
+        raise InputError("check runs the model here: use target x86, or run the CUDA artifact on a GPU host")
+    feeds = make_inputs(bound, seed) if inputs is None else dict(inputs)
+    if inputs is not None:
+        generated = make_inputs(bound, seed)
+        for name, value in generated.items():
+            feeds.setdefault(name, value)
+    session = onnxruntime_session(bound)
+    ort_feeds = {i.name: feeds[i.name] for i in session.get_inputs() if i.name in feeds}
+    reference = dict(zip([o.name for o in session.get_outputs()], session.run(None, ort_feeds)))
+    ours = compiled.run(feeds)
+    reports = []
+    for name, ref in reference.items():
+        default_rtol, default_atol = DEFAULT_TOLERANCES.get(ref.dtype.name, (0.0, 0.0))
+        reports.append(
+            compare(name, ours[name], ref,
+                    default_rtol if rtol is None else rtol, default_atol if atol is None else atol)
+        )
+    timings = {}
+    if time_runs:
+        fast = onnxruntime_session(bound, optimized=True)
+        timings["onnxruntime_s"] = _median_time(lambda: fast.run(None, ort_feeds), time_runs)
+        timings["tvmsoftmax_s"] = statistics.median(compiled.time(feeds, repeat=time_runs))
+    return CheckReport(reports, compiled.sites, compiled.target, timings)
