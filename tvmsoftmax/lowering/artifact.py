@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._native import quiet_native_stderr
 from ..errors import ArtifactError, InputError
 
 FORMAT = "tvmsoftmax-artifact"
@@ -152,7 +153,8 @@ class CompiledModel:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="tvmsoftmax-") as scratch:
             library = Path(scratch) / LIBRARY
-            self._executable.export_library(str(library))
+            with quiet_native_stderr():
+                self._executable.export_library(str(library))
             payload = library.read_bytes()
             manifest = dict(self.manifest)
             manifest["library_sha256"] = hashlib.sha256(payload).hexdigest()
@@ -229,7 +231,8 @@ def load(path, *, target: str | None = None) -> CompiledModel:
         library = Path(scratch) / LIBRARY
         library.write_bytes(payload)
         try:
-            module = tvm.runtime.load_module(str(library))
+            with quiet_native_stderr():
+                module = tvm.runtime.load_module(str(library))
         except Exception as err:  # noqa: BLE001
             raise ArtifactError(f"{path}: cannot load its library: {err}") from None
     return CompiledModel(module, manifest)

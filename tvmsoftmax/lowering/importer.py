@@ -21,7 +21,7 @@ import onnx
 from ..errors import ModelError, UnsupportedOperatorError
 from ..ops.softmax import softmax
 from ..schedules import choose_knobs
-from .rewrite import SITE_OP, Site
+from .rewrite import SITE_OP, Site, row_view
 from .targets import TargetSpec
 
 SITE_ATTR = "tvmsoftmax.site"
@@ -75,16 +75,7 @@ def _make_site_converter():
                 op = relax.op.nn.log_softmax if log else relax.op.nn.softmax
                 return op(x, axis=int(attr["axis"]))
             values = list(values)
-            rank = len(values)
-            axis = int(attr["axis"])
-            axis = axis + rank if axis < 0 else axis
-            if rank == 0:
-                outer, length, inner = [], [], []
-            elif attr.get("coerce_2d", 0):
-                outer, length, inner = values[:axis], values[axis:], []
-            else:
-                outer, length, inner = values[:axis], values[axis : axis + 1], values[axis + 1 :]
-            view = [_product(outer), _product(length), _product(inner)]
+            view = row_view(values, int(attr["axis"]), bool(attr.get("coerce_2d", 0)), _product)
             static_view = [_static_int(v) for v in view]
             algorithm, knobs = choose_knobs(
                 context.spec, site.requested, log, static_view

@@ -14,6 +14,7 @@ import json
 import tvm
 from tvm import relax
 
+from .._native import quiet_native_stderr
 from ..schedules import KNOB_TYPES, schedule_softmax
 from .importer import KNOBS_ATTR, SITE_ATTR
 from .targets import TargetSpec
@@ -83,4 +84,5 @@ def build(mod: tvm.IRModule, spec: TargetSpec) -> tvm.runtime.Executable:
             return tvm.transform.Sequential(_passes(spec))(module)
 
     mod = relax.transform.DecomposeOpsForInference()(mod)
-    return tvm.compile(mod, target=target, relax_pipeline=pipeline)
+    with quiet_native_stderr():
+        return tvm.compile(mod, target=target, relax_pipeline=pipeline)

@@ -55,6 +55,40 @@ class Site:
         return data
 
 
+def row_view(dims: list, axis: int, coerce_2d: bool, product) -> list:
+    """[outer, length, inner] of the rows a softmax normalises (see `ops.softmax`).
+
+    `dims` are the input dims; `product` multiplies a list of them (ints, or TVM PrimExprs).
+    Opset 13+: the row is dim `axis`; opsets 1/11: everything from `axis` on (inner = 1).
+    """
+    rank = len(dims)
+    axis = axis + rank if axis < 0 else axis
+    if rank == 0:
+        return [product([]), product([]), product([])]
+    if coerce_2d:
+        return [product(dims[:axis]), product(dims[axis:]), product([])]
+    return [product(dims[:axis]), product(dims[axis : axis + 1]), product(dims[axis + 1 :])]
+
+
+def static_product(dims: list) -> int | None:
+    """Product of int dims; None if any dim is symbolic."""
+    out = 1
+    for d in dims:
+        if not isinstance(d, int):
+            return None
+        out *= d
+    return out
+
+
+def plan(site: Site, spec) -> tuple[str, object, list]:
+    """(algorithm, knobs, static view) that the lowering will use for `site` on `spec`."""
+    from ..schedules import choose_knobs
+
+    view = row_view(site.shape, site.axis, site.coerce_2d, static_product) if site.shape else [None] * 3
+    algorithm, knobs = choose_knobs(spec, site.requested, site.op == "LogSoftmax", view)
+    return algorithm, knobs, view
+
+
 def _check_algorithm(algorithm: str) -> None:
     if algorithm not in ALGORITHM_CHOICES:
         from ..errors import TvmSoftmaxError

@@ -6,9 +6,11 @@ plain arithmetic so that LLVM (and nvcc) keep it in vector registers:
 
     e^x = p(t) * 2^n,   n = round(x * log2(e)),   t = x - n * ln2   (|t| <= ln2/2)
 
-* Range reduction: three-constant Cody-Waite. C1 and C2 carry 8 significant bits each, so
-  n*C1 and n*C2 are exact for |n| < 2^16 and the two subtractions are exact (Sterbenz); the
-  reduction is accurate for |x| < ~45000, which is what two-pass needs (it never subtracts the max).
+* Range reduction: three-constant Cody-Waite. C1 = 0.6875 (4 significant bits) and
+  C2 = 23/4096 (5 bits), so n*C1 and n*C2 are exact for |n| < 2^17 and both subtractions are
+  exact (the operands share a grid fine enough for the small difference); only n*C3 rounds. The
+  reduction is accurate for |x| < SPLIT_LIMIT = 90000 (the whole float16 range), which is what
+  two-pass needs (it never subtracts the max).
 * p(t): the degree-7 polynomial of Cephes' expf (1 + t + t^2 * P5(t)), relative error about 1 ulp
   on the reduced interval.
 * 2^n is built from exponent bits in two factors 2^(n>>1) * 2^(n - (n>>1)), so results in the
@@ -25,9 +27,9 @@ from __future__ import annotations
 from tvm import tirx
 
 LOG2E = 1.4426950408889634
-# ln2 = C1 + C2 + C3; C1 and C2 have 8 significant bits (exact products for |n| < 2^16).
-LN2_C1 = 0.69140625
-LN2_C2 = 0.0017395019531250
+# ln2 = C1 + C2 + C3; C1 and C2 have 4 and 5 significant bits (exact products for |n| < 2^17).
+LN2_C1 = 0.6875
+LN2_C2 = 23.0 / 4096.0
 LN2_C3 = 0.6931471805599453 - LN2_C1 - LN2_C2
 # Cephes expf: e^t = 1 + t + t^2 * (((((P0 t + P1) t + P2) t + P3) t + P4) t + P5)
 _CEPHES = (
@@ -41,8 +43,8 @@ _CEPHES = (
 # Inputs are clamped to this range before the split (exp(-104) rounds to 0, exp(88.8) to inf).
 EXP_MIN_INPUT = -104.0
 EXP_MAX_INPUT = 88.8
-# Largest |x| for which `exp_split` is accurate (|n| < 2^16).
-SPLIT_LIMIT = 45000.0
+# Largest |x| for which `exp_split` is accurate (|n| < 2^17; 2^17 * ln2 = 90852).
+SPLIT_LIMIT = 90000.0
 
 
 def _f32(value: float) -> tirx.PrimExpr:

@@ -33,12 +33,11 @@ from typing import Callable
 
 from tvm import te, tirx
 
-from .exp import SPLIT_LIMIT, clamp_keep_nan, exp_split, fast_exp, ldexp_wide
+from .exp import LN2_C1, LN2_C2, LN2_C3, SPLIT_LIMIT, clamp_keep_nan, exp_split, fast_exp, ldexp_wide
 
 ALGORITHMS = ("three-pass", "three-pass-recompute", "two-pass", "online")
 
 FLT_LOWEST = -3.4028234663852886e38
-_LN2 = math.log(2.0)
 
 
 @dataclass(frozen=True)
@@ -297,9 +296,16 @@ def _two_pass(x, rows, log, out_dtype, name):
         (_f32(0.0), _f32(FLT_LOWEST)),
     )
     if log:
-        # log(v * 2^e) = e*ln2 + log(v); no max is known, so the shift is e*ln2 (see limits).
-        shift = _row_constants(x, f"{name}_shift", lambda o, i: exponent[o, i] * _f32(_LN2))
-        log_sum = _row_constants(x, f"{name}_logsum", lambda o, i: tirx.log(mantissa_sum[o, i]))
+        # log(v * 2^e) = e*ln2 + log(v); no max is known, so the shift is e*ln2 (see limits),
+        # split like the exp's reduction: e*C1 is exact, so x - e*C1 loses nothing.
+        shift = _row_constants(x, f"{name}_shift", lambda o, i: exponent[o, i] * _f32(LN2_C1))
+        log_sum = _row_constants(
+            x,
+            f"{name}_logsum",
+            lambda o, i: exponent[o, i] * _f32(LN2_C2)
+            + exponent[o, i] * _f32(LN2_C3)
+            + tirx.log(mantissa_sum[o, i]),
+        )
         return _log_output(x, shift, log_sum, out_dtype, name)
     inverse = _row_constants(x, f"{name}_scale", lambda o, i: _f32(1.0) / mantissa_sum[o, i])
 

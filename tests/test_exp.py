@@ -1,0 +1,70 @@
+"""The vectorisable exp (tvmsoftmax.ops.exp) against float64 over the whole float32 range."""
+
+import numpy as np
+import pytest
+import tvm
+from tvm import te
+
+from tvmsoftmax.ops.exp import fast_exp
+from tvmsoftmax.schedules.x86 import X86SoftmaxKnobs  # noqa: F401 - schedules import check
+
+ULP_BOUND_NORMAL = 2  # stated in tvmsoftmax/ops/exp.py and the README
+
+
+@pytest.fixture(scope="module")
+def exp_kernel(x86_spec):
+    n = tvm.tirx.Var("n", "int64")
+    x = te.placeholder((n,), "float32", name="x")
+    y = te.compute((n,), lambda i: fast_exp(x[i]), name="y")
+    sch = tvm.s_tir.Schedule(te.create_prim_func([x, y]))
+    (loop,) = sch.get_loops(sch.get_sblock("y"))
+    _, lanes = sch.split(loop, [None, x86_spec.vector_lanes])
+    sch.vectorize(lanes)  # the vectorised code is what the schedules use
+    executable = tvm.compile(sch.mod, x86_spec.tvm_target())
+
+    def run(values: np.ndarray) -> np.ndarray:
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        out = tvm.runtime.empty(values.shape, "float32", tvm.cpu())
+        executable["main"](tvm.runtime.tensor(values), out)
+        return out.numpy()
+
+    return run
+
+
+def ulp_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Distance in float32 units in the last place (monotone integer mapping of the bits)."""
+    ia = a.view(np.int32).astype(np.int64)
+    ib = b.view(np.int32).astype(np.int64)
+    ia = np.where(ia < 0, np.int64(-(2**31)) - ia, ia)
+    ib = np.where(ib < 0, np.int64(-(2**31)) - ib, ib)
+    return np.abs(ia - ib)
+
+
+def test_exp_whole_range_ulp(exp_kernel):
+    rng = np.random.default_rng(0)
+    grid = np.linspace(-110.0, 90.0, 2_000_001, dtype=np.float64).astype(np.float32)
+    random = rng.uniform(-104, 89, 1_000_000).astype(np.float32)
+    x = np.concatenate([grid, random, np.float32([88.72283, 88.7228, -87.33654, -103.9720])])
+    got = exp_kernel(x)
+    want = np.exp(x.astype(np.float64))
+    with np.errstate(over="ignore"):
+        want32 = want.astype(np.float32)  # correctly rounded float32 result (inf past FLT_MAX)
+    normal = (want >= np.finfo(np.float32).tiny) & (want <= np.finfo(np.float32).max)
+    ulps = ulp_distance(got[normal], want32[normal])
+    assert ulps.max() <= ULP_BOUND_NORMAL, f"max {ulps.max()} ulp at x={x[normal][ulps.argmax()]}"
+    # Subnormal results: within one subnormal step of the true value.
+    sub = (want < np.finfo(np.float32).tiny) & (want > 0)
+    step = np.float64(2.0**-149)
+    assert np.all(np.abs(got[sub].astype(np.float64) - want[sub]) <= step), "subnormal range"
+    # Overflow to +inf and underflow to exactly 0.
+    assert np.all(np.isinf(got[want > np.finfo(np.float32).max]))
+    assert np.all(got[x < -103.98] == 0.0)
+
+
+def test_exp_special_values(exp_kernel):
+    x = np.float32([-np.inf, np.inf, np.nan, 0.0, -0.0, 1.0, -1.0, 1e30, -1e30, 3.4028235e38, -3.4028235e38])
+    got = exp_kernel(x)
+    assert got[0] == 0.0 and np.isposinf(got[1]) and np.isnan(got[2])
+    assert got[3] == 1.0 and got[4] == 1.0
+    assert abs(got[5] - np.float32(np.e)) <= np.spacing(np.float32(np.e))
+    assert np.isposinf(got[7]) and got[8] == 0.0 and np.isposinf(got[9]) and got[10] == 0.0

@@ -1,0 +1,277 @@
+"""The `tvmsoftmax` command: compile, run, check, inspect, demo, bench.
+
+Errors are one line on stderr (exit 2); a failed check exits 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import click
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from .errors import InputError, TvmSoftmaxError
+
+# Wide enough for the tables when the output is a file or a CI log (rich assumes 80 there).
+console = Console(width=None if sys.stdout.isatty() else 160)
+errors = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+ALGORITHMS = ("auto", "three-pass", "three-pass-recompute", "two-pass", "online")
+
+
+def _fail_cleanly(fn):
+    """Turn our errors (and unreadable files) into one clear line and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return fn(*args, **kwargs)
+        except TvmSoftmaxError as err:
+            errors.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+        except (OSError, ValueError) as err:
+            errors.print(f"[bold red]error:[/] {type(err).__name__}: {err}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def _parse_shapes(values: tuple[str, ...]) -> dict[str, list[int]] | None:
+    shapes = {}
+    for item in values:
+        name, sep, dims = item.partition("=")
+        if not sep or not name:
+            raise InputError(f"--shape {item!r}: expected NAME=D1,D2,... (e.g. input_ids=1,128)")
+        try:
+            shapes[name] = [int(d) for d in dims.split(",")] if dims else []
+        except ValueError:
+            raise InputError(f"--shape {item!r}: dims must be integers") from None
+    return shapes or None
+
+
+def _parse_inputs(values: tuple[str, ...]) -> dict[str, np.ndarray]:
+    feeds = {}
+    for item in values:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise InputError(f"--input {item!r}: expected NAME=FILE.npy")
+        try:
+            feeds[name] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise InputError(f"--input {name}: cannot read {path}: {err}") from None
+    return feeds
+
+
+def _target_options(fn):
+    fn = click.option("--target", type=click.Choice(["x86", "cuda"]), default="x86", show_default=True)(fn)
+    fn = click.option("--arch", default=None, help="CUDA arch, e.g. sm_90 or sm_80 (target cuda)")(fn)
+    fn = click.option("--mcpu", default=None, help="LLVM CPU for x86 code (default: this host's)")(fn)
+    fn = click.option("--algorithm", type=click.Choice(ALGORITHMS), default="auto", show_default=True)(fn)
+    fn = click.option("--shape", "shapes", multiple=True, metavar="NAME=D1,D2",
+                      help="bind an input's dims (repeatable)")(fn)
+    return fn
+
+
+def _sites_table(sites: list[dict], title: str) -> Table:
+    table = Table(title=title, show_lines=False)
+    for column in ("site", "node", "form", "axis", "input shape", "dtype", "row view [outer, length, inner]", "lowered to"):
+        table.add_column(column)
+    for s in sites:
+        if s["rewritten"]:
+            lowered = s.get("lowered") or {}
+            knobs = ", ".join(f"{k} {v}" for k, v in (lowered.get("knobs") or {}).items())
+            what = f"{lowered.get('algorithm', s['requested'])} ({knobs})" if lowered else s["requested"]
+        else:
+            what = f"[yellow]not rewritten:[/] {s['reason']}"
+        view = (s.get("lowered") or {}).get("view", "")
+        table.add_row(s["id"], s["node"], s["form"], str(s["axis"]), str(s["shape"]), str(s["dtype"]), str(view), what)
+    return table
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tvmsoftmax")
+def main():
+    """ONNX Softmax/LogSoftmax lowered to TVM tensor-expression schedules, checked against onnxruntime."""
+
+
+@main.command("compile")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="artifact path (.tvmsm)")
+@_target_options
+@_fail_cleanly
+def compile_command(model, output, target, arch, mcpu, algorithm, shapes):
+    """Compile MODEL.onnx into a deployable artifact."""
+    import tvmsoftmax
+
+    with console.status(f"compiling {model} for {target}..."):
+        compiled = tvmsoftmax.compile(model, target=target, algorithm=algorithm,
+                                      shapes=_parse_shapes(shapes), arch=arch, mcpu=mcpu)
+        path = compiled.save(output)
+    console.print(_sites_table(compiled.sites, f"{len(compiled.sites)} softmax site(s)"))
+    console.print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB, target {compiled.target['name']} "
+                  f"{compiled.target.get('arch') or compiled.target['mcpu']})")
+
+
+@main.command("run")
+@click.argument("artifact", type=click.Path(dir_okay=False))
+@click.option("--input", "inputs", multiple=True, metavar="NAME=FILE.npy", help="an input (repeatable)")
+@click.option("--random", "random_inputs", is_flag=True, help="seeded random values for inputs not given")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="write outputs to this .npz")
+@_fail_cleanly
+def run_command(artifact, inputs, random_inputs, output):
+    """Run a compiled ARTIFACT on .npy inputs (needs only TVM's runtime)."""
+    import tvmsoftmax
+
+    model = tvmsoftmax.load(artifact)
+    feeds = _parse_inputs(inputs)
+    if random_inputs:
+        feeds = {**_random_feeds(model.inputs), **feeds}
+    outputs = model.run(feeds)
+    for name, value in outputs.items():
+        console.print(f"{name}: {value.dtype} {list(value.shape)} "
+                      f"min {np.nanmin(value) if value.size else 'n/a'} max {np.nanmax(value) if value.size else 'n/a'}")
+    if output:
+        np.savez(output, **outputs)
+        console.print(f"wrote {output}")
+
+
+def _random_feeds(specs: list[dict], seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in specs:
+        shape = [d if isinstance(d, int) else 1 for d in (spec["shape"] or [])]
+        dtype = np.dtype(spec["dtype"])
+        if dtype.kind == "f":
+            feeds[spec["name"]] = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind == "b":
+            feeds[spec["name"]] = np.ones(shape, dtype)
+        else:
+            feeds[spec["name"]] = np.ones(shape, dtype) if "mask" in spec["name"] else np.zeros(shape, dtype)
+    return feeds
+
+
+def _print_report(report, timings: bool) -> None:
+    table = Table(title="tvmsoftmax vs onnxruntime (graph optimisations off)")
+    for column in ("output", "dtype", "shape", "max abs", "p99 abs", "max rel", "p99 rel", "non-finite", "atol/rtol", "result"):
+        table.add_column(column)
+    for o in report.outputs:
+        table.add_row(o.name, o.dtype, str(o.shape), f"{o.max_abs:.3g}", f"{o.p99_abs:.3g}", f"{o.max_rel:.3g}",
+                      f"{o.p99_rel:.3g}", str(o.nonfinite_mismatches), f"{o.atol:g}/{o.rtol:g}",
+                      "[green]pass[/]" if o.passed else f"[red]FAIL[/] ({o.violations} elements)")
+    console.print(table)
+    if timings and report.timings:
+        ours, theirs = report.timings["tvmsoftmax_s"], report.timings["onnxruntime_s"]
+        console.print(f"median time: tvmsoftmax {ours * 1e3:.3f} ms, onnxruntime (all optimisations) "
+                      f"{theirs * 1e3:.3f} ms, ratio {theirs / ours:.2f}x (>1: tvmsoftmax faster)")
+
+
+@main.command("check")
+@click.argument("model", type=click.Path(dir_okay=False))
+@_target_options
+@click.option("--rtol", type=float, default=None, help="relative tolerance (default: per dtype)")
+@click.option("--atol", type=float, default=None, help="absolute tolerance (default: per dtype)")
+@click.option("--input", "inputs", multiple=True, metavar="NAME=FILE.npy", help="an input (repeatable)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--time", "time_runs", type=int, default=0, help="also time both, N runs each")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the report as JSON")
+@_fail_cleanly
+def check_command(model, target, arch, mcpu, algorithm, shapes, rtol, atol, inputs, seed, time_runs, json_path):
+    """Compile MODEL.onnx, run it and onnxruntime on the same inputs, compare (exit 1 on failure)."""
+    import tvmsoftmax
+
+    with console.status("compiling and comparing with onnxruntime..."):
+        report = tvmsoftmax.check(model, target=target, algorithm=algorithm, shapes=_parse_shapes(shapes),
+                                  inputs=_parse_inputs(inputs) or None, rtol=rtol, atol=atol, seed=seed,
+                                  time_runs=time_runs, arch=arch, mcpu=mcpu)
+    console.print(_sites_table(report.sites, f"{len(report.sites)} softmax site(s)"))
+    _print_report(report, bool(time_runs))
+    if json_path:
+        Path(json_path).write_text(json.dumps(report.to_json(), indent=2))
+    sys.exit(0 if report.passed else 1)
+
+
+@main.command("inspect")
+@click.argument("model", type=click.Path(dir_okay=False))
+@_target_options
+@_fail_cleanly
+def inspect_command(model, target, arch, mcpu, algorithm, shapes):
+    """List every Softmax/LogSoftmax site of MODEL.onnx and what it will be lowered to."""
+    from .lowering.compiler import prepare
+    from .lowering.rewrite import plan
+    from .lowering.targets import resolve
+
+    spec = resolve(target, arch=arch, mcpu=mcpu)
+    prepared = prepare(model, algorithm=algorithm, shapes=_parse_shapes(shapes))
+    rows = []
+    for site in prepared.sites:
+        data = site.to_json()
+        if site.rewritten:
+            chosen, knobs, view = plan(site, spec)
+            data["lowered"] = {"algorithm": chosen, "knobs": knobs.to_json(), "view": view}
+        rows.append(data)
+    console.print(_sites_table(rows, f"{model}: {len(rows)} softmax site(s), target {target}"))
+
+
+@main.command("demo")
+@click.option("--family", type=click.Choice(["bert", "gpt2", "llama", "vit"]), default="bert", show_default=True)
+@click.option("--exporter", type=click.Choice(["torchscript", "dynamo"]), default="torchscript", show_default=True)
+@click.option("--algorithm", type=click.Choice(ALGORITHMS), default="auto", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default="out", show_default=True)
+@_fail_cleanly
+def demo_command(family, exporter, algorithm, out):
+    """The main job on a bundled example: build a small transformer, compile, check, time."""
+    import onnx
+
+    import tvmsoftmax
+    from .models import build
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_path = out / f"{family}-{exporter}.onnx"
+    onnx.save(build(family, exporter=exporter), model_path)
+    shapes = {"pixel_values": [1, 3, 32, 32]} if family == "vit" else {"input_ids": [1, 64], "attention_mask": [1, 64]}
+    console.print(f"built {model_path} ({family}, {exporter} export form)")
+    with console.status("compiling with tvmsoftmax..."):
+        compiled = tvmsoftmax.compile(model_path, algorithm=algorithm, shapes=shapes)
+        artifact = compiled.save(out / f"{family}.tvmsm")
+    console.print(_sites_table(compiled.sites, f"{len(compiled.sites)} softmax site(s) rewritten"))
+    console.print(f"artifact: {artifact}")
+    with console.status("checking against onnxruntime and timing..."):
+        report = tvmsoftmax.check(model_path, shapes=shapes, compiled=compiled, time_runs=20)
+    _print_report(report, True)
+    sys.exit(0 if report.passed else 1)
+
+
+@main.group("bench")
+def bench_group():
+    """Benchmarks (JSON results; peers timed side by side)."""
+
+
+@bench_group.command("softmax")
+@click.option("--threads", default="1,2", show_default=True, help="thread counts, comma-separated")
+@click.option("--shapes", "shape_list", default=None, help="e.g. 64x1000,8x32000 (default: the full set)")
+@click.option("--repeat", type=int, default=15, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default="benchmarks/results", show_default=True)
+@_fail_cleanly
+def bench_softmax_command(threads, shape_list, repeat, out):
+    """Every softmax algorithm vs onnxruntime, numpy and TVM's default, interleaved."""
+    from .bench import run_softmax_benchmark
+
+    shapes = None
+    if shape_list:
+        shapes = [tuple(int(d) for d in item.split("x")) for item in shape_list.split(",")]
+    run_softmax_benchmark(
+        threads=[int(t) for t in threads.split(",")], shapes=shapes, repeat=repeat, out_dir=Path(out), console=console
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
