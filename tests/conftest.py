@@ -56,6 +56,7 @@ def reference64(x: np.ndarray, axis: int, log: bool, coerce_2d: bool = False) ->
 def assert_close(got: np.ndarray, want: np.ndarray, rtol: float, atol: float, what: str = ""):
     """Elementwise |got - want| <= atol + rtol |want|; NaN/inf must match exactly. Reports errors."""
     got64, want64 = got.astype(np.float64), want.astype(np.float64)
+    np.seterr(invalid="ignore")
     finite = np.isfinite(got64) & np.isfinite(want64)
     same = (np.isnan(got64) & np.isnan(want64)) | (got64 == want64)
     assert np.all(finite | same), f"{what}: NaN/inf mismatch at {np.argwhere(~(finite | same))[:5].tolist()}"
@@ -64,6 +65,20 @@ def assert_close(got: np.ndarray, want: np.ndarray, rtol: float, atol: float, wh
     worst = float(diff.max()) if diff.size else 0.0
     rel = float((diff / np.maximum(np.abs(want64[finite]), 1e-300)).max()) if diff.size else 0.0
     assert np.all(diff <= bound), f"{what}: max abs err {worst:.3g}, max rel err {rel:.3g} (rtol {rtol}, atol {atol})"
+
+
+_COMPILED: dict = {}
+
+
+def compiled_for(algorithm: str, op: str, dtype: str, axis: int, rank: int = 3, opset: int = 13):
+    """(model, CompiledModel) of a one-node model with symbolic dims, compiled once per session."""
+    import tvmsoftmax
+
+    key = (algorithm, op, dtype, axis, rank, opset)
+    if key not in _COMPILED:
+        model = softmax_model(op, (1,) * rank, axis=axis, dtype=dtype, symbolic=True, opset=opset)
+        _COMPILED[key] = (model, tvmsoftmax.compile(model, algorithm=algorithm))
+    return _COMPILED[key]
 
 
 @pytest.fixture(scope="session")

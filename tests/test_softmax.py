@@ -6,8 +6,7 @@ semantics and the long-row accuracy bound."""
 import numpy as np
 import pytest
 
-import tvmsoftmax
-from conftest import TOLERANCES, assert_close, reference64, run_ort, softmax_model
+from conftest import TOLERANCES, assert_close, compiled_for, reference64, run_ort
 
 ALGORITHMS = ["three-pass", "three-pass-recompute", "two-pass", "online"]
 OPS = ["Softmax", "LogSoftmax"]
@@ -17,17 +16,6 @@ AXES = {
     "middle": (1, [(1, 1, 1), (3, 37, 5), (1, 129, 1), (64, 17, 3)]),
     "last": (-1, [(1, 1, 1), (3, 5, 37), (1, 1, 4099), (64, 3, 257)]),
 }
-
-_compiled = {}
-
-
-def compiled_for(algorithm, op, dtype, axis, rank=3):
-    key = (algorithm, op, dtype, axis, rank)
-    if key not in _compiled:
-        model = softmax_model(op, (1,) * rank, axis=axis, dtype=dtype, symbolic=True)
-        _compiled[key] = (model, tvmsoftmax.compile(model, algorithm=algorithm))
-    return _compiled[key]
-
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("axis_case", list(AXES))

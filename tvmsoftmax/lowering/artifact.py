@@ -40,13 +40,13 @@ class CompiledModel:
 
     def __init__(self, vm_module, manifest: dict, *, executable=None):
         import tvm
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine  # not tvm.relax: that needs the compiler
 
         self.manifest = manifest
         self._executable = executable
         device_type = "cuda" if manifest["target"]["name"] == "cuda" else "cpu"
         self.device = tvm.cuda(0) if device_type == "cuda" else tvm.cpu(0)
-        self._vm = relax.VirtualMachine(vm_module, self.device)
+        self._vm = VirtualMachine(vm_module, self.device)
 
     # ---- description -------------------------------------------------------------------------
     @property

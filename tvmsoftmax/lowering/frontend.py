@@ -173,10 +173,75 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
         warnings.warn(f"onnxscript optimizer failed ({type(err).__name__}: {err}); using the model as is")
     try:
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        model = _constant_shapes(model)
     except Exception as err:  # noqa: BLE001
         warnings.warn(f"ONNX shape inference failed ({err}); continuing without it")
     _name_nodes(model.graph)
     return model
+
+
+def _constant_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Make run-time Reshape/Expand targets constant where shape inference knows them.
+
+    With symbolic dims left unbound, exporters' shape subgraphs (Concat(Gather(Shape(x)), ...))
+    stay, and TVM's importer refuses a Reshape or Expand whose target is a computed tensor. When
+    the inferred output dims are each static or the input's own dim at that position, the target
+    can be written as a constant with Reshape's 0 (copy the input dim) and at most one -1 (infer),
+    or Expand's 1 (keep the input dim): exact by the operators' definitions.
+    """
+    infos = value_infos(model)
+    constants = {t.name for t in model.graph.initializer}
+    graph_outputs = {o.name for o in model.graph.output}
+    changed = False
+    for node in model.graph.node:
+        if node.op_type not in ("Reshape", "Expand") or len(node.input) < 2 or node.input[1] in constants:
+            continue
+        source, result = infos.get(node.input[0]), infos.get(node.output[0])
+        if source is None or result is None:
+            continue
+        in_dims, out_dims = dims_of(source), dims_of(result)
+        if in_dims is None or out_dims is None or "?" in out_dims:
+            continue
+        target = _reshape_target(in_dims, out_dims) if node.op_type == "Reshape" else _expand_target(in_dims, out_dims)
+        if node.op_type == "Reshape" and any(a.name == "allowzero" and a.i for a in node.attribute):
+            target = None
+        if target is None:
+            continue
+        name = f"{node.output[0]}__tvmsoftmax_shape"
+        model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(target, np.int64), name))
+        node.input[1] = name
+        changed = True
+    if changed:
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        del graph_outputs  # (outputs keep their declared shapes)
+    return model
+
+
+def _reshape_target(in_dims: list, out_dims: list) -> list[int] | None:
+    target, unknown = [], 0
+    for index, dim in enumerate(out_dims):
+        if isinstance(dim, int):
+            target.append(dim)
+        elif index < len(in_dims) and in_dims[index] == dim:
+            target.append(0)
+        else:
+            unknown += 1
+            target.append(-1)
+    return target if unknown <= 1 else None
+
+
+def _expand_target(in_dims: list, out_dims: list) -> list[int] | None:
+    offset = len(out_dims) - len(in_dims)
+    target = []
+    for index, dim in enumerate(out_dims):
+        source = in_dims[index - offset] if index >= offset else None
+        if isinstance(dim, int) and (source is None or source in (1, dim)):
+            target.append(dim)
+        elif source == dim:
+            target.append(1)
+        else:
+            return None
+    return target
 
 
 def value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:

@@ -134,6 +134,11 @@ def _our_converters():
         onnx_frontend._get_convert_map = original
 
 
+def _symbolic_dims(value) -> list[str]:
+    shape = value.type.tensor_type.shape
+    return [d.dim_param or "?" for d in shape.dim if not d.HasField("dim_value")]
+
+
 def check_supported(model: onnx.ModelProto) -> None:
     """Raise UnsupportedOperatorError naming the first node whose op nobody can lower."""
     from tvm.relax.frontend.onnx import onnx_frontend
@@ -163,6 +168,11 @@ def import_model(model: onnx.ModelProto, sites: list[Site], spec: TargetSpec):
     except Exception as err:  # noqa: BLE001 - TVM raises many kinds; report one clear line
         message = str(err).strip().splitlines()
         text = message[-1] if message else type(err).__name__
-        raise ModelError(f"TVM could not import the model: {type(err).__name__}: {text}") from err
+        hint = ""
+        symbolic = sorted({d for v in model.graph.input for d in (_symbolic_dims(v))})
+        if symbolic:
+            hint = (f" (the model keeps symbolic dims {', '.join(symbolic)}: bind them with "
+                    "shapes={...} / --shape NAME=D1,D2 so its shape computations fold)")
+        raise ModelError(f"TVM could not import the model: {type(err).__name__}: {text}{hint}") from err
     finally:
         _CONTEXT.pop()

@@ -51,21 +51,37 @@ def _f32(value: float) -> tirx.PrimExpr:
     return tirx.const(value, "float32")
 
 
-def exp_split(x: tirx.PrimExpr) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
-    """Return (p, n) with e^x = p * 2^n, p in [sqrt(1/2), sqrt(2)], n an integer-valued float.
+def _let(value: tirx.PrimExpr, body, name: str) -> tirx.PrimExpr:
+    """`body(var)` with `var` bound to `value` once. Without it the expression is duplicated at
+    every use: LLVM undoes that, but CUDA source (and nvcc's time) grow exponentially with the
+    nesting of the softmax reducers."""
+    var = tirx.Var(name, "float32")
+    return tirx.Let(var, value, body(var))
 
-    Accurate for |x| < SPLIT_LIMIT; callers clamp. This is the (mantissa, exponent) pair of the
-    Two-Pass algorithm (Dukhan & Ablavatski 2020).
-    """
-    n = tirx.round(x * _f32(LOG2E))
+
+def _mantissa(x: tirx.PrimExpr, n: tirx.PrimExpr) -> tirx.PrimExpr:
+    """p(t) for t = x - n*ln2 (three-constant reduction, then the Cephes polynomial)."""
+
+    def polynomial(t):
+        poly = _f32(_CEPHES[0])
+        for coefficient in _CEPHES[1:]:
+            poly = poly * t + _f32(coefficient)
+        return poly * (t * t) + t + _f32(1.0)
+
     t = x - n * _f32(LN2_C1)
     t = t - n * _f32(LN2_C2)
     t = t - n * _f32(LN2_C3)
-    poly = _f32(_CEPHES[0])
-    for coefficient in _CEPHES[1:]:
-        poly = poly * t + _f32(coefficient)
-    p = poly * (t * t) + t + _f32(1.0)
-    return p, n
+    return _let(t, polynomial, "exp_t")
+
+
+def exp_split(x: tirx.PrimExpr) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
+    """Return (p, n) with e^x = p * 2^n, p in [sqrt(1/2), sqrt(2)], n an integer-valued float.
+
+    Accurate for |x| < SPLIT_LIMIT; callers clamp (and bind `x` if it is a large expression).
+    This is the (mantissa, exponent) pair of the Two-Pass algorithm (Dukhan & Ablavatski 2020).
+    """
+    n = tirx.round(x * _f32(LOG2E))
+    return _mantissa(x, n), n
 
 
 def pow2(n: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -99,5 +115,9 @@ def fast_exp(x: tirx.PrimExpr) -> tirx.PrimExpr:
     NaN flows through the clamp and the polynomial; its exponent bits are garbage, but NaN times
     anything is NaN.
     """
-    p, n = exp_split(clamp_keep_nan(x, EXP_MIN_INPUT, EXP_MAX_INPUT))
-    return ldexp_wide(p, n)
+
+    def scaled(clamped):
+        n = tirx.round(clamped * _f32(LOG2E))
+        return _let(n, lambda nv: ldexp_wide(_mantissa(clamped, nv), nv), "exp_n")
+
+    return _let(clamp_keep_nan(x, EXP_MIN_INPUT, EXP_MAX_INPUT), scaled, "exp_x")

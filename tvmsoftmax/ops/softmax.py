@@ -138,10 +138,9 @@ def _online_reducer():
     def combine(a, b):
         big = tirx.max(a[0], b[0])
         small = tirx.min(a[0], b[0])
-        e = fast_exp(small - big)
-        a_is_big = a[0] >= b[0]
-        d = tirx.Select(a_is_big, a[1] + b[1] * e, a[1] * e + b[1])
-        return big, d
+        e = tirx.Var("online_scale", "float32")  # bound once: a Let may be defined only once
+        d = tirx.Select(a[0] >= b[0], a[1] + b[1] * e, a[1] * e + b[1])
+        return big, tirx.Let(e, fast_exp(small - big), d)
 
     def identity(t0, t1):
         return tirx.const(FLT_LOWEST, t0), tirx.const(0.0, t1)

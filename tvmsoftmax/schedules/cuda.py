@@ -28,12 +28,24 @@ class CudaSoftmaxKnobs:
         return asdict(self)
 
 
+# three-pass keeps the row's exponentials in shared memory (48 KiB per block without opt-in).
+SHARED_ROW_LIMIT = 12 * 1024
+
+
 def choose(requested: str, log: bool, view: list[int | None]) -> tuple[str, CudaSoftmaxKnobs]:
     """`auto` on CUDA: online for Softmax (one read less), recompute for LogSoftmax."""
     algorithm = requested
     if requested == "auto":
         algorithm = "three-pass-recompute" if log else "online"
     length = view[1]
+    if algorithm == "three-pass" and (length is None or length > SHARED_ROW_LIMIT):
+        from ..errors import TvmSoftmaxError
+
+        raise TvmSoftmaxError(
+            f"three-pass on CUDA keeps a row in shared memory: rows must be static and at most "
+            f"{SHARED_ROW_LIMIT} elements (this one: {length if length is not None else 'dynamic'}); "
+            "use three-pass-recompute, online or two-pass"
+        )
     threads = 256 if length is None or length >= 2048 else 128 if length >= 256 else 32
     return algorithm, CudaSoftmaxKnobs(threads=threads)
 
@@ -63,6 +75,7 @@ def schedule_softmax(func: tirx.PrimFunc, knobs: CudaSoftmaxKnobs) -> tirx.PrimF
             states = loops[0]
             sch.bind(states, "threadIdx.x")
         elif name.endswith("_exp"):
+            sch.set_scope(block, 0, "shared")  # the row's exponentials (see SHARED_ROW_LIMIT)
             _, tx = sch.split(loops[0], [None, knobs.threads])
             sch.bind(tx, "threadIdx.x")
         else:  # merged states and row constants: every thread keeps its own copy

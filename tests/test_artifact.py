@@ -1,0 +1,110 @@
+"""Artifacts: save/load round trip, manifest, atomic write, refusals, runtime-only loading."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import numpy as np
+import pytest
+
+import tvmsoftmax
+from conftest import softmax_model
+from tvmsoftmax.lowering.artifact import FORMAT_VERSION, MANIFEST
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    return tvmsoftmax.compile(softmax_model("Softmax", (2, 37), symbolic=True), algorithm="online")
+
+
+def test_round_trip_and_manifest(compiled, tmp_path):
+    path = compiled.save(tmp_path / "m.tvmsm")
+    again = tvmsoftmax.load(path)
+    x = np.random.default_rng(0).standard_normal((5, 41)).astype(np.float32)
+    np.testing.assert_array_equal(again.run({"x": x})["y"], compiled.run({"x": x})["y"])
+    manifest = again.manifest
+    assert manifest["format_version"] == FORMAT_VERSION
+    assert manifest["target"]["name"] == "x86" and manifest["tvm_version"].startswith("0.27")
+    assert manifest["inputs"] == [{"name": "x", "dtype": "float32", "shape": ["d0", "d1"]}]
+    (site,) = manifest["sites"]
+    assert site["lowered"]["algorithm"] == "online" and "vector_lanes" in site["lowered"]["knobs"]
+    assert len(manifest["source"]["sha256"]) == 64 and len(manifest["library_sha256"]) == 64
+
+
+def test_save_is_atomic(compiled, tmp_path, monkeypatch):
+    path = compiled.save(tmp_path / "m.tvmsm")
+    before = path.read_bytes()
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(zipfile.ZipFile, "writestr", broken)
+    with pytest.raises(OSError):
+        compiled.save(path)
+    assert path.read_bytes() == before  # the old artifact is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.tvmsm"]  # no temporary left
+
+
+def _rewrite_manifest(src, dst, change):
+    with zipfile.ZipFile(src) as archive:
+        members = {n: archive.read(n) for n in archive.namelist()}
+    manifest = json.loads(members[MANIFEST])
+    change(manifest)
+    members[MANIFEST] = json.dumps(manifest).encode()
+    with zipfile.ZipFile(dst, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+
+
+def test_refusals(compiled, tmp_path):
+    good = compiled.save(tmp_path / "good.tvmsm")
+    with pytest.raises(tvmsoftmax.ArtifactError, match="format version 99"):
+        _rewrite_manifest(good, tmp_path / "v.tvmsm", lambda m: m.update(format_version=99))
+        tvmsoftmax.load(tmp_path / "v.tvmsm")
+    with pytest.raises(tvmsoftmax.ArtifactError, match="compiled for target 'x86', not 'cuda'"):
+        tvmsoftmax.load(good, target="cuda")
+    with pytest.raises(tvmsoftmax.ArtifactError, match="no CUDA device"):
+        _rewrite_manifest(good, tmp_path / "c.tvmsm", lambda m: m["target"].update(name="cuda", arch="sm_90"))
+        tvmsoftmax.load(tmp_path / "c.tvmsm")
+    with pytest.raises(tvmsoftmax.ArtifactError, match="lacks"):
+        _rewrite_manifest(good, tmp_path / "f.tvmsm", lambda m: m["target"].update(required_features=["avx1024"]))
+        tvmsoftmax.load(tmp_path / "f.tvmsm")
+    corrupted = tmp_path / "corrupt.tvmsm"
+    with zipfile.ZipFile(good) as archive, zipfile.ZipFile(corrupted, "w") as out:
+        out.writestr(MANIFEST, archive.read(MANIFEST))
+        library = bytearray(archive.read("model.so"))
+        library[len(library) // 2] ^= 0xFF
+        out.writestr("model.so", bytes(library))
+    with pytest.raises(tvmsoftmax.ArtifactError, match="checksum"):
+        tvmsoftmax.load(corrupted)
+    truncated = tmp_path / "truncated.tvmsm"
+    truncated.write_bytes(good.read_bytes()[: 1000])
+    with pytest.raises(tvmsoftmax.ArtifactError, match="corrupted"):
+        tvmsoftmax.load(truncated)
+    with pytest.raises(tvmsoftmax.ArtifactError, match="no such artifact"):
+        tvmsoftmax.load(tmp_path / "missing.tvmsm")
+
+
+def test_runtime_only_process(compiled, tmp_path):
+    """A deployment host without TVM's compiler: TVM_USE_RUNTIME_LIB=1, compiler never loaded."""
+    path = compiled.save(tmp_path / "m.tvmsm")
+    x = np.random.default_rng(1).standard_normal((3, 37)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "want.npy", compiled.run({"x": x})["y"])
+    script = textwrap.dedent(f"""
+        import numpy as np, tvmsoftmax
+        model = tvmsoftmax.load({str(path)!r})
+        got = model.run({{"x": np.load({str(tmp_path / 'x.npy')!r})}})["y"]
+        assert np.array_equal(got, np.load({str(tmp_path / 'want.npy')!r}))
+        maps = open("/proc/self/maps").read()
+        assert "libtvm_runtime" in maps, "runtime not loaded?"
+        assert "libtvm_compiler" not in maps and "libtvm.so" not in maps, "compiler was loaded"
+        print("runtime-only ok")
+    """)
+    env = dict(os.environ, TVM_USE_RUNTIME_LIB="1")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "runtime-only ok" in result.stdout

@@ -1,0 +1,63 @@
+"""The Softmax, LogSoftmax and Hardmax conformance cases the onnx package ships, through
+compile + run: the node cases (onnx.backend.test.case.node, expanded variants included) and the
+opset-6 pytorch-converted/pytorch-operator ones. Tolerances: the ONNX backend's (rtol 1e-3,
+atol 1e-7) or the case's own."""
+
+import glob
+import os
+
+import numpy as np
+import onnx
+import onnx.backend.test.case.node as node_cases
+import pytest
+from onnx import numpy_helper
+
+import tvmsoftmax
+from conftest import assert_close
+
+# collect_testcases fills one module-global list on first import, so collect once and filter.
+CASES = [
+    c
+    for c in node_cases.collect_testcases(None)
+    if c.name.startswith(("test_softmax", "test_logsoftmax", "test_hardmax"))
+]
+DATA = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data")
+PYTORCH_DIRS = sorted(
+    d
+    for kind in ("pytorch-converted", "pytorch-operator")
+    for d in glob.glob(os.path.join(DATA, kind, "test_*"))
+    if "softmax" in os.path.basename(d).lower()
+)
+
+
+def test_cases_found():
+    names = {c.name for c in CASES}
+    assert len(names) == len(CASES), "duplicate cases"
+    assert {"test_softmax_large_number", "test_logsoftmax_large_number", "test_hardmax_one_hot"} <= names
+    assert len(PYTORCH_DIRS) >= 6
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_node_case(case):
+    compiled = tvmsoftmax.compile(case.model)
+    direct = [n for n in case.model.graph.node if n.op_type in ("Softmax", "LogSoftmax")]
+    assert sum(s["rewritten"] for s in compiled.sites) == len(direct)  # every direct site is ours
+    for inputs, outputs in case.data_sets:
+        names = [i.name for i in case.model.graph.input]
+        got = compiled.run(dict(zip(names, inputs)))
+        for value, want in zip(got.values(), outputs):
+            assert_close(value, want, rtol=case.rtol, atol=case.atol, what=case.name)
+
+
+@pytest.mark.parametrize("path", PYTORCH_DIRS, ids=[os.path.basename(p) for p in PYTORCH_DIRS])
+def test_pytorch_case(path):
+    model = onnx.load(os.path.join(path, "model.onnx"))
+    compiled = tvmsoftmax.compile(model)
+    assert compiled.sites and all(s["rewritten"] for s in compiled.sites)
+    for data_dir in sorted(glob.glob(os.path.join(path, "test_data_set_*"))):
+        inputs = [numpy_helper.to_array(onnx.load_tensor(f)) for f in sorted(glob.glob(os.path.join(data_dir, "input_*.pb")))]
+        outputs = [numpy_helper.to_array(onnx.load_tensor(f)) for f in sorted(glob.glob(os.path.join(data_dir, "output_*.pb")))]
+        names = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+        got = list(compiled.run(dict(zip(names, inputs))).values())
+        for value, want in zip(got, outputs):
+            assert_close(value, want, rtol=1e-3, atol=1e-7, what=os.path.basename(path))
