@@ -16,9 +16,9 @@ The algorithms (memory accesses per element, reads + writes):
 
 Partial states. TVM's ``rfactor`` refuses custom tuple reducers, so the several accumulators the
 papers use (one per vector lane, and one per thread for a row split across threads) are part of
-the compute: element ``k`` of a row goes to partial state ``q = s * partials + lane`` with
-``k = s * chunk + j * partials + lane``; the ``splits * partials`` states of a row are merged with
-the same associative operator. ``partials`` and ``splits`` come from the schedule knobs
+the compute: element ``k = s * chunk + j * partials + lane`` of a row goes to partial state
+``q = s * partials + lane``; the ``splits * partials`` states of a row and the few elements past the
+last full step are merged with the same associative operator. ``partials`` and ``splits`` come from the schedule knobs
 (``tvmsoftmax.schedules``); they change the summation order, not the result beyond rounding.
 
 Edge values follow onnxruntime: an all -inf row gives NaN; +inf or NaN anywhere gives a NaN row;
@@ -33,7 +33,7 @@ from typing import Callable
 
 from tvm import te, tirx
 
-from .exp import LN2_C1, LN2_C2, LN2_C3, SPLIT_LIMIT, clamp_keep_nan, exp_split, fast_exp, ldexp_wide
+from .exp import LN2_C1, LN2_C2, LN2_C3, SPLIT_LIMIT, clamp_keep_nan, exp_nonpositive, exp_split, ldexp_wide
 
 ALGORITHMS = ("three-pass", "three-pass-recompute", "two-pass", "online")
 
@@ -71,47 +71,61 @@ def _not_finite_to_nan(value: tirx.PrimExpr) -> tirx.PrimExpr:
 
 
 class _RowReduction:
-    """Index bookkeeping for partial states over the ``length`` axis of ``x[outer, length, inner]``."""
+    """Index bookkeeping for partial states over the ``length`` axis of ``x[outer, length, inner]``.
+
+    The row's first ``body = states * steps`` elements are reduced into the partial states with
+    no masking and contiguous lanes (``steps = length // states``); the ``tail = length - body``
+    (< states) remaining elements are merged, with the partial states, by the per-row merge. So the
+    hot loop has no bounds select or clamped index (those made LLVM scalarise the loads).
+    """
 
     def __init__(self, x: te.Tensor, part: Partitioning):
         self.x = x
         self.outer, self.length, self.inner = x.shape
         self.part = part
-        q = part.partials
-        per_split = (self.length + part.splits - 1) // part.splits
-        self.steps = (per_split + q - 1) // q  # j in [0, steps)
-        self.chunk = self.steps * q  # elements per split
-        self.masked = part.states > 1
+        self.states = part.states
+        self.steps = self.length // self.states  # j in [0, steps): full vector steps per state
+        self.chunk = self.steps * part.partials  # elements of one split
+        self.body = self.chunk * part.splits  # elements covered by the partial states
+        self.tail = self.length - self.body  # < states elements, merged per row
 
     def element_index(self, state, j):
         q = self.part.partials
         return (state // q) * self.chunk + j * q + state % q
 
-    def element(self, o, state, j, i, value_of: Callable, pad: tuple):
-        """value_of(loaded float32, o, i) -> reduction operands; pad: identity for k >= length."""
-        k = self.element_index(state, j)
-        if not self.masked:
-            return value_of(_load(self.x, o, k, i), o, i)
-        inside = k < self.length
-        safe_k = tirx.min(k, self.length - 1)
-        values = value_of(_load(self.x, o, safe_k, i), o, i)
-        # Select, not if_then_else: TVM 0.27 vectorises if_then_else inside reductions wrongly.
-        return tuple(tirx.Select(inside, v, p) for v, p in zip(values, pad))
+    def reduce(self, name: str, reducer, value_of: Callable):
+        """Partial states [outer, states, inner], then the merged state [outer, inner].
 
-    def reduce(self, name: str, reducer, value_of: Callable, pad: tuple):
-        """Partial states [outer, states, inner], then the merged state [outer, inner]."""
-        outer, inner, states = self.outer, self.inner, self.part.states
+        value_of(loaded float32 value, o, i) -> tuple of reduction operands for one element.
+        """
+        outer, inner, states = self.outer, self.inner, self.states
         j = te.reduce_axis((0, self.steps), name=f"{name}_j")
         partial = te.compute(
             (outer, states, inner),
-            lambda o, s, i: reducer(_single(self.element(o, s, j, i, value_of, pad)), axis=j),
+            lambda o, s, i: reducer(
+                _single(value_of(_load(self.x, o, self.element_index(s, j), i), o, i)), axis=j
+            ),
             name=f"{name}_partial",
         )
         partial = partial if isinstance(partial, (list, tuple)) else [partial]
-        r = te.reduce_axis((0, states), name=f"{name}_q")
+        # A reduction over zero steps never runs its init in TIR: when the row is shorter than
+        # the states (steps == 0) the partial states are not read at all.
+        used = tirx.min(self.steps, 1) * states
+        r = te.reduce_axis((0, used + self.tail), name=f"{name}_q")
+
+        def merged_operand(o, i):
+            # r % states (== r where it is used) lets region analysis see all `states` states.
+            from_partial = tuple(p[o, tirx.floormod(r, states), i] for p in partial)
+            if isinstance(self.tail, tirx.IntImm) and int(self.tail) == 0:
+                return from_partial
+            k = tirx.min(self.body + tirx.max(r - used, 0), self.length - 1)
+            from_tail = value_of(_load(self.x, o, k, i), o, i)
+            # Select, not if_then_else: TVM 0.27 vectorises if_then_else in reductions wrongly.
+            return tuple(tirx.Select(r < used, a, b) for a, b in zip(from_partial, from_tail))
+
         merged = te.compute(
             (outer, inner),
-            lambda o, i: reducer(_single(tuple(p[o, r, i] for p in partial)), axis=r),
+            lambda o, i: reducer(_single(merged_operand(o, i)), axis=r),
             name=f"{name}_state",
         )
         return merged if isinstance(merged, (list, tuple)) else [merged]
@@ -140,7 +154,7 @@ def _online_reducer():
         small = tirx.min(a[0], b[0])
         e = tirx.Var("online_scale", "float32")  # bound once: a Let may be defined only once
         d = tirx.Select(a[0] >= b[0], a[1] + b[1] * e, a[1] * e + b[1])
-        return big, tirx.Let(e, fast_exp(small - big), d)
+        return big, tirx.Let(e, exp_nonpositive(small - big), d)
 
     def identity(t0, t1):
         return tirx.const(FLT_LOWEST, t0), tirx.const(0.0, t1)
@@ -209,12 +223,12 @@ def _cast(value: tirx.PrimExpr, dtype: str) -> tirx.PrimExpr:
 
 
 def _row_max(rows: _RowReduction) -> te.Tensor:
-    (row_max,) = rows.reduce("max", _max_reducer, lambda v, o, i: (v,), (_f32(FLT_LOWEST),))
+    (row_max,) = rows.reduce("max", _max_reducer, lambda v, o, i: (v,))
     return row_max
 
 
 def _row_sum(rows: _RowReduction, name: str, value_of: Callable) -> te.Tensor:
-    (total,) = rows.reduce(name, _sum_reducer, lambda v, o, i: (value_of(v, o, i),), (_f32(0.0),))
+    (total,) = rows.reduce(name, _sum_reducer, lambda v, o, i: (value_of(v, o, i),))
     return total
 
 
@@ -222,7 +236,7 @@ def _scale_output(x, shift, scale, out_dtype, name, exp_of=None):
     """y = exp(x - shift) * scale (or stored_exp * scale)."""
 
     def body(o, k, i):
-        e = exp_of(o, k, i) if exp_of is not None else fast_exp(_load(x, o, k, i) - shift[o, i])
+        e = exp_of(o, k, i) if exp_of is not None else exp_nonpositive(_load(x, o, k, i) - shift[o, i])
         return _cast(e * scale[o, i], out_dtype)
 
     return te.compute(x.shape, body, name=name)
@@ -247,7 +261,7 @@ def _row_constants(x, name, fn) -> te.Tensor:
 def _three_pass(x, rows, log, out_dtype, name):
     row_max = _row_max(rows)
     stored = te.compute(
-        x.shape, lambda o, k, i: fast_exp(_load(x, o, k, i) - row_max[o, i]), name=f"{name}_exp"
+        x.shape, lambda o, k, i: exp_nonpositive(_load(x, o, k, i) - row_max[o, i]), name=f"{name}_exp"
     )
     total = _row_sum(_RowReduction(stored, rows.part), "sum", lambda v, o, i: v)
     return _finish(x, row_max, total, log, out_dtype, name, exp_of=lambda o, k, i: stored[o, k, i])
@@ -256,7 +270,7 @@ def _three_pass(x, rows, log, out_dtype, name):
 def _three_pass_recompute(x, rows, log, out_dtype, name):
     row_max = _row_max(rows)
     # The sum reads x again: exp(x - max) is recomputed in the output pass instead of stored.
-    total = _row_sum(rows, "sum", lambda v, o, i: fast_exp(v - row_max[o, i]))
+    total = _row_sum(rows, "sum", lambda v, o, i: exp_nonpositive(v - row_max[o, i]))
     return _finish(x, row_max, total, log, out_dtype, name)
 
 
@@ -265,7 +279,6 @@ def _online(x, rows, log, out_dtype, name):
         "online",
         _online_reducer(),
         lambda v, o, i: (v, _f32(1.0)),
-        (_f32(FLT_LOWEST), _f32(0.0)),
     )
     return _finish(x, row_max, total, log, out_dtype, name)
 
@@ -292,7 +305,6 @@ def _two_pass(x, rows, log, out_dtype, name):
         "extexp",
         _two_pass_reducer(),
         lambda v, o, i: _two_pass_element(v),
-        (_f32(0.0), _f32(FLT_LOWEST)),
     )
     if log:
         # log(v * 2^e) = e*ln2 + log(v); no max is known, so the shift is e*ln2 (see limits),
