@@ -56,6 +56,8 @@ EXP_MIN_INPUT = -104.0
 EXP_MAX_INPUT = 88.8
 # exp_nonpositive: below this, e^x < FLT_MIN and the result is flushed to 0.
 FLUSH_BELOW = -87.33654475055310898657
+# 1.5 * 2^23 + 127: adding it rounds x*log2(e) to an integer and leaves n + 127 in the low bits.
+_MAGIC_BIAS = 12582912.0 + 127.0
 # Largest |x| for which `exp_split` is accurate (|n| < 2^17; 2^17 * ln2 = 90852).
 SPLIT_LIMIT = 90000.0
 
@@ -141,13 +143,31 @@ def fast_exp(x: tirx.PrimExpr) -> tirx.PrimExpr:
 def exp_nonpositive(x: tirx.PrimExpr) -> tirx.PrimExpr:
     """e^x for x <= 0 (or -inf, NaN); results below FLT_MIN are exactly 0 (onnxruntime's flush).
 
-    For x < FLUSH_BELOW (including -inf) the exponent bits are garbage and the final select
-    returns 0; NaN fails that comparison and keeps the polynomial's NaN.
+    XNNPACK's magic-bias form, 13 vector operations: ``biased = x*log2(e) + MAGIC`` rounds to
+    nearest and leaves n + 127 in the low mantissa bits, so ``bits(biased) << 23`` is 2^n with no
+    round or convert; the scale is folded into the last step, e = s + (t*s) * q(t). For
+    x < FLUSH_BELOW (including -inf) the exponent bits are garbage and the final select returns 0;
+    NaN fails that comparison and keeps the polynomial's NaN.
     """
 
     def scaled(xv):
-        n = tirx.round(xv * _f32(LOG2E))
-        value = _let(n, lambda nv: _mantissa(xv, nv, (LN2_HI, LN2_LO)) * pow2(nv), "exp_n")
+        biased = xv * _f32(LOG2E) + _f32(_MAGIC_BIAS)
+
+        def from_biased(b):
+            n = b - _f32(_MAGIC_BIAS)
+            scale = tirx.reinterpret("float32", tirx.shift_left(tirx.reinterpret("int32", b), 23))
+            t = xv - n * _f32(LN2_HI)
+            t = t - n * _f32(LN2_LO)
+
+            def combine(tv):
+                q = _f32(_POLY[0])
+                for coefficient in _POLY[1:]:
+                    q = q * tv + _f32(coefficient)
+                return _let(scale, lambda sv: sv + (tv * sv) * q, "exp_s")
+
+            return _let(t, combine, "exp_t")
+
+        value = _let(biased, from_biased, "exp_b")
         return tirx.Select(xv < _f32(FLUSH_BELOW), _f32(0.0), value)
 
     return _let(x, scaled, "exp_x")
