@@ -9,6 +9,7 @@ sample), a markdown table and a PNG plot (GB/s against row length, one line per 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -33,10 +34,18 @@ ACCESSES = {
 OUT_OF_CACHE = [(8, 128256), (1, 1 << 24), (65536, 2048)]
 
 
-def _set_tvm_threads(threads: int) -> None:
-    import tvm
-
-    tvm.get_global_func("runtime.config_threadpool")(0, threads)
+def _worker_env(threads: int) -> dict:
+    """Environment of a benchmark worker: TVM's pool is sized at start-up (config_threadpool on a
+    running pool has no effect), and nobody spin-waits (spinning pools stall on a shared machine)."""
+    env = dict(os.environ)
+    env.update({
+        "TVM_NUM_THREADS": str(threads),
+        "TVM_THREAD_POOL_SPIN_COUNT": "0",
+        "OMP_NUM_THREADS": str(threads),
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "OPENBLAS_NUM_THREADS": "1",
+    })
+    return env
 
 
 def _onnxruntime(shape, threads):
@@ -55,7 +64,21 @@ def _onnxruntime(shape, threads):
     # Spinning pools stall when another process takes a core on this shared 2-core machine.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return lambda x: session.run(None, {"x": x})[0]
+
+    def bound_call(x):
+        """IOBinding with the input and a preallocated output: the cheapest call path."""
+        binding = session.io_binding()
+        binding.bind_cpu_input("x", x)
+        output = np.empty_like(x)  # kept alive by the closure below: ORT holds only its pointer
+        binding.bind_output("y", "cpu", 0, np.float32, list(x.shape), output.ctypes.data)
+
+        def call(binding=binding, output=output):
+            session.run_with_iobinding(binding)
+            return output
+
+        return call
+
+    return (lambda x: session.run(None, {"x": x})[0]), bound_call
 
 
 def _numpy(x):
@@ -71,38 +94,43 @@ def _tvm_default(shape, spec):
     x = te.placeholder(shape, "float32", name="x")
     y = topi.nn.softmax(x, axis=-1)
     executable = tvm.compile(tvm.IRModule({"main": te.create_prim_func([x, y])}), spec.tvm_target())
+    function = executable["main"]
 
-    def run(a, out=None):
-        inp = tvm.runtime.tensor(a)
+    def run(a):
         out = tvm.runtime.empty(shape, "float32", tvm.cpu())
-        executable["main"](inp, out)
+        function(tvm.runtime.tensor(a), out)
         return out.numpy()
 
-    def timer(a, number):
-        inp = tvm.runtime.tensor(a)
-        out = tvm.runtime.empty(shape, "float32", tvm.cpu())
-        evaluator = executable.mod.time_evaluator("main", tvm.cpu(), number=number, repeat=1)
-        return lambda: evaluator(inp, out).mean
+    def bound_call(a):
+        inp, out = tvm.runtime.tensor(a), tvm.runtime.empty(shape, "float32", tvm.cpu())
+        return lambda: function(inp, out)
 
-    return run, timer
+    return run, bound_call
 
 
-def _python_timer(fn, x, number):
+def _timer(call, number):
+    """Mean seconds of `number` back-to-back calls of a pre-bound no-argument callable.
+
+    Every implementation is timed this way (a Python loop over its cheapest call path: TVM
+    functions on preallocated tensors, onnxruntime with IOBinding, numpy on arrays), so each
+    carries its own per-call overhead, which only matters for the smallest shapes."""
+
     def timed():
         start = time.perf_counter()
         for _ in range(number):
-            fn(x)
+            call()
         return (time.perf_counter() - start) / number
 
     return timed
 
 
-def _calibrate(timer_factory, x, budget=0.02):
-    once = timer_factory(x, 1)
-    once()
-    first = once()
-    number = max(1, min(1000, int(budget / max(first, 1e-7))))
-    return timer_factory(x, number), number
+def _calibrate(call, budget=0.02):
+    call()
+    start = time.perf_counter()
+    call()
+    first = time.perf_counter() - start
+    number = max(1, min(2000, int(budget / max(first, 1e-7))))
+    return _timer(call, number), number
 
 
 def _reference(x):
@@ -113,7 +141,11 @@ def _reference(x):
 
 def run_softmax_benchmark(threads=(1, 2), shapes=None, repeat=15, out_dir=Path("benchmarks/results"),
                           console=None, implementations=None):
-    from .lowering.kernels import SoftmaxKernel
+    """Run one worker process per thread count, then write JSON, markdown and the plot."""
+    import subprocess
+    import sys
+    import tempfile
+
     from .lowering.targets import resolve
 
     shapes = shapes or SHAPES
@@ -122,53 +154,25 @@ def run_softmax_benchmark(threads=(1, 2), shapes=None, repeat=15, out_dir=Path("
     log = console.print if console else print
     results = []
     for nthreads in threads:
-        _set_tvm_threads(nthreads)
-        for shape in shapes:
-            rng = np.random.default_rng(0)
-            x = (rng.standard_normal(shape) * 3).astype(np.float32)
-            want = _reference(x)
-            timers, meta = {}, {}
-            for name in implementations:
-                if name in OURS:
-                    kernel = SoftmaxKernel((shape[0], shape[1], 1), algorithm=name, spec=spec)
-                    got, factory = kernel(x), kernel.timer
-                    meta[name] = {"knobs": kernel.knobs.to_json()}
-                elif name == "onnxruntime":
-                    fn = _onnxruntime(shape, nthreads)
-                    got, factory = fn(x), (lambda a, n, fn=fn: _python_timer(fn, a, n))
-                elif name == "numpy":
-                    got, factory = _numpy(x), (lambda a, n: _python_timer(_numpy, a, n))
-                else:
-                    fn, factory = _tvm_default(shape, spec)
-                    got = fn(x)
-                err = np.abs(got.astype(np.float64) - want)
-                meta.setdefault(name, {})["max_rel_err"] = float((err / np.maximum(want, 1e-30)).max())
-                meta[name]["max_abs_err"] = float(err.max())
-                timers[name], meta[name]["batch"] = _calibrate(factory, x)
-            samples = {name: [] for name in implementations}
-            for _ in range(repeat):
-                for name in implementations:  # interleaved: each round times everyone once
-                    samples[name].append(timers[name]())
-            elements = shape[0] * shape[1]
-            ort_median = statistics.median(samples["onnxruntime"]) if "onnxruntime" in samples else None
-            for name in implementations:
-                median = statistics.median(samples[name])
-                row = {
-                    "threads": nthreads, "shape": list(shape), "implementation": name,
-                    "median_s": median, "min_s": min(samples[name]), "samples_s": samples[name],
-                    "accesses_per_element": ACCESSES[name],
-                    "gbps": elements * 4 * ACCESSES[name] / median / 1e9,
-                    "speedup_vs_onnxruntime": (ort_median / median) if ort_median else None,
-                    **meta[name],
-                }
-                results.append(row)
-            line = "  ".join(f"{n} {statistics.median(samples[n]) * 1e3:.3f}ms" for n in implementations)
-            log(f"threads={nthreads} shape={shape}: {line}")
+        with tempfile.NamedTemporaryFile(suffix=".json") as handle:
+            config = {"threads": nthreads, "shapes": [list(s) for s in shapes], "repeat": repeat,
+                      "implementations": implementations, "out": handle.name}
+            command = [sys.executable, "-m", "tvmsoftmax.bench", json.dumps(config)]
+            process = subprocess.Popen(command, env=_worker_env(nthreads), stdout=subprocess.PIPE, text=True)
+            for line in process.stdout:
+                log(line.rstrip())
+            if process.wait() != 0:
+                raise RuntimeError(f"benchmark worker for {nthreads} thread(s) failed")
+            results.extend(json.loads(Path(handle.name).read_text()))
     report = {
         "benchmark": "softmax", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": {"cpu": spec.mcpu, "features": list(spec.required_features), "cores": os.cpu_count(),
                     "platform": platform.platform()},
-        "versions": _versions(), "repeat": repeat, "results": results,
+        "versions": _versions(), "repeat": repeat,
+        "method": "one worker process per thread count (TVM_NUM_THREADS, no spin-waiting); per shape, "
+                  "rounds that time every implementation once (a Python loop over its cheapest pre-bound "
+                  "call, batches of ~20 ms); medians over rounds",
+        "results": results,
         "summary": summarize(results),
     }
     out_dir = Path(out_dir)
@@ -178,6 +182,58 @@ def run_softmax_benchmark(threads=(1, 2), shapes=None, repeat=15, out_dir=Path("
     plot(report, out_dir / "softmax.png")
     log(f"wrote {out_dir / 'softmax.json'}, softmax.md, softmax.png")
     return report
+
+
+def _worker(config: dict) -> None:
+    """One thread count, in a process whose pools were sized by _worker_env."""
+    from .lowering.kernels import SoftmaxKernel
+    from .lowering.targets import resolve
+
+    nthreads, repeat, implementations = config["threads"], config["repeat"], config["implementations"]
+    spec = dataclasses.replace(resolve("x86"), num_cores=nthreads)  # knobs for this many threads
+    results = []
+    for shape in (tuple(s) for s in config["shapes"]):
+        rng = np.random.default_rng(0)
+        x = (rng.standard_normal(shape) * 3).astype(np.float32)
+        want = _reference(x)
+        timers, meta = {}, {}
+        for name in implementations:
+            if name in OURS:
+                kernel = SoftmaxKernel((shape[0], shape[1], 1), algorithm=name, spec=spec)
+                got, call = kernel(x), kernel.bound_call(x)
+                meta[name] = {"knobs": kernel.knobs.to_json()}
+            elif name == "onnxruntime":
+                run, bind = _onnxruntime(shape, nthreads)
+                got, call = run(x), bind(x)
+            elif name == "numpy":
+                got, call = _numpy(x), (lambda: _numpy(x))
+            else:
+                run, bind = _tvm_default(shape, spec)
+                got, call = run(x), bind(x)
+            err = np.abs(got.astype(np.float64) - want)
+            meta.setdefault(name, {})["max_rel_err"] = float((err / np.maximum(want, 1e-30)).max())
+            meta[name]["max_abs_err"] = float(err.max())
+            timers[name], meta[name]["batch"] = _calibrate(call)
+        samples = {name: [] for name in implementations}
+        for _ in range(repeat):
+            for name in implementations:  # interleaved: each round times everyone once
+                samples[name].append(timers[name]())
+        elements = shape[0] * shape[1]
+        ort_median = statistics.median(samples["onnxruntime"]) if "onnxruntime" in samples else None
+        for name in implementations:
+            median = statistics.median(samples[name])
+            row = {
+                "threads": nthreads, "shape": list(shape), "implementation": name,
+                "median_s": median, "min_s": min(samples[name]), "samples_s": samples[name],
+                "accesses_per_element": ACCESSES[name],
+                "gbps": elements * 4 * ACCESSES[name] / median / 1e9,
+                "speedup_vs_onnxruntime": (ort_median / median) if ort_median else None,
+                **meta[name],
+            }
+            results.append(row)
+        line = "  ".join(f"{n} {statistics.median(samples[n]) * 1e3:.3f}ms" for n in implementations)
+        print(f"threads={nthreads} shape={shape}: {line}", flush=True)
+    Path(config["out"]).write_text(json.dumps(results))
 
 
 def _versions():
@@ -275,3 +331,9 @@ def plot(report, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _worker(json.loads(sys.argv[1]))

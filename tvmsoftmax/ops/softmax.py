@@ -93,29 +93,37 @@ class _RowReduction:
         q = self.part.partials
         return (state // q) * self.chunk + j * q + state % q
 
-    def reduce(self, name: str, reducer, value_of: Callable):
-        """Partial states [outer, states, inner], then the merged state [outer, inner].
+    def reduce(self, name: str, reducer: "_Reducer", value_of: Callable):
+        """Partial states [outer, states, inner] -> tree -> merged state [outer, inner].
 
         value_of(loaded float32 value, o, i) -> tuple of reduction operands for one element.
+        The partial states are halved by an elementwise tree (``p[r] + p[r + half]``, each level
+        vectorisable) down to one state, which the per-row merge combines with the tail.
         """
-        outer, inner, states = self.outer, self.inner, self.states
+        outer, inner = self.outer, self.inner
         j = te.reduce_axis((0, self.steps), name=f"{name}_j")
         partial = te.compute(
-            (outer, states, inner),
-            lambda o, s, i: reducer(
+            (outer, self.states, inner),
+            lambda o, s, i: reducer.te(
                 _single(value_of(_load(self.x, o, self.element_index(s, j), i), o, i)), axis=j
             ),
             name=f"{name}_partial",
         )
-        partial = partial if isinstance(partial, (list, tuple)) else [partial]
+        level = partial if isinstance(partial, (list, tuple)) else [partial]
+        width = self.states
+        while width > 1 and width % 2 == 0:
+            half = width // 2
+            level = te.compute((outer, half, inner), _halver(reducer, level, half), name=f"{name}_tree{half}")
+            level = level if isinstance(level, (list, tuple)) else [level]
+            width = half
         # A reduction over zero steps never runs its init in TIR: when the row is shorter than
         # the states (steps == 0) the partial states are not read at all.
-        used = tirx.min(self.steps, 1) * states
+        used = tirx.min(self.steps, 1) * width
         r = te.reduce_axis((0, used + self.tail), name=f"{name}_q")
 
         def merged_operand(o, i):
-            # r % states (== r where it is used) lets region analysis see all `states` states.
-            from_partial = tuple(p[o, tirx.floormod(r, states), i] for p in partial)
+            # r % width (== r where it is used) lets region analysis see all `width` states.
+            from_partial = tuple(p[o, tirx.floormod(r, width), i] for p in level)
             if isinstance(self.tail, tirx.IntImm) and int(self.tail) == 0:
                 return from_partial
             k = tirx.min(self.body + tirx.max(r - used, 0), self.length - 1)
@@ -125,10 +133,21 @@ class _RowReduction:
 
         merged = te.compute(
             (outer, inner),
-            lambda o, i: reducer(_single(merged_operand(o, i)), axis=r),
+            lambda o, i: reducer.te(_single(merged_operand(o, i)), axis=r),
             name=f"{name}_state",
         )
         return merged if isinstance(merged, (list, tuple)) else [merged]
+
+
+def _halver(reducer, level, half):
+    """fcompute of one tree level: state r merged with state r + half."""
+
+    def halve(o, r, i):
+        return _single(
+            reducer.combine(tuple(p[o, r, i] for p in level), tuple(p[o, r + half, i] for p in level))
+        )
+
+    return halve
 
 
 def _single(values: tuple):
@@ -136,9 +155,26 @@ def _single(values: tuple):
     return values[0] if len(values) == 1 else values
 
 
+@dataclass(frozen=True)
+class _Reducer:
+    """An associative merge: `combine` on tuples of expressions, and the TE reducer built from it."""
+
+    combine: Callable  # (tuple, tuple) -> tuple
+    identity: Callable  # (*dtypes) -> tuple
+    name: str
+
+    @property
+    def te(self):
+        if len(self.identity("float32")) == 1:
+            return te.comm_reducer(
+                lambda a, b: self.combine((a,), (b,))[0], lambda t: self.identity(t)[0], name=self.name
+            )
+        return te.comm_reducer(self.combine, self.identity, name=self.name)
+
+
 # The standard reducers (TVM knows them, so schedules may also rfactor these reductions).
-_sum_reducer = te.comm_reducer(lambda a, b: a + b, lambda t: tirx.const(0, t), name="sum")
-_max_reducer = te.comm_reducer(lambda a, b: tirx.max(a, b), lambda t: tirx.min_value(t), name="max")
+_sum_reducer = _Reducer(lambda a, b: (a[0] + b[0],), lambda *t: (tirx.const(0, t[0]),), "sum")
+_max_reducer = _Reducer(lambda a, b: (tirx.max(a[0], b[0]),), lambda *t: (tirx.min_value(t[0]),), "max")
 
 
 def _online_reducer():
@@ -156,10 +192,10 @@ def _online_reducer():
         d = tirx.Select(a[0] >= b[0], a[1] + b[1] * e, a[1] * e + b[1])
         return big, tirx.Let(e, exp_nonpositive(small - big), d)
 
-    def identity(t0, t1):
+    def identity(t0, t1="float32"):
         return tirx.const(FLT_LOWEST, t0), tirx.const(0.0, t1)
 
-    return te.comm_reducer(combine, identity, name="online")
+    return _Reducer(combine, identity, "online")
 
 
 # Exponents of the two-pass pairs are integer-valued floats; scale factors 2^k are clamped below at
@@ -176,10 +212,10 @@ def _two_pass_reducer():
         vb = ldexp_wide(b[0], tirx.max(b[1] - e, _f32(_POW2_FLOOR)))
         return va + vb, e
 
-    def identity(t0, t1):
+    def identity(t0, t1="float32"):
         return tirx.const(0.0, t0), tirx.const(FLT_LOWEST, t1)
 
-    return te.comm_reducer(combine, identity, name="extexp")
+    return _Reducer(combine, identity, "extexp")
 
 
 def _two_pass_element(x: tirx.PrimExpr) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:

@@ -78,7 +78,7 @@ def schedule_softmax(func: tirx.PrimFunc, knobs: CudaSoftmaxKnobs) -> tirx.PrimF
             sch.set_scope(block, 0, "shared")  # the row's exponentials (see SHARED_ROW_LIMIT)
             _, tx = sch.split(loops[0], [None, knobs.threads])
             sch.bind(tx, "threadIdx.x")
-        else:  # merged states and row constants: every thread keeps its own copy
+        else:  # tree levels, merged states, row constants: every thread keeps its own copy
             for index in range(len(sch.get(block).writes)):
                 sch.set_scope(block, index, "local")
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)

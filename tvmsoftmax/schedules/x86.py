@@ -1,7 +1,8 @@
 """x86 (LLVM) schedule for the softmax compute of `tvmsoftmax.ops.softmax`.
 
 The PrimFunc's blocks are recognised by the names the compute gives them:
-``*_partial`` (per-row partial states over the row), ``*_state`` (their merge), ``*_exp``
+``*_partial`` (per-row partial states over the row), ``*_treeN`` (the halving levels that merge
+them), ``*_state`` (the final merge with the row's tail), ``*_exp``
 (three-pass's stored exponentials), row constants (``*_scale``, ``*_logsum``, ``*_shift``) and
 the output block. Two layouts:
 
@@ -108,6 +109,9 @@ def _schedule_rows_fused(sch, named, knobs: X86SoftmaxKnobs):
         elif name.endswith("_exp"):
             k_loop, unit = loops
             _vectorize_tail(sch, sch.fuse(k_loop, unit), knobs.vector_lanes)
+        elif "_tree" in name:  # halving level of the partial states: elementwise, vectorised
+            states, unit = loops
+            sch.vectorize(sch.fuse(states, unit))
 
 
 def _schedule_rows_split(sch, named, knobs: X86SoftmaxKnobs):
@@ -124,7 +128,7 @@ def _schedule_rows_split(sch, named, knobs: X86SoftmaxKnobs):
             sch.vectorize(lanes)
             sch.unroll(lane_outer)
             sch.decompose_reduction(block, j)
-        elif name.endswith("_state"):
+        elif name.endswith("_state") or "_tree" in name:
             sch.parallel(loops[0])
         elif len(loops) == 3:  # elementwise over the row: stored exp or output
             o, k, i = loops
@@ -175,8 +179,8 @@ def choose(
     * Softmax, contiguous rows of at least LONG_ROW elements: ``online`` (3 memory accesses per
       element instead of 5, exact onnxruntime semantics on masked rows).
     * otherwise ``three-pass`` (short rows stay in L1, the stored exp is cheaper than recomputing).
-    Knobs: two vector accumulators per row; a row is split across threads when there are fewer
-    rows than cores and rows of at least SPLIT_ROW elements.
+    Knobs: one vector accumulator per row up to 2048 elements, two beyond; a row is split across
+    threads when there are fewer rows than cores and rows of at least SPLIT_ROW elements.
     """
     outer, length, inner = view
     contiguous = inner == 1
@@ -193,7 +197,10 @@ def choose(
     if contiguous and num_cores > 1 and length is not None and length >= SPLIT_ROW:
         if rows is not None and rows < num_cores:
             splits = num_cores
-    accumulators = 2 if length is None or length >= 4 * vector_lanes else 1
+    # Partial states cost a scalar merge per row (TVM does not vectorise horizontal float
+    # reductions): rows of up to 2048 elements use one vector accumulator, longer rows two
+    # (measured by knob sweeps on this project's benchmark shapes, see benchmarks/README.md).
+    accumulators = 2 if length is None or length > 2048 else 1
     return algorithm, X86SoftmaxKnobs(
         vector_lanes=vector_lanes, accumulators=accumulators, splits=splits
     )
