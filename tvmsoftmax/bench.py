@@ -318,12 +318,13 @@ def plot(report, path) -> None:
     thread_counts = sorted({r["threads"] for r in results})
     fig, axes = plt.subplots(1, len(thread_counts), figsize=(7 * len(thread_counts), 5), squeeze=False)
     for ax, nthreads in zip(axes[0], thread_counts):
-        for name in dict.fromkeys(r["implementation"] for r in results):
-            rows = sorted((r for r in results if r["threads"] == nthreads and r["implementation"] == name),
-                          key=lambda r: (r["shape"][1], r["shape"][0]))
-            ax.plot([r["shape"][1] for r in rows], [r["gbps"] for r in rows], marker="o", label=name)
-        ax.set_xscale("log")
-        ax.set_xlabel("row length (elements)")
+        rows_here = [r for r in results if r["threads"] == nthreads]
+        shapes = sorted({tuple(r["shape"]) for r in rows_here}, key=lambda s: (s[1], s[0]))
+        for name in dict.fromkeys(r["implementation"] for r in rows_here):
+            by_shape = {tuple(r["shape"]): r for r in rows_here if r["implementation"] == name}
+            ax.plot(range(len(shapes)), [by_shape[s]["gbps"] for s in shapes], marker="o", label=name)
+        ax.set_xticks(range(len(shapes)), [f"{s[0]}x{s[1]}" for s in shapes], rotation=40, ha="right")
+        ax.set_xlabel("shape (rows x row length), by row length")
         ax.set_ylabel("GB/s at the algorithm's minimum traffic")
         ax.set_title(f"softmax, {nthreads} thread(s), {report['machine']['cpu']}")
         ax.grid(True, alpha=0.3)

@@ -33,7 +33,7 @@ from typing import Callable
 
 from tvm import te, tirx
 
-from .exp import LN2_C1, LN2_C2, LN2_C3, SPLIT_LIMIT, clamp_keep_nan, exp_nonpositive, exp_split, ldexp_wide
+from .exp import LN2_C1, LN2_C2, LN2_C3, SPLIT_LIMIT, exp_nonpositive, exp_split, pow2
 
 ALGORITHMS = ("three-pass", "three-pass-recompute", "two-pass", "online")
 
@@ -198,9 +198,15 @@ def _online_reducer():
     return _Reducer(combine, identity, "online")
 
 
-# Exponents of the two-pass pairs are integer-valued floats; scale factors 2^k are clamped below at
-# -252 (where two exponent-bit factors underflow to exactly 0).
-_POW2_FLOOR = -252.0
+# Exponents of the two-pass pairs are integer-valued floats. A term 2^-126 or more below the row's
+# largest one is below float32 resolution of the sum (and an output that small is flushed to 0, as
+# onnxruntime does), so exponent gaps are clamped at -126 and one exponent-bit factor suffices.
+_POW2_FLOOR = -126.0
+
+
+def _scale_down(value: tirx.PrimExpr, gap: tirx.PrimExpr) -> tirx.PrimExpr:
+    """value * 2^gap for an integer-valued gap <= 0 (gaps below -126 flush the term to ~0)."""
+    return value * pow2(tirx.max(gap, _f32(_POW2_FLOOR)))
 
 
 def _two_pass_reducer():
@@ -208,9 +214,7 @@ def _two_pass_reducer():
 
     def combine(a, b):
         e = tirx.max(a[1], b[1])
-        va = ldexp_wide(a[0], tirx.max(a[1] - e, _f32(_POW2_FLOOR)))
-        vb = ldexp_wide(b[0], tirx.max(b[1] - e, _f32(_POW2_FLOOR)))
-        return va + vb, e
+        return _scale_down(a[0], a[1] - e) + _scale_down(b[0], b[1] - e), e
 
     def identity(t0, t1="float32"):
         return tirx.const(0.0, t0), tirx.const(FLT_LOWEST, t1)
@@ -222,12 +226,13 @@ def _two_pass_element(x: tirx.PrimExpr) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
     """(mantissa, exponent) of e^x with the guards the reference kernels lack.
 
     -inf and -FLT_MAX would make x*log2(e) overflow and the reduction compute inf - inf (NaN row):
-    x is clamped to -SPLIT_LIMIT first, and -inf then gets mantissa 0 (so an all -inf row is 0/0 =
-    NaN as in onnxruntime). +inf and NaN poison the mantissa (whole row NaN, as in onnxruntime).
+    x is clamped from below to -SPLIT_LIMIT, and -inf then gets mantissa 0 (so an all -inf row is
+    0/0 = NaN as in onnxruntime). +inf and NaN are not clamped: their mantissa is NaN
+    (inf - inf in the reduction), which makes the row NaN, as in onnxruntime.
     """
-    p, n = exp_split(clamp_keep_nan(x, -SPLIT_LIMIT, SPLIT_LIMIT))
-    p = tirx.Select(x == _f32(-math.inf), _f32(0.0), p + _not_finite_to_nan(x))
-    return p, n
+    clamped = tirx.Select(x < _f32(-SPLIT_LIMIT), _f32(-SPLIT_LIMIT), x)
+    p, n = exp_split(clamped)
+    return tirx.Select(x == _f32(-math.inf), _f32(0.0), p), n
 
 
 def softmax(
@@ -358,7 +363,6 @@ def _two_pass(x, rows, log, out_dtype, name):
 
     def body(o, k, i):
         p, n = _two_pass_element(_load(x, o, k, i))
-        shift = tirx.max(n - exponent[o, i], _f32(_POW2_FLOOR))
-        return _cast(ldexp_wide(p * inverse[o, i], shift), out_dtype)
+        return _cast(_scale_down(p * inverse[o, i], n - exponent[o, i]), out_dtype)
 
     return te.compute(x.shape, body, name=name)
