@@ -81,12 +81,22 @@ def schedule_softmax(func: tirx.PrimFunc, knobs: X86SoftmaxKnobs) -> tirx.PrimFu
 
 
 def _vectorize_tail(sch, loop, lanes: int, unroll: int = 1):
-    """Split `loop` into (outer, lanes) and vectorise the lanes; returns the outer loop."""
+    """Split `loop` into (outer, lanes) and vectorise the lanes.
+
+    A static extent that is not a multiple of `lanes` is first partitioned into a multiple-of-lanes
+    body and a scalar tail: TVM scalarises a vector loop whose last vector carries a bounds
+    predicate (measured: 2.3x slower on 64x1000). Dynamic extents keep the predicate (TVM's
+    partition refuses them).
+    """
+    extent = _static(sch.get(loop).extent)
+    if extent is not None and extent > lanes and extent % lanes:
+        loop, _tail = sch.loop_partition(loop, [extent // lanes * lanes, None])
+        extent = extent // lanes * lanes
     outer, inner = sch.split(loop, [None, lanes])
     sch.vectorize(inner)
-    if unroll > 1:
-        outer, _ = sch.split(outer, [None, unroll])
-    return outer
+    vectors = extent // lanes if extent is not None else None
+    if unroll > 1 and (vectors is None or vectors % unroll == 0):
+        sch.split(outer, [None, unroll])
 
 
 def _schedule_rows_fused(sch, named, knobs: X86SoftmaxKnobs):
@@ -94,7 +104,7 @@ def _schedule_rows_fused(sch, named, knobs: X86SoftmaxKnobs):
     _, output = named[-1]
     o, k, i = sch.get_loops(output)
     sch.parallel(o)
-    _vectorize_tail(sch, sch.fuse(k, i), knobs.vector_lanes, knobs.unroll)
+    row_loops = [(sch.fuse(k, i), knobs.unroll)]  # vectorised last: partitioning must follow compute_at
     for name, block in reversed(named[:-1]):
         sch.compute_at(block, o, preserve_unit_loops=True)
         loops = sch.get_loops(block)[2:]  # [o, unit o, *block loops]
@@ -108,10 +118,12 @@ def _schedule_rows_fused(sch, named, knobs: X86SoftmaxKnobs):
             sch.decompose_reduction(block, j)
         elif name.endswith("_exp"):
             k_loop, unit = loops
-            _vectorize_tail(sch, sch.fuse(k_loop, unit), knobs.vector_lanes)
+            row_loops.append((sch.fuse(k_loop, unit), 1))
         elif "_tree" in name:  # halving level of the partial states: elementwise, vectorised
             states, unit = loops
             sch.vectorize(sch.fuse(states, unit))
+    for loop, unroll in row_loops:
+        _vectorize_tail(sch, loop, knobs.vector_lanes, unroll)
 
 
 def _schedule_rows_split(sch, named, knobs: X86SoftmaxKnobs):
@@ -179,8 +191,8 @@ def choose(
     * Softmax, contiguous rows of at least LONG_ROW elements: ``online`` (3 memory accesses per
       element instead of 5, exact onnxruntime semantics on masked rows).
     * otherwise ``three-pass`` (short rows stay in L1, the stored exp is cheaper than recomputing).
-    Knobs: one vector accumulator per row up to 2048 elements, two beyond; a row is split across
-    threads when there are fewer rows than cores and rows of at least SPLIT_ROW elements.
+    Knobs: one vector accumulator for rows of fewer than 32 vectors, two beyond; a row is split
+    across threads when there are fewer rows than cores and rows of at least SPLIT_ROW elements.
     """
     outer, length, inner = view
     contiguous = inner == 1
@@ -197,10 +209,9 @@ def choose(
     if contiguous and num_cores > 1 and length is not None and length >= SPLIT_ROW:
         if rows is not None and rows < num_cores:
             splits = num_cores
-    # Partial states cost a scalar merge per row (TVM does not vectorise horizontal float
-    # reductions): rows of up to 2048 elements use one vector accumulator, longer rows two
-    # (measured by knob sweeps on this project's benchmark shapes, see benchmarks/README.md).
-    accumulators = 2 if length is None or length > 2048 else 1
+    # Partial states cost merge work per row: rows of fewer than 32 vectors use one vector
+    # accumulator, longer rows two (knob sweeps on the benchmark shapes, see benchmarks/README.md).
+    accumulators = 2 if length is None or length >= 32 * vector_lanes else 1
     return algorithm, X86SoftmaxKnobs(
         vector_lanes=vector_lanes, accumulators=accumulators, splits=splits
     )
