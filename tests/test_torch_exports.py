@@ -70,7 +70,7 @@ def test_real_export_compiles_and_matches(family, dynamo, tmp_path):
                               output_names=["output"], dynamic_axes=dims, dynamo=False, opset_version=17)
     shapes = {k: list(v.shape) for k, v in inputs.items()}
     feeds = {k: v.numpy() for k, v in inputs.items()}
-    report = tvmsoftmax.check(str(path), shapes=shapes, inputs=feeds, rtol=1e-4, atol=1e-4)
+    report = tvmsoftmax.check(str(path), shapes=shapes, inputs=feeds)  # default float32 tolerances
     sites = [s for s in report.sites if s["rewritten"]]
     assert len(sites) >= 2, report.sites  # one attention Softmax per layer at least
     assert report.passed, [o for o in report.outputs if not o.passed]

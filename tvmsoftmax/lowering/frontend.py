@@ -159,8 +159,62 @@ def bind_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]] | None) -> 
     return model
 
 
-def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Shape inference and constant folding (shape subgraphs included) for TVM's importer."""
+# Ops never folded: random ones, and those with subgraphs (the folder evaluates single nodes).
+_NOT_FOLDED = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
+               "Bernoulli", "If", "Loop", "Scan", "SequenceMap"}
+FOLD_OUTPUT_LIMIT = 1 << 20  # elements: folding must not bloat the model
+
+
+def fold_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Evaluate every standard-domain node whose inputs are all constants (onnx's reference
+    evaluator) and replace its outputs by initializers; returns (model, nodes folded).
+
+    onnxscript's folder deliberately leaves some ops alone (ConstantOfShape, for one), and every
+    node downstream of them stays unfolded: torch's BERT export keeps a ConstantOfShape -> Equal ->
+    Where -> Expand chain that TVM's importer then refuses (`broadcast_to ... ndim`).
+    """
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    opsets = {entry.domain or "": entry.version for entry in model.opset_import}
+    values = {t.name: t for t in model.graph.initializer}
+    graph_outputs = {o.name for o in model.graph.output}
+    kept, folded = [], 0
+    for node in model.graph.node:
+        foldable = (
+            node.domain in ("", "ai.onnx")
+            and node.op_type not in _NOT_FOLDED
+            and node.input
+            and all(name == "" or name in values for name in node.input)
+            and not any(o in graph_outputs for o in node.output)
+        )
+        if not foldable:
+            kept.append(node)
+            continue
+        try:
+            evaluator = ReferenceEvaluator(node, opsets={"": opsets.get("", 1)})
+            feeds = {name: numpy_helper.to_array(values[name]) for name in node.input if name}
+            results = evaluator.run(None, feeds)
+        except Exception:  # noqa: BLE001 - leave a node we cannot evaluate to TVM
+            kept.append(node)
+            continue
+        if any(np.asarray(r).size > FOLD_OUTPUT_LIMIT for r in results):
+            kept.append(node)
+            continue
+        for name, result in zip(node.output, results):
+            values[name] = numpy_helper.from_array(np.asarray(result), name)
+        folded += 1
+    if not folded:
+        return model, 0
+    used = {name for node in kept for name in node.input} | graph_outputs
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(t for name, t in values.items() if name in used)
+    return model, folded
+
+
+def _onnxscript_optimize(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         import onnxscript.optimizer
 
@@ -168,9 +222,18 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
             warnings.simplefilter("ignore")
             folded = onnxscript.optimizer.optimize(copy.deepcopy(model), num_iterations=3)
         onnx.checker.check_model(folded)
-        model = folded
+        return folded
     except Exception as err:  # noqa: BLE001 - an optimizer failure must not stop the compile
         warnings.warn(f"onnxscript optimizer failed ({type(err).__name__}: {err}); using the model as is")
+        return model
+
+
+def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape inference and constant folding (shape subgraphs included) for TVM's importer."""
+    model = _onnxscript_optimize(model)
+    model, folded = fold_constants(model)
+    if folded:  # what our folder settled may unlock more of onnxscript's
+        model = _onnxscript_optimize(model)
     try:
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
         model = _constant_shapes(model)
