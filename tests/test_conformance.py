@@ -6,7 +6,6 @@ atol 1e-7) or the case's own."""
 import glob
 import os
 
-import numpy as np
 import onnx
 import onnx.backend.test.case.node as node_cases
 import pytest

@@ -51,3 +51,11 @@ def test_models_are_seeded():
     assert build("gpt2", seed=3) == build("gpt2", seed=3)
     assert build("gpt2", seed=3) != build("gpt2", seed=4)
     onnx.checker.check_model(build("llama", kv_heads=1))  # MQA variant builds
+
+
+def test_inspect_plans_every_site():
+    sites = tvmsoftmax.inspect(build("gpt2"), shapes=SHAPES["gpt2"])
+    assert len(sites) == 2 and all(s.rewritten for s in sites)
+    for site in sites:
+        assert site.lowered["algorithm"] in ("three-pass", "three-pass-recompute", "two-pass", "online")
+        assert site.lowered["view"] == [2 * 4 * 16, 16, 1]  # [batch*heads*queries, keys, 1]

@@ -50,11 +50,11 @@ def check(model, target="x86", algorithm="auto", shapes=None, **options):
     return _check(model, target=target, algorithm=algorithm, shapes=shapes, **options)
 
 
-def inspect(model, algorithm="auto", shapes=None):
-    """The Softmax/LogSoftmax/attention sites of a model and what each will be lowered to."""
-    from .lowering.compiler import prepare
+def inspect(model, target="x86", algorithm="auto", shapes=None, **options):
+    """The Softmax/LogSoftmax sites of a model and what each will be lowered to on `target`."""
+    from .lowering.compiler import inspect_sites
 
-    return prepare(model, algorithm=algorithm, shapes=shapes).sites
+    return inspect_sites(model, target=target, algorithm=algorithm, shapes=shapes, **options)
 
 
 __all__ = [

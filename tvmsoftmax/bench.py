@@ -206,7 +206,7 @@ def _worker(config: dict) -> None:
                 run, bind = _onnxruntime(shape, nthreads)
                 got, call = run(x), bind(x)
             elif name == "numpy":
-                got, call = _numpy(x), (lambda: _numpy(x))
+                got, call = _numpy(x), (lambda x=x: _numpy(x))
             else:
                 run, bind = _tvm_default(shape, spec)
                 got, call = run(x), bind(x)

@@ -204,19 +204,11 @@ def check_command(model, target, arch, mcpu, algorithm, shapes, rtol, atol, inpu
 @_fail_cleanly
 def inspect_command(model, target, arch, mcpu, algorithm, shapes):
     """List every Softmax/LogSoftmax site of MODEL.onnx and what it will be lowered to."""
-    from .lowering.compiler import prepare
-    from .lowering.rewrite import plan
-    from .lowering.targets import resolve
+    import tvmsoftmax
 
-    spec = resolve(target, arch=arch, mcpu=mcpu)
-    prepared = prepare(model, algorithm=algorithm, shapes=_parse_shapes(shapes))
-    rows = []
-    for site in prepared.sites:
-        data = site.to_json()
-        if site.rewritten:
-            chosen, knobs, view = plan(site, spec)
-            data["lowered"] = {"algorithm": chosen, "knobs": knobs.to_json(), "view": view}
-        rows.append(data)
+    sites = tvmsoftmax.inspect(model, target=target, algorithm=algorithm, shapes=_parse_shapes(shapes),
+                               arch=arch, mcpu=mcpu)
+    rows = [site.to_json() for site in sites]
     console.print(_sites_table(rows, f"{model}: {len(rows)} softmax site(s), target {target}"))
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import statistics
 import tempfile
 import time
 import zipfile
@@ -49,6 +48,11 @@ class CompiledModel:
         self._vm = VirtualMachine(vm_module, self.device)
 
     # ---- description -------------------------------------------------------------------------
+    @property
+    def executable(self):
+        """The TVM Executable when compiled in this process (None when loaded from an artifact)."""
+        return self._executable
+
     @property
     def inputs(self) -> list[dict]:
         return self.manifest["inputs"]

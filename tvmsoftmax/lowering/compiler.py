@@ -38,6 +38,20 @@ def prepare(model, *, algorithm: str = "auto", shapes: dict | None = None) -> Pr
     )
 
 
+def inspect_sites(model, *, target: str | TargetSpec = "x86", algorithm: str = "auto",
+                  shapes: dict | None = None, **target_options) -> list[Site]:
+    """Every site of `model` with what it will be lowered to on `target` (no TVM compile)."""
+    from .rewrite import plan
+
+    spec = target if isinstance(target, TargetSpec) else resolve(target, **target_options)
+    sites = prepare(model, algorithm=algorithm, shapes=shapes).sites
+    for site in sites:
+        if site.rewritten:
+            chosen, knobs, view = plan(site, spec)
+            site.lowered = {"algorithm": chosen, "knobs": knobs.to_json(), "view": view}
+    return sites
+
+
 def _io(values) -> list[dict]:
     return [
         {"name": v.name, "dtype": elem_dtype(v), "shape": dims_of(v)} for v in values
@@ -89,7 +103,6 @@ class _CrossCompiled(CompiledModel):
     def __init__(self, executable, manifest):  # noqa: D107 - no VM without the device
         self.manifest = manifest
         self._executable = executable
-        self.executable = executable
 
     def _invoke(self, args):
         from ..errors import TvmSoftmaxError

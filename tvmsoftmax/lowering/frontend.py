@@ -224,7 +224,7 @@ def _onnxscript_optimize(model: onnx.ModelProto) -> onnx.ModelProto:
         onnx.checker.check_model(folded)
         return folded
     except Exception as err:  # noqa: BLE001 - an optimizer failure must not stop the compile
-        warnings.warn(f"onnxscript optimizer failed ({type(err).__name__}: {err}); using the model as is")
+        warnings.warn(f"onnxscript optimizer failed ({type(err).__name__}: {err}); using the model as is", stacklevel=2)
         return model
 
 
@@ -238,7 +238,7 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
         model = _constant_shapes(model)
     except Exception as err:  # noqa: BLE001
-        warnings.warn(f"ONNX shape inference failed ({err}); continuing without it")
+        warnings.warn(f"ONNX shape inference failed ({err}); continuing without it", stacklevel=2)
     _name_nodes(model.graph)
     return model
 
@@ -254,7 +254,6 @@ def _constant_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     infos = value_infos(model)
     constants = {t.name for t in model.graph.initializer}
-    graph_outputs = {o.name for o in model.graph.output}
     changed = False
     for node in model.graph.node:
         if node.op_type not in ("Reshape", "Expand") or len(node.input) < 2 or node.input[1] in constants:
@@ -276,7 +275,6 @@ def _constant_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         changed = True
     if changed:
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-        del graph_outputs  # (outputs keep their declared shapes)
     return model
 
 
