@@ -46,6 +46,26 @@ def schedule_sites(spec: TargetSpec) -> tvm.transform.Pass:
     return _pass
 
 
+def schedule_rest_x86(spec: TargetSpec) -> tvm.transform.Pass:
+    """Module pass: the generic x86 baseline rule for every PrimFunc nobody scheduled."""
+    from ..schedules.generic import schedule_generic
+
+    @tvm.transform.module_pass(opt_level=0, name="tvmsoftmax.ScheduleRestX86")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        updates = {}
+        for gvar, func in mod.functions_items():
+            if not isinstance(func, tvm.tirx.PrimFunc):
+                continue
+            if func.attrs is not None and "tirx.is_scheduled" in func.attrs:
+                continue
+            updates[gvar] = schedule_generic(func, spec.vector_lanes)
+        for gvar, func in updates.items():
+            mod[gvar] = func
+        return mod
+
+    return _pass
+
+
 def _passes(spec: TargetSpec) -> list:
     if spec.name == "cuda":
         from tvm.relax.backend.cuda import pipeline as backend
@@ -62,7 +82,7 @@ def _passes(spec: TargetSpec) -> list:
     else:
         from tvm.relax.backend.cpu_generic import pipeline as backend
 
-        fusion, gpu_rules = backend.legalize_passes(spec.tvm_target()), []
+        fusion, gpu_rules = backend.legalize_passes(spec.tvm_target()), [schedule_rest_x86(spec)]
     target = spec.tvm_target()
     return (
         backend.library_dispatch_passes(target)

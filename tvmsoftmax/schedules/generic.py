@@ -1,0 +1,75 @@
+"""A generic x86 rule for the rest of a model (the kernels TVM legalizes for non-softmax ops).
+
+TVM 0.27's default Relax pipeline leaves those kernels unscheduled on llvm (one thread, scalar).
+This rule gives every root block of such a PrimFunc: the outer spatial loops fused and parallel,
+the innermost spatial loop vectorised; for a matmul-like block (one reduction loop innermost, two
+or more inputs) the reduction loop is moved outside the last spatial loop first, so that loop
+vectorises over contiguous output columns. A block the rule cannot handle is left as it is.
+It is a baseline, not a tuned schedule (whole-model speed is its own issue).
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+
+_DATA_PAR, _REDUCE = 0, 2
+
+
+def _static(extent) -> int | None:
+    return int(extent) if isinstance(extent, (int, tirx.IntImm)) else None
+
+
+def _schedule_block(sch: s_tir.Schedule, block, lanes: int) -> None:
+    stmt = sch.get(block)
+    loops = sch.get_loops(block)
+    kinds = [int(iv.iter_type) for iv in stmt.iter_vars]
+    if len(kinds) != len(loops) or any(k not in (_DATA_PAR, _REDUCE) for k in kinds) or not loops:
+        return
+    spatial = [loop for loop, kind in zip(loops, kinds) if kind == _DATA_PAR]
+    reduce = [loop for loop, kind in zip(loops, kinds) if kind == _REDUCE]
+    if not spatial:
+        return
+    last = spatial[-1]
+    matmul_like = len(reduce) == 1 and kinds[-1] == _REDUCE and len(stmt.reads) >= 2
+    if reduce and not matmul_like:
+        # Reductions over inner axes (LayerNorm, mean, ...): parallel over the spatial prefix.
+        prefix = loops[: kinds.index(_REDUCE)]
+        if prefix:
+            sch.parallel(sch.fuse(*prefix) if len(prefix) > 1 else prefix[0])
+        return
+    if matmul_like:
+        sch.reorder(*spatial[:-1], reduce[0], last)
+    outer = spatial[:-1]
+    if outer:
+        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        sch.parallel(fused)
+    buffers = [region.buffer for region in list(stmt.reads) + list(stmt.writes)]
+    if any(buffer.dtype == "bool" for buffer in buffers):
+        # TVM 0.27's LLVM codegen mixes <N x i1> and <N x i8> for vectorised boolean logic.
+        extent = None
+    else:
+        extent = _static(sch.get(last).extent)
+    if extent is not None and extent >= lanes:
+        if extent % lanes == 0:
+            _, inner = sch.split(last, [None, lanes])
+            sch.vectorize(inner)
+    elif extent is not None and extent > 1:
+        sch.vectorize(last)
+    if matmul_like:
+        sch.decompose_reduction(block, reduce[0])
+
+
+def schedule_generic(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
+    """Parallel + vectorised baseline schedule for an unscheduled PrimFunc (see module doc)."""
+    sch = s_tir.Schedule(func)
+    try:
+        root = sch.get_sblock("root")
+    except Exception:  # noqa: BLE001 - no root block: nothing to schedule
+        return func
+    for block in sch.get_child_blocks(root):
+        checkpoint = sch.copy()
+        try:
+            _schedule_block(sch, block, lanes)
+        except Exception:  # noqa: BLE001 - leave a block the rule cannot handle as it is
+            sch = checkpoint
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
