@@ -43,7 +43,7 @@ def _schedule_block(sch: s_tir.Schedule, block, lanes: int) -> None:
     if outer:
         fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
         sch.parallel(fused)
-    buffers = [region.buffer for region in list(stmt.reads) + list(stmt.writes)]
+    buffers = [region.source for region in list(stmt.reads) + list(stmt.writes)]  # (TVM 0.27 TensorRegion)
     if any(buffer.dtype == "bool" for buffer in buffers):
         # TVM 0.27's LLVM codegen mixes <N x i1> and <N x i8> for vectorised boolean logic.
         extent = None

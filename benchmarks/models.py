@@ -1,0 +1,70 @@
+"""Whole-model timing: the tvmsoftmax.models families compiled by tvmsoftmax vs onnxruntime
+(all graph optimisations), same inputs, interleaved rounds, medians. Each result is also checked
+against onnxruntime with optimisations off. Writes benchmarks/results/models.json.
+
+    TVM_NUM_THREADS=1 python benchmarks/models.py   # onnxruntime gets the same thread count
+"""
+
+import json
+import os
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import onnxruntime as ort
+
+import tvmsoftmax
+from tvmsoftmax.lowering.check import make_inputs
+from tvmsoftmax.models import build
+
+SHAPES = {
+    "bert": {"input_ids": [1, 64], "attention_mask": [1, 64]},
+    "gpt2": {"input_ids": [1, 64], "attention_mask": [1, 64]},
+    "llama": {"input_ids": [1, 64], "attention_mask": [1, 64]},
+    "vit": {"pixel_values": [1, 3, 32, 32]},
+}
+
+
+def _median_of_rounds(calls: dict, rounds: int = 15, batch: int = 20) -> dict:
+    samples = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            for _ in range(batch):
+                call()
+            samples[name].append((time.perf_counter() - start) / batch)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def main():
+    warnings.simplefilter("ignore")
+    threads = int(os.environ.get("TVM_NUM_THREADS", "1"))
+    results = []
+    for family, shapes in SHAPES.items():
+        model = build(family)
+        dims = {"batch": 1, "sequence": 64}
+        feeds = make_inputs(model, 0, dims)
+        compiled = tvmsoftmax.compile(model, shapes=shapes)
+        report = tvmsoftmax.check(model, shapes=shapes, compiled=compiled, inputs=feeds)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        args = compiled._prepare(feeds)
+        medians = _median_of_rounds({
+            "tvmsoftmax": lambda: compiled._invoke(args),
+            "onnxruntime": lambda: session.run(None, feeds),
+        })
+        row = {"family": family, "shapes": shapes, "threads": threads, "check_passed": report.passed,
+               "tvmsoftmax_ms": medians["tvmsoftmax"] * 1e3, "onnxruntime_ms": medians["onnxruntime"] * 1e3,
+               "speedup_vs_onnxruntime": medians["onnxruntime"] / medians["tvmsoftmax"],
+               "sites": [s["lowered"].get("algorithm") for s in report.sites]}
+        print(json.dumps(row))
+        results.append(row)
+    out = Path(__file__).parent / "results" / "models.json"
+    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
