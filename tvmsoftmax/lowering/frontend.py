@@ -23,9 +23,6 @@ from onnx import helper
 
 from ..errors import InputError, ModelError
 
-ModelLike = "str | os.PathLike | onnx.ModelProto | bytes"
-
-
 @dataclass
 class LoadedModel:
     """A validated model and where it came from."""

@@ -21,6 +21,7 @@ import onnx
 from ..errors import ModelError, UnsupportedOperatorError
 from ..ops.softmax import softmax
 from ..schedules import choose_knobs
+from ..schedules._tir import static_extent
 from .rewrite import SITE_OP, Site, row_view
 from .targets import TargetSpec
 
@@ -37,12 +38,6 @@ class _ImportContext:
 
 
 _CONTEXT: list[_ImportContext] = []
-
-
-def _static_int(expr) -> int | None:
-    from tvm import tirx
-
-    return int(expr.value) if isinstance(expr, tirx.IntImm) else None
 
 
 def _product(dims):
@@ -76,7 +71,7 @@ def _make_site_converter():
                 return op(x, axis=int(attr["axis"]))
             values = list(values)
             view = row_view(values, int(attr["axis"]), bool(attr.get("coerce_2d", 0)), _product)
-            static_view = [_static_int(v) for v in view]
+            static_view = [static_extent(v) for v in view]
             algorithm, knobs = choose_knobs(
                 context.spec, site.requested, log, static_view
             )

@@ -20,50 +20,47 @@ from .importer import KNOBS_ATTR, SITE_ATTR
 from .targets import TargetSpec
 
 
-def _knobs_of(func):
-    data = json.loads(str(func.attrs[KNOBS_ATTR]))
-    return data
+def _map_primfuncs(name: str, select, schedule) -> tvm.transform.Pass:
+    """Module pass: replace every PrimFunc for which select(func) holds by schedule(func)."""
 
-
-def schedule_sites(spec: TargetSpec) -> tvm.transform.Pass:
-    """Module pass: apply our schedule rule to every PrimFunc that carries a site attribute."""
-
-    @tvm.transform.module_pass(opt_level=0, name="tvmsoftmax.ScheduleSites")
+    @tvm.transform.module_pass(opt_level=0, name=name)
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        knob_type = KNOB_TYPES["CudaSoftmaxKnobs" if spec.name == "cuda" else "X86SoftmaxKnobs"]
-        updates = {}
-        for gvar, func in mod.functions_items():
-            if not isinstance(func, tvm.tirx.PrimFunc) or func.attrs is None:
-                continue
-            if SITE_ATTR not in func.attrs:
-                continue
-            knobs = knob_type(**_knobs_of(func))
-            updates[gvar] = schedule_softmax(func, spec, knobs)
+        updates = {
+            gvar: schedule(func)
+            for gvar, func in mod.functions_items()
+            if isinstance(func, tvm.tirx.PrimFunc) and select(func)
+        }
         for gvar, func in updates.items():
             mod[gvar] = func
         return mod
 
     return _pass
+
+
+def _has_attr(func, key: str) -> bool:
+    return func.attrs is not None and key in func.attrs
+
+
+def schedule_sites(spec: TargetSpec) -> tvm.transform.Pass:
+    """Module pass: apply our schedule rule to every PrimFunc that carries a site attribute."""
+    knob_type = KNOB_TYPES["CudaSoftmaxKnobs" if spec.name == "cuda" else "X86SoftmaxKnobs"]
+
+    def schedule(func):
+        knobs = knob_type(**json.loads(str(func.attrs[KNOBS_ATTR])))
+        return schedule_softmax(func, spec, knobs)
+
+    return _map_primfuncs("tvmsoftmax.ScheduleSites", lambda f: _has_attr(f, SITE_ATTR), schedule)
 
 
 def schedule_rest_x86(spec: TargetSpec) -> tvm.transform.Pass:
     """Module pass: the generic x86 baseline rule for every PrimFunc nobody scheduled."""
     from ..schedules.generic import schedule_generic
 
-    @tvm.transform.module_pass(opt_level=0, name="tvmsoftmax.ScheduleRestX86")
-    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        updates = {}
-        for gvar, func in mod.functions_items():
-            if not isinstance(func, tvm.tirx.PrimFunc):
-                continue
-            if func.attrs is not None and "tirx.is_scheduled" in func.attrs:
-                continue
-            updates[gvar] = schedule_generic(func, spec.vector_lanes)
-        for gvar, func in updates.items():
-            mod[gvar] = func
-        return mod
-
-    return _pass
+    return _map_primfuncs(
+        "tvmsoftmax.ScheduleRestX86",
+        lambda f: not _has_attr(f, "tirx.is_scheduled"),
+        lambda f: schedule_generic(f, spec.vector_lanes),
+    )
 
 
 def _passes(spec: TargetSpec) -> list:
@@ -73,7 +70,7 @@ def _passes(spec: TargetSpec) -> list:
 
         legalize = backend.legalize_passes(spec.tvm_target())
         # The last legalize pass is dlight's ApplyDefaultSchedule: our sites go first.
-        fusion, gpu_rules = legalize[:-1], [
+        fusion, rest_rules = legalize[:-1], [
             dl.ApplyDefaultSchedule(
                 dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                 dl.gpu.GeneralReduction(), dl.gpu.Fallback(),
@@ -82,13 +79,13 @@ def _passes(spec: TargetSpec) -> list:
     else:
         from tvm.relax.backend.cpu_generic import pipeline as backend
 
-        fusion, gpu_rules = backend.legalize_passes(spec.tvm_target()), [schedule_rest_x86(spec)]
+        fusion, rest_rules = backend.legalize_passes(spec.tvm_target()), [schedule_rest_x86(spec)]
     target = spec.tvm_target()
     return (
         backend.library_dispatch_passes(target)
         + fusion
         + [schedule_sites(spec)]
-        + gpu_rules
+        + rest_rules  # everything that is not a site: dlight on CUDA, the generic rule on x86
         + backend.dataflow_lower_passes(target)
         + backend.finalize_passes(target)
     )

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from tvm import s_tir, tirx
 
 from ..ops.softmax import Partitioning
+from ._tir import named_root_blocks
 
 
 @dataclass(frozen=True)
@@ -50,14 +51,9 @@ def choose(requested: str, log: bool, view: list[int | None]) -> tuple[str, Cuda
     return algorithm, CudaSoftmaxKnobs(threads=threads)
 
 
-def _blocks(sch):
-    root = sch.get_sblock("root")
-    return [(sch.get(b).name_hint, b) for b in sch.get_child_blocks(root)]
-
-
 def schedule_softmax(func: tirx.PrimFunc, knobs: CudaSoftmaxKnobs) -> tirx.PrimFunc:
     sch = s_tir.Schedule(func)
-    named = _blocks(sch)
+    named = named_root_blocks(sch)
     _, output = named[-1]
     o, k, i = sch.get_loops(output)
     sch.reorder(o, i, k)

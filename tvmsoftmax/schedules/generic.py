@@ -12,11 +12,9 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 
+from ._tir import static_extent
+
 _DATA_PAR, _REDUCE = 0, 2
-
-
-def _static(extent) -> int | None:
-    return int(extent) if isinstance(extent, (int, tirx.IntImm)) else None
 
 
 def _schedule_block(sch: s_tir.Schedule, block, lanes: int) -> None:
@@ -48,7 +46,7 @@ def _schedule_block(sch: s_tir.Schedule, block, lanes: int) -> None:
         # TVM 0.27's LLVM codegen mixes <N x i1> and <N x i8> for vectorised boolean logic.
         extent = None
     else:
-        extent = _static(sch.get(last).extent)
+        extent = static_extent(sch.get(last).extent)
     if extent is not None and extent >= lanes:
         if extent % lanes == 0:
             _, inner = sch.split(last, [None, lanes])

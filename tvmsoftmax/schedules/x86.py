@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from tvm import s_tir, tirx
 
 from ..ops.softmax import Partitioning
+from ._tir import named_root_blocks, static_extent
 
 
 @dataclass(frozen=True)
@@ -43,34 +44,12 @@ class X86SoftmaxKnobs:
         return asdict(self)
 
 
-def _is_one(extent) -> bool:
-    return isinstance(extent, (int, tirx.IntImm)) and int(extent) == 1
-
-
-def _static(extent) -> int | None:
-    return int(extent) if isinstance(extent, (int, tirx.IntImm)) else None
-
-
-def _blocks(sch: s_tir.Schedule):
-    root = sch.get_sblock("root") if _has_block(sch, "root") else None
-    children = sch.get_child_blocks(root) if root is not None else []
-    return [(sch.get(b).name_hint, b) for b in children]
-
-
-def _has_block(sch, name):
-    try:
-        sch.get_sblock(name)
-        return True
-    except Exception:  # noqa: BLE001 - TVM raises a generic error for a missing block
-        return False
-
-
 def schedule_softmax(func: tirx.PrimFunc, knobs: X86SoftmaxKnobs) -> tirx.PrimFunc:
     """Return ``func`` (a softmax PrimFunc from `ops.softmax`) scheduled for x86."""
     sch = s_tir.Schedule(func)
-    named = _blocks(sch)
+    named = named_root_blocks(sch)
     inner = sch.get(sch.get_loops(named[-1][1])[2]).extent
-    if _is_one(inner):
+    if static_extent(inner) == 1:
         if knobs.splits == 1:
             _schedule_rows_fused(sch, named, knobs)
         else:
@@ -88,7 +67,7 @@ def _vectorize_tail(sch, loop, lanes: int, unroll: int = 1):
     predicate (measured: 2.3x slower on 64x1000). Dynamic extents keep the predicate (TVM's
     partition refuses them).
     """
-    extent = _static(sch.get(loop).extent)
+    extent = static_extent(sch.get(loop).extent)
     if extent is not None and extent > lanes and extent % lanes:
         loop, _tail = sch.loop_partition(loop, [extent // lanes * lanes, None])
         extent = extent // lanes * lanes
@@ -168,7 +147,7 @@ def _schedule_strided(sch, named, knobs: X86SoftmaxKnobs):
 
 
 def _vectorize_inner(sch, loop, knobs):
-    extent = _static(sch.get(loop).extent)
+    extent = static_extent(sch.get(loop).extent)
     if extent is not None and extent % knobs.vector_lanes == 0:
         _, lanes = sch.split(loop, [None, knobs.vector_lanes])
         sch.vectorize(lanes)

@@ -1,0 +1,16 @@
+"""Small TIR helpers shared by the schedule rules."""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+
+
+def static_extent(expr) -> int | None:
+    """The value of a constant extent or dim; None when it is symbolic."""
+    return int(expr) if isinstance(expr, (int, tirx.IntImm)) else None
+
+
+def named_root_blocks(sch: s_tir.Schedule) -> list[tuple[str, object]]:
+    """(name, block) of the blocks directly under the root block, in program order."""
+    root = sch.get_sblock("root")
+    return [(sch.get(b).name_hint, b) for b in sch.get_child_blocks(root)]
