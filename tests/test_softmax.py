@@ -3,6 +3,8 @@ through the whole compile path, on many shapes (one compile with symbolic dims s
 against a float64 reference and onnxruntime; plus the edge-value battery with onnxruntime's
 semantics and the long-row accuracy bound."""
 
+import zlib
+
 import numpy as np
 import pytest
 
@@ -26,13 +28,22 @@ def test_matrix(algorithm, op, axis_case, dtype):
     model, compiled = compiled_for(algorithm, op, dtype, axis)
     (site,) = compiled.sites
     assert site["rewritten"] and site["lowered"]["algorithm"] == algorithm
-    rng = np.random.default_rng(hash((algorithm, op, axis_case, dtype)) % 2**32)
-    tol = TOLERANCES[dtype]
+    # crc32, not hash(): str hashes change per process, which made the data (and the test) vary.
+    rng = np.random.default_rng(zlib.crc32(f"{algorithm}/{op}/{axis_case}/{dtype}".encode()))
     for shape in shapes:
         x = (rng.standard_normal(shape) * 4).astype(dtype)
         got = compiled.run({"x": x})["y"]
         assert got.dtype == np.dtype(dtype) and got.shape == x.shape
-        assert_close(got, reference64(x, axis, op == "LogSoftmax"), what=f"{shape} vs float64", **tol)
+        want = reference64(x, axis, op == "LogSoftmax")
+        tol = dict(TOLERANCES[dtype])
+        if op == "LogSoftmax":
+            # y = (x - max) - log(sum): log turns the sum's relative rounding error into an
+            # absolute one. A row of L exps summed by at least 8 partial states carries up to
+            # L/8 roundings of eps/2 each, so atol = eps * L / 16 (onnxruntime's own error is
+            # 1.5e-6 on a 1001-element row, over the flat 1e-6 this replaces there).
+            length = x.shape[axis]
+            tol["atol"] = max(tol["atol"], float(np.finfo(dtype).eps) * length / 16)
+        assert_close(got, want, what=f"{shape} vs float64", **tol)
         (ort,) = run_ort(model, {"x": x})
         assert_close(got, ort, what=f"{shape} vs onnxruntime", **tol)
 
