@@ -23,6 +23,7 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 errors = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 ALGORITHMS = ("auto", "three-pass", "three-pass-recompute", "two-pass", "online")
+STRATEGY_CHOICES = ("auto", "materialized", "flash", "none")  # as lowering.attention, without importing it
 
 
 def _fail_cleanly(fn):
@@ -75,9 +76,36 @@ def _target_options(fn):
     fn = click.option("--arch", default=None, help="CUDA arch, e.g. sm_90 or sm_80 (target cuda)")(fn)
     fn = click.option("--mcpu", default=None, help="LLVM CPU for x86 code (default: this host's)")(fn)
     fn = click.option("--algorithm", type=click.Choice(ALGORITHMS), default="auto", show_default=True)(fn)
+    fn = click.option("--attention", type=click.Choice(STRATEGY_CHOICES), default="auto", show_default=True,
+                      help="fused attention strategy (none: leave attention as MatMul/Softmax/MatMul)")(fn)
     fn = click.option("--shape", "shapes", multiple=True, metavar="NAME=D1,D2",
                       help="bind an input's dims (repeatable)")(fn)
     return fn
+
+
+def _print_sites(sites: list[dict], title: str) -> None:
+    attention = [s for s in sites if s.get("kind") == "attention"]
+    softmax = [s for s in sites if s.get("kind") != "attention"]
+    if attention:
+        console.print(_attention_table(attention, f"{title}: {len(attention)} attention site(s)"))
+    if softmax or not attention:
+        console.print(_sites_table(softmax, f"{title}: {len(softmax)} softmax site(s)"))
+
+
+def _attention_table(sites: list[dict], title: str) -> Table:
+    table = Table(title=title, show_lines=False)
+    for column in ("site", "node", "form", "attributes", "lowered to"):
+        table.add_column(column)
+    for s in sites:
+        attrs = {k: v for k, v in s["attributes"].items() if k in ("causal", "scale", "empty_row", "softcap")}
+        if s["rewritten"]:
+            lowered = s.get("lowered") or {}
+            knobs = ", ".join(f"{k} {v}" for k, v in (lowered.get("knobs") or {}).items())
+            what = f"{lowered.get('strategy', s['requested'])} ({knobs})" if knobs else lowered.get("strategy", s["requested"])
+        else:
+            what = f"[yellow]not fused:[/] {s['reason']}"
+        table.add_row(s["id"], s["node"], s["form"], ", ".join(f"{k} {v}" for k, v in attrs.items()), what)
+    return table
 
 
 def _sites_table(sites: list[dict], title: str) -> Table:
@@ -91,6 +119,8 @@ def _sites_table(sites: list[dict], title: str) -> Table:
             what = f"{lowered.get('algorithm', s['requested'])} ({knobs})" if lowered else s["requested"]
         else:
             what = f"[yellow]not rewritten:[/] {s['reason']}"
+        if s.get("not_attention"):
+            what += f" [dim](not attention: {s['not_attention']})[/]"
         view = (s.get("lowered") or {}).get("view", "")
         table.add_row(s["id"], s["node"], s["form"], str(s["axis"]), str(s["shape"]), str(s["dtype"]), str(view), what)
     return table
@@ -107,15 +137,15 @@ def main():
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="artifact path (.tvmsm)")
 @_target_options
 @_fail_cleanly
-def compile_command(model, output, target, arch, mcpu, algorithm, shapes):
+def compile_command(model, output, target, arch, mcpu, algorithm, attention, shapes):
     """Compile MODEL.onnx into a deployable artifact."""
     import tvmsoftmax
 
     with console.status(f"compiling {model} for {target}..."):
-        compiled = tvmsoftmax.compile(model, target=target, algorithm=algorithm,
+        compiled = tvmsoftmax.compile(model, target=target, algorithm=algorithm, attention=attention,
                                       shapes=_parse_shapes(shapes), arch=arch, mcpu=mcpu)
         path = compiled.save(output)
-    console.print(_sites_table(compiled.sites, f"{len(compiled.sites)} softmax site(s)"))
+    _print_sites(compiled.sites, str(model))
     console.print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB, target {compiled.target['name']} "
                   f"{compiled.target.get('arch') or compiled.target['mcpu']})")
 
@@ -183,15 +213,17 @@ def _print_report(report, timings: bool) -> None:
 @click.option("--time", "time_runs", type=int, default=0, help="also time both, N runs each")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the report as JSON")
 @_fail_cleanly
-def check_command(model, target, arch, mcpu, algorithm, shapes, rtol, atol, inputs, seed, time_runs, json_path):
+def check_command(model, target, arch, mcpu, algorithm, attention, shapes, rtol, atol, inputs, seed, time_runs,
+                  json_path):
     """Compile MODEL.onnx, run it and onnxruntime on the same inputs, compare (exit 1 on failure)."""
     import tvmsoftmax
 
     with console.status("compiling and comparing with onnxruntime..."):
-        report = tvmsoftmax.check(model, target=target, algorithm=algorithm, shapes=_parse_shapes(shapes),
+        report = tvmsoftmax.check(model, target=target, algorithm=algorithm, attention=attention,
+                                  shapes=_parse_shapes(shapes),
                                   inputs=_parse_inputs(inputs) or None, rtol=rtol, atol=atol, seed=seed,
                                   time_runs=time_runs, arch=arch, mcpu=mcpu)
-    console.print(_sites_table(report.sites, f"{len(report.sites)} softmax site(s)"))
+    _print_sites(report.sites, str(model))
     _print_report(report, bool(time_runs))
     if json_path:
         Path(json_path).write_text(json.dumps(report.to_json(), indent=2))
@@ -202,14 +234,14 @@ def check_command(model, target, arch, mcpu, algorithm, shapes, rtol, atol, inpu
 @click.argument("model", type=click.Path(dir_okay=False))
 @_target_options
 @_fail_cleanly
-def inspect_command(model, target, arch, mcpu, algorithm, shapes):
-    """List every Softmax/LogSoftmax site of MODEL.onnx and what it will be lowered to."""
+def inspect_command(model, target, arch, mcpu, algorithm, attention, shapes):
+    """List every attention and Softmax/LogSoftmax site of MODEL.onnx, its form and what it becomes
+    (or why it was not fused)."""
     import tvmsoftmax
 
-    sites = tvmsoftmax.inspect(model, target=target, algorithm=algorithm, shapes=_parse_shapes(shapes),
-                               arch=arch, mcpu=mcpu)
-    rows = [site.to_json() for site in sites]
-    console.print(_sites_table(rows, f"{model}: {len(rows)} softmax site(s), target {target}"))
+    sites = tvmsoftmax.inspect(model, target=target, algorithm=algorithm, attention=attention,
+                               shapes=_parse_shapes(shapes), arch=arch, mcpu=mcpu)
+    _print_sites([site.to_json() for site in sites], f"{model} (target {target})")
 
 
 @main.command("demo")
@@ -234,7 +266,7 @@ def demo_command(family, exporter, algorithm, out):
     with console.status("compiling with tvmsoftmax..."):
         compiled = tvmsoftmax.compile(model_path, algorithm=algorithm, shapes=shapes)
         artifact = compiled.save(out / f"{family}.tvmsm")
-    console.print(_sites_table(compiled.sites, f"{len(compiled.sites)} softmax site(s) rewritten"))
+    _print_sites(compiled.sites, str(model_path))
     console.print(f"artifact: {artifact}")
     with console.status("checking against onnxruntime and timing..."):
         report = tvmsoftmax.check(model_path, shapes=shapes, compiled=compiled, time_runs=20)

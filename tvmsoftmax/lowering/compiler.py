@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from .. import __version__
 from .artifact import FORMAT, FORMAT_VERSION, CompiledModel
 from .frontend import bind_shapes, dims_of, elem_dtype, graph_inputs, load_model, normalize
-from .rewrite import Site, rewrite
+from .attention import AttentionSite, rewrite_attention
+from .rewrite import rewrite
 from .targets import TargetSpec, resolve
 
 
@@ -19,19 +20,25 @@ class Prepared:
 
     model: object  # onnx.ModelProto, rewritten
     normalized: object  # onnx.ModelProto, before the rewrite
-    sites: list[Site]
+    sites: list  # AttentionSite and Site
     source: str
     sha256: str
     timings: dict = field(default_factory=dict)
 
 
-def prepare(model, *, algorithm: str = "auto", shapes: dict | None = None) -> Prepared:
-    """Load, validate, bind shapes, normalise and rewrite (no TVM compile yet)."""
+def prepare(model, *, algorithm: str = "auto", shapes: dict | None = None, attention: str = "auto") -> Prepared:
+    """Load, validate, bind shapes, normalise and rewrite (no TVM compile yet).
+
+    Attention first (its softmax becomes part of the fused site), then every other softmax."""
     started = time.perf_counter()
     loaded = load_model(model)
     bound = bind_shapes(loaded.proto, shapes)
     normalized = normalize(bound)
-    rewritten, sites = rewrite(normalized, algorithm)
+    fused, attention_sites, not_attention = rewrite_attention(normalized, attention, algorithm)
+    rewritten, softmax_sites = rewrite(fused, algorithm)
+    for site in softmax_sites:
+        site.not_attention = not_attention.get(site.node, "")
+    sites = attention_sites + softmax_sites
     return Prepared(
         rewritten, normalized, sites, loaded.source, loaded.sha256,
         {"prepare_s": time.perf_counter() - started},
@@ -39,13 +46,17 @@ def prepare(model, *, algorithm: str = "auto", shapes: dict | None = None) -> Pr
 
 
 def inspect_sites(model, *, target: str | TargetSpec = "x86", algorithm: str = "auto",
-                  shapes: dict | None = None, **target_options) -> list[Site]:
+                  shapes: dict | None = None, attention: str = "auto", **target_options) -> list:
     """Every site of `model` with what it will be lowered to on `target` (no TVM compile)."""
     from .rewrite import plan
 
     spec = target if isinstance(target, TargetSpec) else resolve(target, **target_options)
-    sites = prepare(model, algorithm=algorithm, shapes=shapes).sites
+    sites = prepare(model, algorithm=algorithm, shapes=shapes, attention=_attention_for(spec, attention)).sites
     for site in sites:
+        if isinstance(site, AttentionSite):
+            if site.rewritten:
+                site.lowered = {"strategy": "flash" if site.requested == "auto" else site.requested}
+            continue
         if site.rewritten:
             chosen, knobs, view = plan(site, spec)
             site.lowered = {"algorithm": chosen, "knobs": knobs.to_json(), "view": view}
@@ -66,6 +77,7 @@ def compile_model(
     *,
     arch: str | None = None,
     mcpu: str | None = None,
+    attention: str = "auto",
 ) -> CompiledModel:
     """See `tvmsoftmax.compile`."""
     import tvm
@@ -74,7 +86,8 @@ def compile_model(
     from .pipeline import build
 
     spec = target if isinstance(target, TargetSpec) else resolve(target, arch=arch, mcpu=mcpu)
-    prepared = prepare(model, algorithm=algorithm, shapes=shapes)
+    prepared = prepare(model, algorithm=algorithm, shapes=shapes, attention=_attention_for(spec, attention))
+    _refuse_unlowerable(prepared.sites)
     started = time.perf_counter()
     mod = import_model(prepared.model, prepared.sites, spec)
     executable = build(mod, spec)
@@ -86,6 +99,7 @@ def compile_model(
         "target": spec.to_json(),
         "source": {"path": prepared.source, "sha256": prepared.sha256},
         "algorithm": algorithm,
+        "attention": attention,
         "shapes": {k: list(v) for k, v in (shapes or {}).items()},
         "inputs": _io(graph_inputs(prepared.normalized)),
         "outputs": _io(prepared.normalized.graph.output),
@@ -95,6 +109,23 @@ def compile_model(
     if spec.name == "cuda" and not tvm.cuda(0).exist:
         return _CrossCompiled(executable, manifest)
     return CompiledModel(executable, manifest, executable=executable)
+
+
+def _attention_for(spec: TargetSpec, attention: str) -> str:
+    """`auto` fuses attention where we have its schedules: x86 (CUDA's are issue 5's work)."""
+    return "none" if spec.name == "cuda" and attention == "auto" else attention
+
+
+def _refuse_unlowerable(sites) -> None:
+    """An ONNX Attention / MultiHeadAttention node we could not fuse has no other lowering (TVM
+    0.27's importer sends every Attention to its com.microsoft converter)."""
+    from ..errors import UnsupportedOperatorError
+
+    for site in sites:
+        if isinstance(site, AttentionSite) and not site.rewritten and not site.form.startswith("decomposed"):
+            raise UnsupportedOperatorError(
+                f"node {site.node!r}: {site.form} cannot be lowered: {site.reason}"
+            )
 
 
 class _CrossCompiled(CompiledModel):

@@ -22,6 +22,7 @@ from ..errors import ModelError, UnsupportedOperatorError
 from ..ops.softmax import softmax
 from ..schedules import choose_knobs
 from ..schedules._tir import static_extent
+from .attention import ATTENTION_OP
 from .rewrite import SITE_OP, Site, row_view
 from .targets import TargetSpec
 
@@ -34,7 +35,7 @@ _OPAQUE = 8  # relax OpPatternKind::kOpaque
 @dataclass
 class _ImportContext:
     spec: TargetSpec
-    sites: dict[str, Site]
+    sites: dict  # id -> Site | AttentionSite
 
 
 _CONTEXT: list[_ImportContext] = []
@@ -114,12 +115,16 @@ def _make_site_converter():
 def _our_converters():
     from tvm.relax.frontend.onnx import onnx_frontend
 
+    from .attention_import import make_attention_converter
+
     original = onnx_frontend._get_convert_map
     converter = _make_site_converter()
+    attention = make_attention_converter(_CONTEXT)
 
     def extended():
         table = dict(original())
         table[SITE_OP] = converter
+        table[ATTENTION_OP] = attention
         return table
 
     onnx_frontend._get_convert_map = extended
@@ -138,7 +143,7 @@ def check_supported(model: onnx.ModelProto) -> None:
     """Raise UnsupportedOperatorError naming the first node whose op nobody can lower."""
     from tvm.relax.frontend.onnx import onnx_frontend
 
-    known = set(onnx_frontend._get_convert_map()) | {SITE_OP, "If", "Constant"}
+    known = set(onnx_frontend._get_convert_map()) | {SITE_OP, ATTENTION_OP, "If", "Constant"}
     for node in model.graph.node:
         if node.op_type not in known:
             domain = node.domain or "ai.onnx"

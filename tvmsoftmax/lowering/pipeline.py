@@ -15,7 +15,8 @@ import tvm
 from tvm import relax
 
 from .._native import quiet_native_stderr
-from ..schedules import KNOB_TYPES, schedule_softmax
+from ..schedules import KNOB_TYPES, schedule_attention, schedule_softmax
+from .attention_import import ATTENTION_ATTR
 from .importer import KNOBS_ATTR, SITE_ATTR
 from .targets import TargetSpec
 
@@ -46,8 +47,11 @@ def schedule_sites(spec: TargetSpec) -> tvm.transform.Pass:
     knob_type = KNOB_TYPES["CudaSoftmaxKnobs" if spec.name == "cuda" else "X86SoftmaxKnobs"]
 
     def schedule(func):
-        knobs = knob_type(**json.loads(str(func.attrs[KNOBS_ATTR])))
-        return schedule_softmax(func, spec, knobs)
+        knobs = json.loads(str(func.attrs[KNOBS_ATTR]))
+        if _has_attr(func, ATTENTION_ATTR):
+            kind = str(func.attrs[ATTENTION_ATTR])
+            return schedule_attention(func, spec, kind, KNOB_TYPES["X86AttentionKnobs"](**knobs))
+        return schedule_softmax(func, spec, knob_type(**knobs))
 
     return _map_primfuncs("tvmsoftmax.ScheduleSites", lambda f: _has_attr(f, SITE_ATTR), schedule)
 

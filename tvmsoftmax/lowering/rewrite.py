@@ -44,6 +44,7 @@ class Site:
     rewritten: bool = True
     reason: str = ""  # why not rewritten
     lowered: dict = field(default_factory=dict)  # algorithm, knobs, view (filled at import)
+    not_attention: str = ""  # why this softmax was not fused into an attention site
 
     @property
     def form(self) -> str:

@@ -6,11 +6,16 @@ Knobs are frozen dataclasses so that tuning can enumerate and record them; `choo
 
 from __future__ import annotations
 
-from . import cuda, x86
+from . import cuda, x86, x86_attention
 from .cuda import CudaSoftmaxKnobs
 from .x86 import X86SoftmaxKnobs
+from .x86_attention import X86AttentionKnobs
 
-KNOB_TYPES = {"X86SoftmaxKnobs": X86SoftmaxKnobs, "CudaSoftmaxKnobs": CudaSoftmaxKnobs}
+KNOB_TYPES = {
+    "X86SoftmaxKnobs": X86SoftmaxKnobs,
+    "CudaSoftmaxKnobs": CudaSoftmaxKnobs,
+    "X86AttentionKnobs": X86AttentionKnobs,
+}
 
 
 def choose_knobs(spec, requested: str, log: bool, view: list[int | None]):
@@ -20,6 +25,23 @@ def choose_knobs(spec, requested: str, log: bool, view: list[int | None]):
     return x86.choose(requested, log, view, spec.vector_lanes, spec.num_cores)
 
 
+def choose_attention(spec, requested: str, dims: dict, attention, algorithm: str = "auto"):
+    """(strategy, knobs) for an attention site (`ops.attention.AttentionSpec`)."""
+    if spec.name == "cuda":
+        from ..errors import TvmSoftmaxError
+
+        raise TvmSoftmaxError(
+            "fused attention has no CUDA schedule yet: compile with attention='none' "
+            "(--attention none) to keep attention as MatMul/Softmax/MatMul"
+        )
+    return x86_attention.choose(requested, dims, attention, spec.vector_lanes, algorithm)
+
+
+def schedule_attention(func, spec, kind: str, knobs):
+    """Schedule one attention kernel (``flash``, ``scores`` or ``output``)."""
+    return x86_attention.schedule_attention(func, kind, knobs)
+
+
 def schedule_softmax(func, spec, knobs):
     """Schedule one softmax PrimFunc for the target of `spec`."""
     if spec.name == "cuda":
@@ -27,4 +49,7 @@ def schedule_softmax(func, spec, knobs):
     return x86.schedule_softmax(func, knobs)
 
 
-__all__ = ["CudaSoftmaxKnobs", "KNOB_TYPES", "X86SoftmaxKnobs", "choose_knobs", "schedule_softmax"]
+__all__ = [
+    "CudaSoftmaxKnobs", "KNOB_TYPES", "X86AttentionKnobs", "X86SoftmaxKnobs", "choose_attention",
+    "choose_knobs", "schedule_attention", "schedule_softmax",
+]

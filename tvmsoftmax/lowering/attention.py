@@ -1,0 +1,624 @@
+"""Attention recognition: every form exporters emit becomes one ``ai.tvmsoftmax.AttentionSite``.
+
+The site node is the canonical op of `ops.attention`: inputs Q [B, Hq, Sq, D], K [B, Hkv, Skv, D],
+V [B, Hkv, Skv, Dv] (4-D, heads before sequence), then three optional inputs: an additive bias
+(4-D, broadcast), a select mask ``keep`` (bool, 4-D, broadcast; masked scores become ``fill``)
+and per-batch key counts; attributes: scale, softcap, causal, fill, empty_row. Layout changes the
+source form needs (3-D to 4-D, BSHD to BHSD, bool masks to additive ones, KV-cache concatenation)
+are emitted as plain ONNX nodes around the site, which TVM compiles.
+
+Forms, and why each exists:
+
+* ONNX ``Attention`` (opset 23/24/25): the standard op. 3-D inputs carry heads in the hidden dim
+  (``q_num_heads``/``kv_num_heads``); ``past_key``/``past_value`` are concatenated along the sequence
+  (``present_*``); a bool mask means "attend" (True -> 0, False -> -inf added); a float mask shorter
+  than the keys is padded with -inf; ``nonpad_kv_seqlen`` masks the keys past each batch's count;
+  ``is_causal`` is bottom-right aligned; a fully masked row is 0. Not fused (and said why):
+  ``qk_matmul_output`` requested (it needs the score matrix), sliding windows (opset 25).
+* com.microsoft ``MultiHeadAttention``: onnxruntime's fused op (3-D Q/K/V, optional packed bias,
+  key padding mask -> ``mask_filter_value`` added, attention bias, past key/value, unidirectional).
+* Decomposed graphs (torch exporters), matched from each Softmax(axis=-1) outwards:
+  ``MatMul(Q, K^T)`` -> [Mul|Div by a constant] -> [Where(keep, s, fill)] -> [Add(bias)]* ->
+  Softmax -> [Where(IsNaN(p), 0, p)] -> ``MatMul(p, V)``, where
+  - the scale is a Mul or Div after the MatMul (eager form) or a Mul of Q and of K^T by d^-1/4
+    before it (the TorchScript SDPA form);
+  - K^T is Transpose(K, 0,1,3,2) of BHSD keys, Transpose(K, 0,2,3,1) of BSHD keys, either one
+    possibly scaled; any other K^T is transposed back by an inserted node;
+  - GQA keys/values repeated by Unsqueeze -> Expand -> Reshape are read from the unrepeated
+    tensor (no copy);
+  - causal and padding masks arrive as the additive bias or the Where (whatever subgraph built
+    them: Range/Less/Where, Trilu, constants); fully masked tiles of such masks are skipped at run
+    time (`ops.attention`), so no causal pattern has to be guessed;
+  - the IsNaN guard turns rows that would be NaN into 0 (``zero_if_nan``); without it they stay NaN.
+  A Softmax that does not match stays a softmax site; `inspect` says why it did not match.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .frontend import default_opset, dims_of, elem_dtype, value_infos
+
+DOMAIN = "ai.tvmsoftmax"
+ATTENTION_OP = "AttentionSite"
+STRATEGY_CHOICES = ("auto", "materialized", "flash", "none")
+FLOAT_TYPES = ("float32", "float16")
+
+
+@dataclass
+class AttentionSite:
+    """One attention found in the model (or a Softmax that looked like one), and what it became."""
+
+    id: str
+    node: str  # the node (ONNX op) or the Softmax (decomposed form) it was found at
+    form: str
+    requested: str  # strategy asked for
+    rewritten: bool = True
+    reason: str = ""
+    nodes: list = field(default_factory=list)  # source nodes it replaced
+    attributes: dict = field(default_factory=dict)  # causal, scale, empty_row, ...
+    lowered: dict = field(default_factory=dict)  # strategy, knobs, shapes (filled at import)
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["kind"] = "attention"
+        return data
+
+
+class NoMatch(Exception):
+    """A candidate is not (or not safely) an attention site; the message says why."""
+
+
+class _Graph:
+    """Producer/consumer tables and constants of a graph, plus a builder of new nodes."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.graph = model.graph
+        self.infos = value_infos(model)
+        self.producer = {o: n for n in self.graph.node for o in n.output if o}
+        self.consumers: dict[str, list] = {}
+        for n in self.graph.node:
+            for i in n.input:
+                if i:
+                    self.consumers.setdefault(i, []).append(n)
+        self.outputs = {o.name for o in self.graph.output}
+        self.initializers = {t.name: t for t in self.graph.initializer}
+        self.new_nodes: list = []
+        self.known_ranks: dict[str, int] = {}  # of the values new nodes produce
+        self._counter = 0
+
+    def const(self, name: str):
+        if name in self.initializers:
+            return numpy_helper.to_array(self.initializers[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    return numpy_helper.to_array(attr.t)
+                if attr.name in ("value_float", "value_int"):
+                    return np.array(helper.get_attribute_value(attr))
+        return None
+
+    def scalar(self, name: str) -> float | None:
+        value = self.const(name)
+        if value is None or value.size != 1 or value.dtype.kind != "f":
+            return None
+        return float(value.reshape(()))
+
+    def dims(self, name: str):
+        info = self.infos.get(name)
+        if info is None and name in self.initializers:
+            return list(self.initializers[name].dims)
+        return dims_of(info) if info is not None else None
+
+    def dtype(self, name: str) -> str | None:
+        info = self.infos.get(name)
+        if info is not None and info.type.tensor_type.elem_type:
+            return elem_dtype(info)
+        if name in self.initializers:
+            return np.dtype(helper.tensor_dtype_to_np_dtype(self.initializers[name].data_type)).name
+        return None
+
+    def rank(self, name: str) -> int | None:
+        if name in self.known_ranks:
+            return self.known_ranks[name]
+        dims = self.dims(name)
+        return len(dims) if dims is not None else None
+
+    def only_consumer(self, name: str, node) -> bool:
+        users = self.consumers.get(name, [])
+        return name not in self.outputs and len(users) == 1 and users[0] is node
+
+    def fresh(self, hint: str) -> str:
+        self._counter += 1
+        return f"{hint}__tsm{self._counter}"
+
+    def add(self, op: str, inputs: list, outputs: list | None = None, domain: str = "", rank=None, **attrs):
+        outputs = outputs or [self.fresh(op.lower())]
+        if rank is None and op in ("Transpose", "Where", "Add", "Identity", "Concat", "Pad"):
+            ranks = [self.rank(i) for i in inputs if i]
+            rank = max((r for r in ranks if r is not None), default=None)
+        if rank is not None:
+            self.known_ranks[outputs[0]] = rank
+        self.new_nodes.append(
+            helper.make_node(op, inputs, outputs, name=self.fresh(op), domain=domain, **attrs)
+        )
+        return outputs[0]
+
+    def constant(self, value: np.ndarray, hint: str = "const") -> str:
+        return self.add("Constant", [], [self.fresh(hint)], value=numpy_helper.from_array(np.asarray(value)))
+
+    def to_rank4(self, name: str, rank: int | None = None) -> str:
+        rank = rank if rank is not None else self.rank(name)
+        if rank is None:
+            raise NoMatch(f"rank of {name!r} unknown")
+        if rank > 4:
+            raise NoMatch(f"{name!r} has rank {rank} (at most 4)")
+        if rank == 4:
+            return name
+        axes = self.constant(np.arange(4 - rank, dtype=np.int64), "axes")
+        return self.add("Unsqueeze", [name, axes], rank=4)
+
+
+def _attrs(node) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _broadcast_flags(graph: _Graph, name: str) -> list[bool]:
+    dims = graph.dims(name) or []
+    dims = [1] * (4 - len(dims)) + list(dims)
+    return [d == 1 for d in dims]
+
+
+def _site_node(graph: _Graph, site: AttentionSite, q, k, v, bias, keep, lengths, output, **attrs) -> str:
+    site.attributes.update(attrs)
+    return graph.add(
+        ATTENTION_OP,
+        [q, k, v, bias or "", keep or "", lengths or ""],
+        [output],
+        domain=DOMAIN,
+        site=site.id,
+        strategy=site.requested,
+        **{key: value for key, value in attrs.items()},
+    )
+
+
+# --------------------------------------------------------------------------- ONNX Attention-23+
+
+
+def _rewrite_onnx_attention(graph: _Graph, node, site: AttentionSite, opset: int) -> None:
+    a = _attrs(node)
+    inputs = list(node.input) + [""] * (7 - len(node.input))
+    q, k, v, mask, past_k, past_v, nonpad = inputs[:7]
+    outputs = list(node.output) + [""] * (4 - len(node.output))
+    if outputs[3] and (outputs[3] in graph.outputs or graph.consumers.get(outputs[3])):
+        raise NoMatch("qk_matmul_output is requested (it needs the whole score matrix)")
+    if a.get("left_window_size", -1) >= 0 or a.get("right_window_size", -1) >= 0:
+        raise NoMatch("sliding-window attention (left/right_window_size) is not fused")
+    dtype = graph.dtype(q)
+    if dtype not in FLOAT_TYPES:
+        raise NoMatch(f"Q dtype {dtype} (ours: {', '.join(FLOAT_TYPES)})")
+    rank = graph.rank(q)
+    if rank not in (3, 4):
+        raise NoMatch(f"Q rank {rank} unknown or not 3/4")
+    if rank == 3:
+        hq, hkv = a.get("q_num_heads"), a.get("kv_num_heads")
+        if not hq or not hkv:
+            raise NoMatch("3-D inputs need q_num_heads and kv_num_heads")
+
+        def heads_first(name, heads):
+            shape = graph.constant(np.array([0, 0, heads, -1], np.int64), "shape")
+            return graph.add("Transpose", [graph.add("Reshape", [name, shape], rank=4)], perm=[0, 2, 1, 3])
+
+        q, k, v = heads_first(q, hq), heads_first(k, hkv), heads_first(v, hkv)
+        head_size = _dim(graph, inputs[0], 2)
+        head_size = head_size // hq if head_size is not None else None
+    else:
+        head_size = _dim(graph, q, 3)
+    if past_k:
+        k = graph.add("Concat", [past_k, k], [outputs[1] or graph.fresh("present_key")], axis=2)
+        v = graph.add("Concat", [past_v, v], [outputs[2] or graph.fresh("present_value")], axis=2)
+    else:  # present_* without a cache are the inputs themselves
+        for present, source in ((outputs[1], k), (outputs[2], v)):
+            if present:
+                graph.add("Identity", [source], [present])
+    scale = a.get("scale")
+    if scale is None:
+        if head_size is None:
+            raise NoMatch("head size unknown (needed for the default scale)")
+        scale = 1.0 / math.sqrt(head_size)
+    bias = None
+    if mask:
+        mask_dtype = graph.dtype(mask)
+        if mask_dtype == "bool":
+            zero = graph.constant(np.array(0, dtype), "zero")
+            neg = graph.constant(np.array(-np.inf, dtype), "neg_inf")
+            bias = graph.add("Where", [mask, zero, neg])
+        else:
+            bias = mask
+        bias = _pad_keys(graph, bias, mask, k, dtype)
+        bias = graph.to_rank4(bias, graph.rank(mask))
+    # is_causal: top-left without a cache; bottom-right (offset = past length) with past_key,
+    # which equals kv_length - Sq when the new keys are as many as the queries; and
+    # nonpad_kv_seqlen[b] - Sq with an external cache.
+    causal = 0
+    if a.get("is_causal", 0):
+        causal = 2 if (past_k or nonpad) else 1
+        if past_k:
+            new_keys, queries = _dim(graph, inputs[1], 1 if rank == 3 else 2), _dim(graph, inputs[0], 1 if rank == 3 else 2)
+            if new_keys is None or queries is None or new_keys != queries:
+                raise NoMatch("causal with a cache needs as many new keys as queries (static)")
+    y4 = graph.fresh("attention_y") if rank == 3 else outputs[0]
+    _site_node(
+        graph, site, q, k, v, bias, None, nonpad or None, y4,
+        scale=float(scale), softcap=float(a.get("softcap", 0.0)), causal=causal,
+        fill=float(-np.finfo(np.float32).max), empty_row="zero_if_masked",
+    )
+    if rank == 3:
+        t = graph.add("Transpose", [y4], perm=[0, 2, 1, 3])
+        graph.add("Reshape", [t, graph.constant(np.array([0, 0, -1], np.int64), "shape")], [outputs[0]])
+
+
+def _dim(graph: _Graph, name: str, axis: int):
+    dims = graph.dims(name)
+    if dims is None or axis >= len(dims) or not isinstance(dims[axis], int):
+        return None
+    return dims[axis]
+
+
+def _pad_keys(graph: _Graph, bias: str, mask: str, k: str, dtype: str) -> str:
+    """A float mask shorter than the keys (past + new) is padded with -inf (ONNX Attention)."""
+    mask_keys = _dim(graph, mask, -1 % max(graph.rank(mask) or 1, 1))
+    total = _dim(graph, k, 2)
+    if mask_keys is None or total is None or mask_keys >= total:
+        return bias
+    rank = graph.rank(mask)
+    pads = np.zeros(2 * rank, np.int64)
+    pads[2 * rank - 1] = total - mask_keys
+    return graph.add(
+        "Pad", [bias, graph.constant(pads, "pads"), graph.constant(np.array(-np.inf, dtype), "neg_inf")]
+    )
+
+
+# --------------------------------------------------------------------------- com.microsoft MHA
+
+
+def _rewrite_mha(graph: _Graph, node, site: AttentionSite) -> None:
+    a = _attrs(node)
+    inputs = list(node.input) + [""] * (10 - len(node.input))
+    q, k, v, proj_bias, key_mask, attn_bias, past_k, past_v = inputs[:8]
+    if inputs[8] or inputs[9]:
+        raise NoMatch("past_sequence_length / cache_indirection (beam search) are not fused")
+    heads = a.get("num_heads")
+    if not heads:
+        raise NoMatch("num_heads missing")
+    if not k or not v or graph.rank(q) != 3 or graph.rank(k) != 3 or graph.rank(v) != 3:
+        raise NoMatch("only separate 3-D query/key/value are fused (packed QKV/KV forms are not)")
+    dtype = graph.dtype(q)
+    if dtype not in FLOAT_TYPES:
+        raise NoMatch(f"query dtype {dtype} (ours: {', '.join(FLOAT_TYPES)})")
+    hidden = _dim(graph, q, 2)
+    if proj_bias:
+        if hidden is None or _dim(graph, v, 2) is None:
+            raise NoMatch("hidden sizes unknown (needed to split the packed bias)")
+        sizes = graph.constant(np.array([hidden, _dim(graph, k, 2), _dim(graph, v, 2)], np.int64), "split")
+        parts = [graph.fresh("bias_q"), graph.fresh("bias_k"), graph.fresh("bias_v")]
+        graph.add("Split", [proj_bias, sizes], parts, axis=0)
+        q, k, v = (graph.add("Add", [x, b]) for x, b in zip((q, k, v), parts))
+
+    def heads_first(name):
+        shape = graph.constant(np.array([0, 0, heads, -1], np.int64), "shape")
+        return graph.add("Transpose", [graph.add("Reshape", [name, shape], rank=4)], perm=[0, 2, 1, 3])
+
+    q, k, v = heads_first(q), heads_first(k), heads_first(v)
+    outputs = list(node.output) + [""] * (3 - len(node.output))
+    if past_k:
+        k = graph.add("Concat", [past_k, k], [outputs[1] or graph.fresh("present_key")], axis=2)
+        v = graph.add("Concat", [past_v, v], [outputs[2] or graph.fresh("present_value")], axis=2)
+    scale = a.get("scale") or (1.0 / math.sqrt(hidden // heads) if hidden else None)
+    if scale is None:
+        raise NoMatch("head size unknown (needed for the default scale)")
+    bias = None
+    filter_value = float(a.get("mask_filter_value", -10000.0))
+    if key_mask:
+        if graph.rank(key_mask) != 2:
+            raise NoMatch("only a 2-D [batch, kv_len] key_padding_mask is fused")
+        keep = graph.add("Cast", [key_mask], to=onnx.TensorProto.BOOL)
+        values = [graph.constant(np.array(x, dtype)) for x in (0.0, filter_value)]
+        padding = graph.add("Where", [keep, *values])
+        axes = graph.constant(np.array([1, 2], np.int64), "axes")
+        bias = graph.add("Unsqueeze", [padding, axes])
+    if attn_bias:
+        extra = graph.to_rank4(attn_bias)
+        bias = graph.add("Add", [bias, extra]) if bias else extra
+    y4 = graph.fresh("attention_y")
+    _site_node(
+        graph, site, q, k, v, bias, None, None, y4,
+        scale=float(scale), softcap=0.0, causal=2 * int(a.get("unidirectional", 0)),
+        fill=float(-np.finfo(np.float32).max), empty_row="nan",
+    )
+    t = graph.add("Transpose", [y4], perm=[0, 2, 1, 3])
+    graph.add("Reshape", [t, graph.constant(np.array([0, 0, -1], np.int64), "shape")], [outputs[0]])
+
+
+# --------------------------------------------------------------------------- decomposed
+
+
+def _rewrite_decomposed(graph: _Graph, softmax, site: AttentionSite, opset: int) -> None:
+    consumed = [softmax]
+    x = softmax.input[0]
+    rank = graph.rank(x)
+    if rank not in (3, 4):
+        raise NoMatch(f"softmax input rank {rank} unknown or not 3/4")
+    axis = _attrs(softmax).get("axis", -1 if opset >= 13 else 1)
+    if axis not in (-1, rank - 1):
+        raise NoMatch(f"softmax axis {axis} is not the last")
+    dtype = graph.dtype(x)
+    if dtype not in FLOAT_TYPES:
+        raise NoMatch(f"dtype {dtype} (ours: {', '.join(FLOAT_TYPES)})")
+
+    # Output side: [Where(IsNaN(p), 0, p)] -> MatMul(p, V).
+    p = softmax.output[0]
+    users = graph.consumers.get(p, [])
+    empty_row = "nan"
+    if p in graph.outputs:
+        raise NoMatch("the probabilities are a graph output")
+    if sorted(u.op_type for u in users) == ["IsNaN", "Where"]:
+        isnan = next(u for u in users if u.op_type == "IsNaN")
+        where = next(u for u in users if u.op_type == "Where")
+        zero = graph.scalar(where.input[1])
+        if not (where.input[0] == isnan.output[0] and where.input[2] == p and zero == 0.0
+                and graph.only_consumer(isnan.output[0], where)):
+            raise NoMatch("IsNaN guard of an unexpected form")
+        consumed += [isnan, where]
+        p, users, empty_row = where.output[0], graph.consumers.get(where.output[0], []), "zero_if_nan"
+    if len(users) != 1 or users[0].op_type != "MatMul" or users[0].input[0] != p or p in graph.outputs:
+        raise NoMatch("the probabilities do not feed exactly one MatMul(p, V)")
+    pv = users[0]
+    consumed.append(pv)
+    v = pv.input[1]
+
+    # Score side, from the softmax back: [Add(bias)]* -> [Where(keep, s, fill)] -> [scale] -> MatMul.
+    biases, keep, fill, scale = [], None, float(-np.finfo(np.float32).max), 1.0
+    s = x
+    node = _single_producer(graph, s, consumed[0])
+    while node is not None and node.op_type == "Add":
+        chain, other = _chain_operand(graph, node, s)
+        biases.append(other)
+        consumed.append(node)
+        s = chain
+        node = _single_producer(graph, s, node)
+    if node is not None and node.op_type == "Where":
+        fill_value = graph.scalar(node.input[2])
+        if fill_value is None or graph.dtype(node.input[0]) != "bool":
+            raise NoMatch("Where before the softmax is not Where(bool mask, scores, constant)")
+        keep, fill = node.input[0], fill_value
+        consumed.append(node)
+        s = node.input[1]
+        node = _single_producer(graph, s, node)
+    if node is not None and node.op_type in ("Mul", "Div"):
+        chain, other = _chain_operand(graph, node, s)
+        value = graph.scalar(other)
+        if value is None or (node.op_type == "Div" and chain != node.input[0]):
+            raise NoMatch(f"{node.op_type} {node.name!r} before the softmax is not by a constant scalar")
+        scale *= value if node.op_type == "Mul" else 1.0 / value
+        consumed.append(node)
+        s = chain
+        node = _single_producer(graph, s, node)
+    if node is None or node.op_type != "MatMul":
+        raise NoMatch("the softmax input is not built from MatMul(Q, K^T) [scale] [mask]")
+    qk = node
+    consumed.append(qk)
+    q, scale = _unscale(graph, qk.input[0], qk, scale)
+    kt, scale = _unscale(graph, qk.input[1], qk, scale)
+    k = _untranspose_keys(graph, kt, qk)
+    k_source, v_source = _unrepeat(graph, k), _unrepeat(graph, v)
+    if (k_source == k) != (v_source == v):  # only one side's repeat recognised: keep both repeated
+        k_source, v_source = k, v
+    q4, k4, v4 = (graph.to_rank4(name) for name in (q, k_source, v_source))
+    bias = None
+    for term in biases:
+        term = graph.to_rank4(term)
+        bias = term if bias is None else graph.add("Add", [bias, term])
+    if keep is not None:
+        keep = graph.to_rank4(keep)
+    out = pv.output[0]
+    y4 = out if rank == 4 else graph.fresh("attention_y")
+    site.nodes = [n.name for n in consumed]
+    _site_node(
+        graph, site, q4, k4, v4, bias, keep, None, y4,
+        scale=float(scale), softcap=0.0, causal=0, fill=float(fill), empty_row=empty_row,
+    )
+    if rank == 3:
+        graph.add("Squeeze", [y4, graph.constant(np.array([0], np.int64), "axes")], [out])
+    for n in consumed:
+        graph.removed.add(id(n))
+
+
+def _single_producer(graph: _Graph, name: str, user):
+    node = graph.producer.get(name)
+    if node is None or not graph.only_consumer(name, user):
+        return None
+    return node
+
+
+def _chain_operand(graph: _Graph, node, current: str):
+    """(the operand of a binary node that carries the scores, the other operand).
+
+    The scores are the operand whose producers lead back to a MatMul through the chain's own
+    ops (a mask or a scale does not)."""
+    a, b = node.input[0], node.input[1]
+    if _leads_to_matmul(graph, a):
+        return a, b
+    if _leads_to_matmul(graph, b):
+        return b, a
+    raise NoMatch(f"neither operand of {node.op_type} {node.name!r} comes from MatMul(Q, K^T)")
+
+
+def _leads_to_matmul(graph: _Graph, name: str, depth: int = 6) -> bool:
+    node = graph.producer.get(name)
+    if node is None or depth == 0:
+        return False
+    if node.op_type == "MatMul":
+        return True
+    if node.op_type in ("Add", "Mul", "Div", "Where"):
+        operands = node.input[1:] if node.op_type == "Where" else node.input
+        return any(_leads_to_matmul(graph, i, depth - 1) for i in operands)
+    return False
+
+
+def _unscale(graph: _Graph, name: str, user, scale: float):
+    """Q or K^T multiplied by a constant (the SDPA form's d^-1/4): fold it into the scale."""
+    node = graph.producer.get(name)
+    if node is not None and node.op_type in ("Mul", "Div") and graph.only_consumer(name, user):
+        for i in (0, 1):
+            value = graph.scalar(node.input[1 - i])
+            if value is not None and (node.op_type == "Mul" or i == 0):
+                return node.input[i], scale * (value if node.op_type == "Mul" else 1.0 / value)
+    return name, scale
+
+
+def _untranspose_keys(graph: _Graph, kt: str, user) -> str:
+    """K [.., Skv, D] from K^T: read through Transpose(0,1,3,2) (BHSD keys) and (0,2,3,1) (BSHD
+    keys, a transpose to BHSD is inserted); any other K^T gets an explicit transpose back."""
+    rank = graph.rank(kt)
+    node = graph.producer.get(kt)
+    if node is not None and node.op_type == "Transpose" and graph.only_consumer(kt, user):
+        perm = list(_attrs(node).get("perm", []))
+        if rank == 4 and perm == [0, 1, 3, 2] or rank == 3 and perm == [0, 2, 1]:
+            return node.input[0]
+        if rank == 4 and perm == [0, 2, 3, 1]:
+            return graph.add("Transpose", [node.input[0]], perm=[0, 2, 1, 3])
+    perm = [0, 1, 3, 2] if rank == 4 else [0, 2, 1]
+    return graph.add("Transpose", [kt], perm=perm)
+
+
+def _unrepeat(graph: _Graph, name: str) -> str:
+    """GQA: Reshape(Expand(Unsqueeze(kv, 2), [B, Hkv, rep, S, D]), [B, Hkv*rep, S, D]) -> kv."""
+    reshape = graph.producer.get(name)
+    if reshape is None or reshape.op_type != "Reshape":
+        return name
+    expand = graph.producer.get(reshape.input[0])
+    if expand is None or expand.op_type != "Expand":
+        return name
+    unsqueeze = graph.producer.get(expand.input[0])
+    if unsqueeze is None or unsqueeze.op_type != "Unsqueeze":
+        return name
+    axes = graph.const(unsqueeze.input[1]) if len(unsqueeze.input) > 1 else np.array(_attrs(unsqueeze).get("axes", []))
+    source, out = unsqueeze.input[0], graph.dims(name)
+    src = graph.dims(source)
+    if axes is None or list(np.asarray(axes).reshape(-1)) != [2] or src is None or out is None:
+        return name
+    # Repeated heads are interleaved: head h reads kv head h // rep (what the kernel indexes).
+    if len(src) == 4 and len(out) == 4 and src[0] == out[0] and src[2:] == out[2:]:
+        if isinstance(src[1], int) and isinstance(out[1], int) and out[1] % src[1] == 0:
+            return source
+    return name
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def rewrite_attention(model: onnx.ModelProto, strategy: str = "auto", algorithm: str = "auto"):
+    """Replace every recognised attention by an AttentionSite.
+
+    Returns (model, sites, not_attention): the sites (fused, or an Attention/MultiHeadAttention
+    node that could not be, with the reason) and, for each Softmax that is not the softmax of an
+    attention, why (`inspect` shows it with the softmax site).
+    """
+    if strategy not in STRATEGY_CHOICES:
+        from ..errors import TvmSoftmaxError
+
+        raise TvmSoftmaxError(f"unknown attention strategy {strategy!r}: expected one of {', '.join(STRATEGY_CHOICES)}")
+    opset = default_opset(model)
+    candidates = [
+        n for n in model.graph.node
+        if (n.op_type == "Attention" and n.domain in ("", "ai.onnx"))
+        or (n.op_type == "MultiHeadAttention" and n.domain == "com.microsoft")
+        or (n.op_type == "Softmax" and n.domain in ("", "ai.onnx"))
+    ]
+    if not candidates:
+        return model, [], {}
+    model = copy.deepcopy(model)
+    graph = _Graph(model)
+    graph.removed = set()
+    sites: list[AttentionSite] = []
+    not_attention: dict[str, str] = {}
+    for node in model.graph.node:
+        kind = node.op_type if node.domain in ("", "ai.onnx", "com.microsoft") else None
+        if kind not in ("Attention", "MultiHeadAttention", "Softmax"):
+            continue
+        if kind == "MultiHeadAttention" and node.domain != "com.microsoft":
+            continue
+        if id(node) in graph.removed:
+            continue
+        form = {"Attention": f"ONNX Attention-{opset}", "MultiHeadAttention": "com.microsoft.MultiHeadAttention",
+                "Softmax": "decomposed MatMul-Softmax-MatMul"}[kind]
+        site = AttentionSite(id=f"attention{len(sites)}", node=node.name, form=form, requested=strategy)
+        site.attributes["algorithm"] = algorithm
+        mark = len(graph.new_nodes)
+        try:
+            if strategy == "none":
+                raise NoMatch("attention fusion is off (--attention none)")
+            if kind == "Attention":
+                _rewrite_onnx_attention(graph, node, site, opset)
+                graph.removed.add(id(node))
+                site.nodes = [node.name]
+            elif kind == "MultiHeadAttention":
+                _rewrite_mha(graph, node, site)
+                graph.removed.add(id(node))
+                site.nodes = [node.name]
+            else:
+                _rewrite_decomposed(graph, node, site, opset)
+        except NoMatch as why:
+            del graph.new_nodes[mark:]
+            if kind == "Softmax":
+                not_attention[node.name] = str(why)
+                continue
+            site.rewritten, site.reason = False, str(why)
+        sites.append(site)
+    if not any(s.rewritten for s in sites):
+        return model, sites, not_attention
+    _splice(model, graph)
+    return model, sites, not_attention
+
+
+def _splice(model: onnx.ModelProto, graph: _Graph) -> None:
+    """Put the new nodes where the removed ones were (topological order), then drop dead nodes."""
+    kept = [n for n in model.graph.node if id(n) not in graph.removed]
+    nodes = _toposort(kept + graph.new_nodes, model)
+    live = {o.name for o in model.graph.output}
+    alive = []
+    for node in reversed(nodes):
+        if any(o in live for o in node.output if o):
+            alive.append(node)
+            live.update(i for i in node.input if i)
+    del model.graph.node[:]
+    model.graph.node.extend(reversed(alive))
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+
+
+def _toposort(nodes: list, model: onnx.ModelProto) -> list:
+    ready = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
+    pending, order = list(nodes), []
+    while pending:
+        progress = []
+        for node in pending:
+            if all(i in ready for i in node.input):
+                order.append(node)
+                ready.update(node.output)
+            else:
+                progress.append(node)
+        if len(progress) == len(pending):
+            missing = sorted({i for n in progress for i in n.input if i not in ready})[:3]
+            raise RuntimeError(f"attention rewrite left an unordered graph (missing {missing})")
+        pending = progress
+    return order

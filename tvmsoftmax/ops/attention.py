@@ -1,0 +1,572 @@
+"""Fused scaled-dot-product attention: the canonical op and its two algorithms (no scheduling here).
+
+The canonical op (what `lowering.rewrite` turns every recognised form into) works on
+Q [B, Hq, Sq, D], K [B, Hkv, Skv, D], V [B, Hkv, Skv, Dv] (Hq a multiple of Hkv; query head h
+reads key/value head h // (Hq / Hkv), so GQA/MQA heads are indexed, never copied) and computes,
+per query row i and key j, in float32:
+
+    s = (q_i . k_j) * scale                      (Attention-23's sqrt(scale) on Q and on K, and
+                                                  torch's d^-1/4 on both, are folded into `scale`)
+    s = softcap * tanh(s / softcap)              if softcap > 0 (before any mask, as ONNX says)
+    s = keep[i, j] ? s : fill                    if a select mask exists (``Where(mask, s, fill)``)
+    s = s + bias[i, j]                           if an additive mask/bias exists
+    s = -inf   where j >= kv_length[b] (``nonpad_kv_seqlen``) or, if causal, j > i + offset
+    y_i = sum_j softmax(s_i)_j v_j
+
+``bias`` and ``keep`` are 4-D and broadcast (a dim of 1) over batch, heads, queries or keys.
+Causal masking (``causal``): 1 is top-left (offset 0: ONNX Attention without a cache), 2 is
+bottom-right (offset kv_length - Sq: with a KV cache or ``nonpad_kv_seqlen`` query i of Sq sits at
+position kv_length - Sq + i, the 2026 ONNX errata).
+
+Rows whose softmax is undefined follow the source graph (``empty_row``):
+
+* ``nan``: what a decomposed graph gives in onnxruntime (all -inf row -> NaN; +inf or NaN -> NaN).
+* ``zero_if_nan``: a decomposed graph with the ``Where(IsNaN(p), 0, p)`` guard: those rows are 0.
+* ``zero_if_masked``: ONNX Attention-23+: a row whose every key is masked (decided on the mask,
+  causal and padding alone, not on the scores) is 0; NaN scores still propagate elsewhere.
+
+Two algorithms:
+
+* `attention_scores` + `ops.softmax` + `attention_output` (materialized): the scores exist as a
+  float32 [B*Hq*Sq, Skv] buffer, normalised by any softmax algorithm of `ops.softmax`.
+* `flash_attention` (FlashAttention's online softmax, Milakov & Gimelshein's normalizer on tiles):
+  per block of `query_block` rows, keys are visited in tiles of `key_block`; each tile's scores
+  live in a [query_block, key_block] buffer and the running (max, sum, acc) are rescaled by
+  e^(m_old - m_new). No Sq x Skv buffer exists. Tiles are skipped, not computed:
+  - above the causal diagonal and past kv_length (exact: those scores are -inf);
+  - where every mask value of the tile is at most half the mask dtype's lowest value (the -FLT_MAX /
+    -65504 that exporters use): their e^(s - m) is exactly 0 in float32 (onnxruntime flushes it too)
+    unless the row's maximum is itself that low, i.e. the row is fully masked; a query block with
+    such a row is recomputed without skipping, so the result is that of the full row.
+  The tiles are part of the algorithm (they decide where the rescale happens), so `FlashTiling` is
+  an argument here; schedules choose its values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from tvm import te, tirx
+
+from .exp import exp_nonpositive
+
+EMPTY_ROW_MODES = ("nan", "zero_if_nan", "zero_if_masked")
+STRATEGIES = ("materialized", "flash")
+FLT_LOWEST = -3.4028234663852886e38
+_LOWEST = {"float32": FLT_LOWEST, "float16": -65504.0}
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Everything about one attention site that changes the compute (not the schedule)."""
+
+    q_heads: int
+    kv_heads: int
+    head_size: int
+    v_head_size: int
+    dtype: str = "float32"  # of Q, K, V and the output
+    scale: float = 1.0
+    softcap: float = 0.0
+    causal: int = 0  # 0: none, 1: top-left (offset 0), 2: bottom-right (offset kv_length - Sq)
+    empty_row: str = "nan"
+    bias_dtype: str | None = None  # additive mask/bias present (4-D, broadcast)
+    bias_broadcast: tuple = (False, False, False, False)  # dims of size 1 (b, h, q, k)
+    keep_broadcast: tuple | None = None  # select mask present (bool, 4-D, broadcast)
+    fill: float = FLT_LOWEST  # value of the select mask's masked positions
+    kv_lengths: bool = False  # per-batch valid key count (nonpad_kv_seqlen)
+
+    def __post_init__(self):
+        if self.empty_row not in EMPTY_ROW_MODES:
+            raise ValueError(
+                f"empty_row must be one of {EMPTY_ROW_MODES}, got {self.empty_row!r}"
+            )
+        if self.q_heads % self.kv_heads:
+            raise ValueError(
+                f"q_heads {self.q_heads} is not a multiple of kv_heads {self.kv_heads}"
+            )
+
+    @property
+    def group(self) -> int:
+        return self.q_heads // self.kv_heads
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "AttentionSpec":
+        data = dict(data)
+        for key in ("bias_broadcast", "keep_broadcast"):
+            if data.get(key) is not None:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+    def skip_threshold(self) -> float | None:
+        """Mask values at or below this make a score negligible (see the module docstring)."""
+        lows = []
+        if self.bias_dtype is not None:
+            lows.append(_LOWEST.get(self.bias_dtype, FLT_LOWEST) / 2)
+        if self.keep_broadcast is not None and self.fill <= FLT_LOWEST / 2:
+            lows.append(FLT_LOWEST / 2)
+        return max(lows) if lows else None
+
+
+@dataclass(frozen=True)
+class FlashTiling:
+    query_block: int = 32
+    key_block: int = 64
+
+
+def _f32(value: float) -> tirx.PrimExpr:
+    return tirx.const(value, "float32")
+
+
+def _dtype(value) -> str:
+    """dtype of a TE or TIR expression (TVM 0.27's buffer loads carry it in `.ty`)."""
+    dtype = getattr(value, "dtype", None)
+    return str(dtype if dtype is not None else value.ty)
+
+
+def _to_f32(value: tirx.PrimExpr) -> tirx.PrimExpr:
+    return value if _dtype(value) == "float32" else value.astype("float32")
+
+
+def _load(tensor, *indices) -> tirx.PrimExpr:
+    """tensor[indices] for a TE tensor or a TIR buffer (whose [] is not a PrimExpr in TVM 0.27)."""
+    if isinstance(tensor, tirx.Buffer):
+        return tirx.BufferLoad(tensor, list(indices))
+    return tensor[indices]
+
+
+def _broadcast_index(broadcast: tuple, b, h, i, j) -> list:
+    return [
+        tirx.const(0, "int64") if flag else index
+        for flag, index in zip(broadcast, (b, h, i, j))
+    ]
+
+
+class _Masking:
+    """The score element of the module docstring, for TE tensors and TIR buffers alike."""
+
+    def __init__(self, spec: AttentionSpec, bias, keep, kv_lengths, sq, skv):
+        self.spec, self.bias, self.keep, self.kv_lengths = spec, bias, keep, kv_lengths
+        self.sq, self.skv = sq, skv
+
+    def kv_length(self, b):
+        if self.kv_lengths is None:
+            return self.skv
+        return tirx.max(
+            tirx.min(_load(self.kv_lengths, b).astype("int64"), self.skv),
+            tirx.const(0, "int64"),
+        )
+
+    def key_end(self, b, i):
+        """Keys j < key_end(b, i) are allowed for query row i (causal: j <= i + offset)."""
+        length = self.kv_length(b)
+        if not self.spec.causal:
+            return length
+        offset = length - self.sq if self.spec.causal == 2 else tirx.const(0, "int64")
+        return tirx.min(length, i + offset + 1)
+
+    def allowed(self, b, i, j):
+        return j < self.key_end(b, i)
+
+    def bias_value(self, b, h, i, j):
+        return _to_f32(
+            _load(self.bias, *_broadcast_index(self.spec.bias_broadcast, b, h, i, j))
+        )
+
+    def keep_value(self, b, h, i, j):
+        return _load(self.keep, *_broadcast_index(self.spec.keep_broadcast, b, h, i, j))
+
+    def score(self, dot, b, h, i, j):
+        spec = self.spec
+        s = dot * _f32(spec.scale)
+        if spec.softcap > 0:
+            s = _f32(spec.softcap) * tirx.tanh(s / _f32(spec.softcap))
+        if self.keep is not None:
+            s = tirx.Select(self.keep_value(b, h, i, j), s, _f32(spec.fill))
+        if self.bias is not None:
+            s = s + self.bias_value(b, h, i, j)
+        return tirx.Select(self.allowed(b, i, j), s, _f32(-math.inf))
+
+    def mask_open(self, b, h, i, j):
+        """-inf where the mask alone removes key j (for ``zero_if_masked``), else the bias."""
+        value = self.bias_value(b, h, i, j) if self.bias is not None else _f32(0.0)
+        return tirx.Select(self.allowed(b, i, j), value, _f32(-math.inf))
+
+    def negligible(self, b, h, i, j, threshold: float):
+        """True where the score cannot count unless its row is fully masked (tile skipping)."""
+        conditions = [tirx.Not(self.allowed(b, i, j))]
+        if self.bias is not None:
+            conditions.append(self.bias_value(b, h, i, j) <= _f32(threshold))
+        if self.keep is not None and self.spec.fill <= threshold:
+            conditions.append(tirx.Not(self.keep_value(b, h, i, j)))
+        out = conditions[0]
+        for c in conditions[1:]:
+            out = tirx.Or(out, c)
+        return out
+
+
+def finalize_row(spec: AttentionSpec, value, total, open_max):
+    """y = acc / l with the ``empty_row`` rule; `open_max` is the row's `mask_open` maximum."""
+    y = value / total
+    if spec.empty_row == "zero_if_nan":
+        return tirx.Select(
+            total > _f32(0.0), y, _f32(0.0)
+        )  # false for l = 0 and l = NaN
+    if spec.empty_row == "zero_if_masked":
+        return tirx.Select(open_max > _f32(-math.inf), y, _f32(0.0))
+    return y
+
+
+# --------------------------------------------------------------------------- materialized (TE)
+
+
+def attention_scores(
+    q, k, bias=None, keep=None, kv_lengths=None, *, spec: AttentionSpec
+):
+    """Masked float32 scores as rows [B*Hq*Sq, Skv, 1] (the view `ops.softmax` normalises)."""
+    batch, heads, sq, d = q.shape
+    skv = k.shape[2]
+    masking = _Masking(spec, bias, keep, kv_lengths, sq, skv)
+    key_t = te.compute(
+        (batch, spec.kv_heads, d, skv),
+        lambda b, h, e, j: _to_f32(k[b, h, j, e]),
+        name="attention_key_t",
+    )
+    r = te.reduce_axis((0, d), name="attention_d")
+
+    def row_index(row):
+        return row // (heads * sq), (row // sq) % heads, row % sq
+
+    def element(row, j, _unit):
+        b, h, i = row_index(row)
+        dot = te.sum(_to_f32(q[b, h, i, r]) * key_t[b, h // spec.group, r, j], axis=r)
+        return masking.score(dot, b, h, i, j)
+
+    return te.compute((batch * heads * sq, skv, 1), element, name="attention_scores")
+
+
+def attention_output(
+    probs, v, q_shape, bias=None, keep=None, kv_lengths=None, *, spec: AttentionSpec
+):
+    """y [B, Hq, Sq, Dv] = probs [B*Hq*Sq, Skv, 1] @ V, with the ``empty_row`` rule."""
+    batch, heads, sq, _ = q_shape
+    skv, dv = v.shape[2], v.shape[3]
+    masking = _Masking(spec, bias, keep, kv_lengths, sq, skv)
+    j = te.reduce_axis((0, skv), name="attention_j")
+
+    def row(b, h, i):
+        return (b * heads + h) * sq + i
+
+    def prob(b, h, i, jj):
+        p = _to_f32(probs[row(b, h, i), jj, 0])
+        if spec.empty_row == "zero_if_nan":
+            p = tirx.Select(
+                p >= _f32(0.0), p, _f32(0.0)
+            )  # Where(IsNaN(p), 0, p); false for NaN
+        return p
+
+    acc = te.compute(
+        (batch, heads, sq, dv),
+        lambda b, h, i, e: te.sum(
+            prob(b, h, i, j) * _to_f32(v[b, h // spec.group, j, e]), axis=j
+        ),
+        name="attention_pv",
+    )
+    if spec.empty_row == "zero_if_masked":
+        jm = te.reduce_axis((0, skv), name="attention_jm")
+        open_max = te.compute(
+            (batch, heads, sq),
+            lambda b, h, i: te.max(masking.mask_open(b, h, i, jm), axis=jm),
+            name="attention_open",
+        )
+        return te.compute(
+            acc.shape,
+            lambda b, h, i, e: tirx.Select(
+                open_max[b, h, i] > _f32(-math.inf), acc[b, h, i, e], _f32(0.0)
+            ).astype(spec.dtype),
+            name="attention_output",
+        )
+    return te.compute(
+        acc.shape, lambda *ix: acc(*ix).astype(spec.dtype), name="attention_output"
+    )
+
+
+# --------------------------------------------------------------------------- flash (TensorIR)
+
+
+def flash_attention(
+    spec: AttentionSpec, tiling: FlashTiling, dims: dict
+) -> tirx.PrimFunc:
+    """The flash algorithm as a TensorIR PrimFunc (all loops serial; see `schedules`).
+
+    `dims` gives ``batch``, ``q_len``, ``kv_len`` (ints, or None for a symbolic dim) and the mask
+    dims; arguments: q, k, v, [bias], [keep], [kv_lengths], y.
+    """
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    i64 = lambda value: tirx.const(value, "int64")  # noqa: E731
+    hq, hkv, d, dv = spec.q_heads, spec.kv_heads, spec.head_size, spec.v_head_size
+
+    def dim(name):
+        value = dims.get(name)
+        return i64(value) if value is not None else tirx.Var(name, "int64")
+
+    batch, sq, skv = dim("batch"), dim("q_len"), dim("kv_len")
+
+    def mask_shape(broadcast):
+        return [
+            i64(1) if flag else full
+            for flag, full in zip(broadcast, (batch, i64(hq), sq, skv))
+        ]
+
+    with IRBuilder() as builder:
+        with T.prim_func(s_tir=True):
+            T.func_name("flash_attention")
+            T.func_attr({"tirx.noalias": True})
+            q = T.arg("q", T.buffer((batch, hq, sq, d), spec.dtype))
+            k = T.arg("k", T.buffer((batch, hkv, skv, d), spec.dtype))
+            v = T.arg("v", T.buffer((batch, hkv, skv, dv), spec.dtype))
+            bias = keep = lengths = None
+            if spec.bias_dtype is not None:
+                bias = T.arg(
+                    "bias", T.buffer(mask_shape(spec.bias_broadcast), spec.bias_dtype)
+                )
+            if spec.keep_broadcast is not None:
+                keep = T.arg("keep", T.buffer(mask_shape(spec.keep_broadcast), "bool"))
+            if spec.kv_lengths:
+                lengths = T.arg("kv_lengths", T.buffer((batch,), "int64"))
+            y = T.arg("y", T.buffer((batch, hq, sq, dv), spec.dtype))
+            masking = _Masking(spec, bias, keep, lengths, sq, skv)
+            _flash_body(T, spec, tiling, masking, q, k, v, y, batch, sq, skv, i64)
+    return builder.get()
+
+
+def _flash_body(T, spec, tiling, masking, q, k, v, y, batch, sq, skv, i64):
+    qb, kb = tiling.query_block, tiling.key_block
+    hq, hkv, d, dv = spec.q_heads, spec.kv_heads, spec.head_size, spec.v_head_size
+    threshold = spec.skip_threshold()
+    key_t = T.alloc_buffer((batch, hkv, d, skv), "float32", scope="global")
+    with T.grid(batch, i64(hkv), i64(d), skv) as (b, h, e, j):
+        with T.sblock("flash_key_t"):
+            vb, vh, ve, vj = T.axis.remap("SSSS", [b, h, e, j])
+            T.buffer_store(key_t, _to_f32(_load(k, vb, vh, vj, ve)), [vb, vh, ve, vj])
+    q_blocks = tirx.floordiv(sq + i64(qb - 1), i64(qb))
+    with T.grid(batch, i64(hq), q_blocks) as (b, h, blk):
+        with T.sblock("flash_block"):
+            vb, vh, vblk = T.axis.remap("SSS", [b, h, blk])
+            m = T.sblock_alloc_buffer((qb,), "float32")
+            total = T.sblock_alloc_buffer((qb,), "float32")
+            acc = T.sblock_alloc_buffer((qb, dv), "float32")
+            dots = T.sblock_alloc_buffer((qb, kb), "float32")
+            scores = T.sblock_alloc_buffer((qb, kb), "float32")
+            probs = T.sblock_alloc_buffer((qb, kb), "float32")
+            tile_max = T.sblock_alloc_buffer((qb,), "float32")
+            tile_sum = T.sblock_alloc_buffer((qb,), "float32")
+            tile_pv = T.sblock_alloc_buffer((qb, dv), "float32")
+            alpha = T.sblock_alloc_buffer((qb,), "float32")
+            open_max = T.sblock_alloc_buffer((qb,), "float32")
+            flag = T.sblock_alloc_buffer((1,), "float32")
+            q0 = vblk * i64(qb)
+            kh = tirx.floordiv(vh, i64(spec.group))
+            # Keys past the causal diagonal of the block's last row (or past kv_length) are never
+            # visited: a tile loop bound, not a mask.
+            key_end = tirx.max(
+                masking.key_end(vb, tirx.min(q0 + i64(qb - 1), sq - i64(1))), i64(0)
+            )
+            tiles = tirx.floordiv(key_end + i64(kb - 1), i64(kb))
+            ctx = _FlashTile(
+                T, spec, masking, q=q, key_t=key_t, v=v, b=vb, h=vh, kh=kh, q0=q0, sq=sq, skv=skv,
+                i64=i64, qb=qb, kb=kb, d=d, dv=dv, tiles=tiles, m=m, total=total, acc=acc, dots=dots,
+                scores=scores, probs=probs, tile_max=tile_max, tile_sum=tile_sum, tile_pv=tile_pv,
+                alpha=alpha, open_max=open_max, flag=flag,
+            )
+            ctx.init("")
+            with T.serial(tiles) as t:
+                if threshold is None:
+                    ctx.tile(t, "")
+                else:
+                    ctx.liveness(t, threshold)
+                    with T.If(_load(flag, 0) > _f32(0.0)):
+                        with T.Then():
+                            ctx.tile(t, "")
+            if threshold is not None:
+                # A fully masked row saw only skipped tiles (or scores as low as the mask): redo
+                # the block without skipping so that its result is that of the whole row.
+                ctx.need_full(threshold)
+                with T.If(_load(flag, 0) > _f32(0.0)):
+                    with T.Then():
+                        ctx.init("_full")
+                        with T.serial(tiles) as t:
+                            ctx.tile(t, "_full")
+            with T.grid(i64(qb), i64(dv)) as (ii, e):
+                with T.sblock("flash_output"):
+                    vi, ve = T.axis.remap("SS", [ii, e])
+                    T.where(q0 + ii < sq)
+                    value = finalize_row(
+                        spec, _load(acc, vi, ve), _load(total, vi), _load(open_max, vi)
+                    )
+                    T.buffer_store(y, value.astype(spec.dtype), [vb, vh, q0 + vi, ve])
+
+
+class _FlashTile:
+    """Emits the blocks of one key tile (and the state init) of `flash_attention`."""
+
+    def __init__(self, T, spec, masking, **fields):
+        self.T, self.spec, self.masking = T, spec, masking
+        self.__dict__.update(fields)  # inputs, indices, dims and the block's state buffers
+
+    def row(self, ii):
+        return tirx.min(
+            self.q0 + ii, self.sq - self.i64(1)
+        )  # rows past Sq repeat the last one
+
+    def init(self, suffix):
+        T, i64 = self.T, self.i64
+        with T.serial(i64(self.qb)) as ii:
+            with T.sblock(f"flash_init{suffix}"):
+                vi = T.axis.spatial(i64(self.qb), ii)
+                T.buffer_store(self.m, _f32(FLT_LOWEST), [vi])
+                T.buffer_store(self.total, _f32(0.0), [vi])
+                T.buffer_store(self.open_max, _f32(-math.inf), [vi])
+        with T.grid(i64(self.qb), i64(self.dv)) as (ii, e):
+            with T.sblock(f"flash_init_acc{suffix}"):
+                vi, ve = T.axis.remap("SS", [ii, e])
+                T.buffer_store(self.acc, _f32(0.0), [vi, ve])
+
+    def liveness(self, t, threshold):
+        """_load(flag, 0) = 1 if some score of tile t may count (see the module docstring), else 0."""
+        T, i64 = self.T, self.i64
+        with T.grid(i64(self.qb), i64(self.kb)) as (ii, jj):
+            with T.sblock("flash_live"):
+                vt = T.axis.spatial(self.tiles, t)
+                vi, vj = T.axis.remap("RR", [ii, jj])
+                with T.init():
+                    T.buffer_store(self.flag, _f32(0.0), [0])
+                j = vt * i64(self.kb) + vj
+                dead = self.masking.negligible(
+                    self.b,
+                    self.h,
+                    self.row(vi),
+                    tirx.min(j, self.skv - i64(1)),
+                    threshold,
+                )
+                dead = tirx.Or(dead, j >= self.skv)
+                T.buffer_store(
+                    self.flag,
+                    tirx.max(
+                        _load(self.flag, 0), tirx.Select(dead, _f32(0.0), _f32(1.0))
+                    ),
+                    [0],
+                )
+
+    def need_full(self, threshold):
+        T, i64 = self.T, self.i64
+        with T.serial(i64(self.qb)) as ii:
+            with T.sblock("flash_need_full"):
+                vi = T.axis.reduce(i64(self.qb), ii)
+                with T.init():
+                    T.buffer_store(self.flag, _f32(0.0), [0])
+                low = tirx.Select(
+                    _load(self.m, vi) <= _f32(threshold / 2), _f32(1.0), _f32(0.0)
+                )
+                T.buffer_store(self.flag, tirx.max(_load(self.flag, 0), low), [0])
+
+    def tile(self, t, suffix):
+        T, i64, spec = self.T, self.i64, self.spec
+        qb, kb = i64(self.qb), i64(self.kb)
+        # Each inner product sits in its own scope block: the tile blocks around it update the
+        # running state in place, and TensorIR reorders loops only in scopes of pure dataflow.
+        with T.sblock(f"flash_qk_tile{suffix}"):
+            vt = T.axis.spatial(self.tiles, t)
+            with T.grid(qb, kb, i64(self.d)) as (ii, jj, e):
+                with T.sblock(f"flash_qk{suffix}"):
+                    vi, vj, ve = T.axis.remap("SSR", [ii, jj, e])
+                    with T.init():
+                        T.buffer_store(self.dots, _f32(0.0), [vi, vj])
+                    j = tirx.min(vt * kb + vj, self.skv - i64(1))
+                    product = _to_f32(
+                        _load(self.q, self.b, self.h, self.row(vi), ve)
+                    ) * _load(self.key_t, self.b, self.kh, ve, j)
+                    T.buffer_store(
+                        self.dots, _load(self.dots, vi, vj) + product, [vi, vj]
+                    )
+        with T.grid(qb, kb) as (ii, jj):
+            with T.sblock(f"flash_mask{suffix}"):
+                vt = T.axis.spatial(self.tiles, t)
+                vi, vj = T.axis.remap("SS", [ii, jj])
+                j = vt * kb + vj
+                s = self.masking.score(
+                    _load(self.dots, vi, vj),
+                    self.b,
+                    self.h,
+                    self.row(vi),
+                    tirx.min(j, self.skv - i64(1)),
+                )
+                T.buffer_store(
+                    self.scores, tirx.Select(j < self.skv, s, _f32(-math.inf)), [vi, vj]
+                )
+        if spec.empty_row == "zero_if_masked":
+            with T.grid(qb, kb) as (ii, jj):
+                with T.sblock(f"flash_open{suffix}"):
+                    vt = T.axis.spatial(self.tiles, t)
+                    vi = T.axis.spatial(qb, ii)
+                    vj = T.axis.reduce(kb, jj)
+                    j = vt * kb + vj
+                    value = self.masking.mask_open(
+                        self.b, self.h, self.row(vi), tirx.min(j, self.skv - i64(1))
+                    )
+                    value = tirx.Select(j < self.skv, value, _f32(-math.inf))
+                    T.buffer_store(
+                        self.open_max, tirx.max(_load(self.open_max, vi), value), [vi]
+                    )
+        with T.grid(qb, kb) as (ii, jj):
+            with T.sblock(f"flash_tile_max{suffix}"):
+                vi = T.axis.spatial(qb, ii)
+                vj = T.axis.reduce(kb, jj)
+                with T.init():
+                    T.buffer_store(self.tile_max, _load(self.m, vi), [vi])
+                T.buffer_store(
+                    self.tile_max,
+                    tirx.max(_load(self.tile_max, vi), _load(self.scores, vi, vj)),
+                    [vi],
+                )
+        with T.grid(qb, kb) as (ii, jj):
+            with T.sblock(f"flash_exp{suffix}"):
+                vi, vj = T.axis.remap("SS", [ii, jj])
+                p = exp_nonpositive(_load(self.scores, vi, vj) - _load(self.tile_max, vi))
+                T.buffer_store(self.probs, p, [vi, vj])
+        with T.grid(qb, kb) as (ii, jj):
+            with T.sblock(f"flash_sum{suffix}"):
+                vi = T.axis.spatial(qb, ii)
+                vj = T.axis.reduce(kb, jj)
+                with T.init():
+                    T.buffer_store(self.tile_sum, _f32(0.0), [vi])
+                T.buffer_store(self.tile_sum, _load(self.tile_sum, vi) + _load(self.probs, vi, vj), [vi])
+        with T.serial(qb) as ii:
+            with T.sblock(f"flash_rescale{suffix}"):
+                vi = T.axis.spatial(qb, ii)
+                # e^(m_old - m_new) <= 1; -FLT_MAX - -FLT_MAX = 0 keeps an empty state at 1.
+                alpha = exp_nonpositive(_load(self.m, vi) - _load(self.tile_max, vi))
+                T.buffer_store(self.alpha, alpha, [vi])
+                T.buffer_store(self.total, _load(self.total, vi) * _load(self.alpha, vi) + _load(self.tile_sum, vi), [vi])
+                T.buffer_store(self.m, _load(self.tile_max, vi), [vi])
+        # acc' = alpha * acc + P V: the rescaled state is the inner product's initial value (a
+        # separate buffer, then copied back: TensorIR vectorises no in-place update).
+        with T.sblock(f"flash_pv_tile{suffix}"):
+            vt = T.axis.spatial(self.tiles, t)
+            with T.grid(qb, kb, i64(self.dv)) as (ii, jj, e):
+                with T.sblock(f"flash_pv{suffix}"):
+                    vi, vj, ve = T.axis.remap("SRS", [ii, jj, e])
+                    with T.init():
+                        T.buffer_store(self.tile_pv, _load(self.acc, vi, ve) * _load(self.alpha, vi), [vi, ve])
+                    j = tirx.min(vt * kb + vj, self.skv - i64(1))
+                    product = _load(self.probs, vi, vj) * _to_f32(_load(self.v, self.b, self.kh, j, ve))
+                    T.buffer_store(self.tile_pv, _load(self.tile_pv, vi, ve) + product, [vi, ve])
+        with T.grid(qb, i64(self.dv)) as (ii, e):
+            with T.sblock(f"flash_update{suffix}"):
+                vi, ve = T.axis.remap("SS", [ii, e])
+                T.buffer_store(self.acc, _load(self.tile_pv, vi, ve), [vi, ve])

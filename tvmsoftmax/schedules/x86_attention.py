@@ -1,0 +1,158 @@
+"""x86 (LLVM) schedules for the fused attention of `tvmsoftmax.ops.attention`.
+
+Both strategies are parallel over (batch, head, query block) and vectorise inner products along
+the contiguous axis: scores along keys (the compute packs K as [D, Skv] per head, so a vector of
+keys is one load), P @ V along the value dim. Inner products are register-blocked: `rows` query
+rows times `key_block` keys (or the value dim) accumulate in vector registers while the reduction
+axis runs outside them.
+
+Blocks are found by the names the compute gives them (``flash_*``, ``attention_*``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from tvm import s_tir, tirx
+
+from ..ops.attention import FlashTiling
+from ._tir import static_extent
+
+
+@dataclass(frozen=True)
+class X86AttentionKnobs:
+    """Tunable knobs of the x86 attention schedules."""
+
+    vector_lanes: int = 8  # float32 lanes of a vector register
+    query_block: int = 32  # query rows that share each K/V tile (flash) or score tile
+    key_block: int = 64  # keys per tile (flash: the online-softmax rescale granularity)
+    rows: int = 4  # query rows of one register block
+    softmax_algorithm: str = "auto"  # materialized: the softmax algorithm of the score rows
+
+    def tiling(self) -> FlashTiling:
+        return FlashTiling(query_block=self.query_block, key_block=self.key_block)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _blocks(sch) -> dict:
+    """name -> block for every block of the function (names are unique in our compute)."""
+    out = {}
+
+    def visit(block):
+        out[sch.get(block).name_hint] = block
+        for child in sch.get_child_blocks(block):
+            visit(child)
+
+    visit(sch.get_sblock("root"))
+    return out
+
+
+def _vectorize(sch, loop, lanes: int, unroll: bool = False):
+    extent = static_extent(sch.get(loop).extent)
+    if extent is None or extent % lanes:
+        return
+    outer, inner = sch.split(loop, [None, lanes])
+    sch.vectorize(inner)
+    if unroll:
+        sch.unroll(outer)
+
+
+def _register_block(sch, block, row_loop, reduce_loop, vector_loop, knobs):
+    """(rows x vector) accumulators in registers, the reduction axis outside them."""
+    lanes = knobs.vector_lanes
+    rows = knobs.rows if static_extent(sch.get(row_loop).extent) % knobs.rows == 0 else 1
+    row_outer, row_inner = sch.split(row_loop, [None, rows])
+    vec_outer, vec_inner = sch.split(vector_loop, [None, lanes])
+    sch.reorder(row_outer, reduce_loop, row_inner, vec_outer, vec_inner)
+    sch.vectorize(vec_inner)
+    sch.unroll(vec_outer)
+    sch.unroll(row_inner)
+    sch.decompose_reduction(block, reduce_loop)
+
+
+def schedule_flash(func: tirx.PrimFunc, knobs: X86AttentionKnobs) -> tirx.PrimFunc:
+    sch = s_tir.Schedule(func)
+    blocks = _blocks(sch)
+    lanes = knobs.vector_lanes
+    b, h, e, j = sch.get_loops(blocks["flash_key_t"])
+    sch.parallel(sch.fuse(b, h))
+    sch.parallel(sch.fuse(*sch.get_loops(blocks["flash_block"])))
+    for name, block in blocks.items():
+        base = name.removesuffix("_full")
+        if name.startswith("flash_") and base in ("flash_qk", "flash_pv"):
+            loops = sch.get_loops(block)
+            if base == "flash_qk":
+                rows, keys, depth = loops
+                _register_block(sch, block, rows, depth, keys, knobs)
+            else:
+                rows, keys, dims = loops
+                _register_block(sch, block, rows, keys, dims, knobs)
+        elif base in ("flash_mask", "flash_exp", "flash_update", "flash_init_acc", "flash_output"):
+            _vectorize(sch, sch.get_loops(block)[-1], lanes)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def choose(requested: str, dims: dict, spec, vector_lanes: int, algorithm: str = "auto"):
+    """The `auto` rule for x86: flash (it never materialises the scores and skips masked tiles;
+    it was faster than materialized on every benchmark shape, benchmarks/README.md).
+
+    Knobs: 32-row query blocks and 64-key tiles (a K tile of 64 x D floats stays in L1 while the
+    block's rows use it); register blocks of 4 rows (2 when the value dim is over 64, so that
+    rows x Dv / lanes accumulators fit in the 16/32 vector registers).
+    """
+    strategy = "flash" if requested == "auto" else requested
+    rows = 4 if spec.v_head_size <= 64 else 2
+    return strategy, X86AttentionKnobs(
+        vector_lanes=vector_lanes, query_block=32, key_block=64, rows=rows, softmax_algorithm=algorithm
+    )
+
+
+def schedule_scores(func: tirx.PrimFunc, knobs: X86AttentionKnobs) -> tirx.PrimFunc:
+    """attention_key_t (packing) and attention_scores [rows, Skv, 1] = reduce over D."""
+    sch = s_tir.Schedule(func)
+    blocks = _blocks(sch)
+    b, h, e, j = sch.get_loops(blocks["attention_key_t"])
+    sch.parallel(sch.fuse(b, h))
+    block = blocks["attention_scores"]
+    row, key, _unit, depth = sch.get_loops(block)
+    rows = knobs.rows
+    row_outer, row_inner = sch.split(row, [None, rows])
+    key_outer, key_block = sch.split(key, [None, knobs.key_block])
+    sch.reorder(row_outer, key_outer, depth, row_inner, key_block)
+    vec_outer, vec_inner = sch.split(key_block, [None, knobs.vector_lanes])
+    sch.parallel(row_outer)
+    sch.vectorize(vec_inner)
+    sch.unroll(vec_outer)
+    sch.unroll(row_inner)
+    sch.decompose_reduction(block, depth)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def schedule_output(func: tirx.PrimFunc, knobs: X86AttentionKnobs) -> tirx.PrimFunc:
+    """attention_pv [B, H, Sq, Dv] = reduce over keys, then the empty-row rule and cast."""
+    sch = s_tir.Schedule(func)
+    blocks = _blocks(sch)
+    output = blocks["attention_output"]
+    pv = blocks["attention_pv"]
+    b, h, i, e = sch.get_loops(output)
+    io, ii = sch.split(i, [None, knobs.query_block])
+    outer = sch.fuse(b, h, io)
+    sch.parallel(outer)
+    for name in ("attention_pv", "attention_open"):
+        if name in blocks:
+            sch.compute_at(blocks[name], outer, preserve_unit_loops=True)
+    loops = sch.get_loops(pv)
+    i_loop, e_loop, j_loop = loops[-3:]
+    _register_block(sch, pv, i_loop, j_loop, e_loop, knobs)
+    _vectorize(sch, sch.get_loops(output)[-1], knobs.vector_lanes)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def schedule_attention(func: tirx.PrimFunc, kind: str, knobs: X86AttentionKnobs) -> tirx.PrimFunc:
+    if kind == "flash":
+        return schedule_flash(func, knobs)
+    if kind == "scores":
+        return schedule_scores(func, knobs)
+    return schedule_output(func, knobs)
