@@ -297,5 +297,27 @@ def bench_softmax_command(threads, shape_list, repeat, out):
     )
 
 
+@bench_group.command("attention")
+@click.option("--threads", default="1,2", show_default=True, help="thread counts, comma-separated")
+@click.option("--shapes", "shape_list", default=None,
+              help="B,H,S,D[,causal] separated by ';', e.g. '1,12,128,64;1,32,1024,128,causal' (default: the full set)")
+@click.option("--repeat", type=int, default=5, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default="benchmarks/results", show_default=True)
+@_fail_cleanly
+def bench_attention_command(threads, shape_list, repeat, out):
+    """Fused flash/materialized attention vs onnxruntime (unfused, MultiHeadAttention, Attention-23)
+    and torch SDPA, float32, interleaved."""
+    from .bench_attention import run_attention_benchmark
+
+    shapes = None
+    if shape_list:
+        shapes = []
+        for item in shape_list.split(";"):
+            parts = item.split(",")
+            shapes.append((*(int(p) for p in parts[:4]), len(parts) > 4 and parts[4] == "causal"))
+    run_attention_benchmark(threads=[int(t) for t in threads.split(",")], shapes=shapes, repeat=repeat,
+                            out_dir=Path(out), console=console)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -216,11 +216,13 @@ def finalize_row(spec: AttentionSpec, value, total, open_max):
             total > _f32(0.0), y, _f32(0.0)
         )  # false for l = 0 and l = NaN
     if spec.empty_row == "zero_if_masked":
-        return tirx.Select(open_max > _f32(-math.inf), y, _f32(0.0))
+        return tirx.Select(open_max >= _f32(FLT_LOWEST), y, _f32(0.0))
     return y
 
 
 # --------------------------------------------------------------------------- materialized (TE)
+
+_max_from_neg_inf = te.comm_reducer(lambda a, b: tirx.max(a, b), lambda dtype: tirx.const(-math.inf, dtype))
 
 
 def attention_scores(
@@ -240,10 +242,15 @@ def attention_scores(
     def row_index(row):
         return row // (heads * sq), (row // sq) % heads, row % sq
 
-    def element(row, j, _unit):
+    def dot(row, j, _unit):
         b, h, i = row_index(row)
-        dot = te.sum(_to_f32(q[b, h, i, r]) * key_t[b, h // spec.group, r, j], axis=r)
-        return masking.score(dot, b, h, i, j)
+        return te.sum(_to_f32(q[b, h, i, r]) * key_t[b, h // spec.group, r, j], axis=r)
+
+    dots = te.compute((batch * heads * sq, skv, 1), dot, name="attention_dot")
+
+    def element(row, j, unit):
+        b, h, i = row_index(row)
+        return masking.score(dots[row, j, unit], b, h, i, j)
 
     return te.compute((batch * heads * sq, skv, 1), element, name="attention_scores")
 
@@ -279,13 +286,14 @@ def attention_output(
         jm = te.reduce_axis((0, skv), name="attention_jm")
         open_max = te.compute(
             (batch, heads, sq),
-            lambda b, h, i: te.max(masking.mask_open(b, h, i, jm), axis=jm),
+            # max from -inf (te.max starts at -FLT_MAX, which would count as an open key)
+            lambda b, h, i: _max_from_neg_inf(masking.mask_open(b, h, i, jm), axis=jm),
             name="attention_open",
         )
         return te.compute(
             acc.shape,
             lambda b, h, i, e: tirx.Select(
-                open_max[b, h, i] > _f32(-math.inf), acc[b, h, i, e], _f32(0.0)
+                open_max[b, h, i] >= _f32(FLT_LOWEST), acc[b, h, i, e], _f32(0.0)
             ).astype(spec.dtype),
             name="attention_output",
         )

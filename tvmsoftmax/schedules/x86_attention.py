@@ -110,12 +110,13 @@ def choose(requested: str, dims: dict, spec, vector_lanes: int, algorithm: str =
 
 
 def schedule_scores(func: tirx.PrimFunc, knobs: X86AttentionKnobs) -> tirx.PrimFunc:
-    """attention_key_t (packing) and attention_scores [rows, Skv, 1] = reduce over D."""
+    """attention_key_t (packing), attention_dot [rows, Skv, 1] = reduce over D, then the masked
+    attention_scores (elementwise)."""
     sch = s_tir.Schedule(func)
     blocks = _blocks(sch)
-    b, h, e, j = sch.get_loops(blocks["attention_key_t"])
+    b, h, _e, _j = sch.get_loops(blocks["attention_key_t"])
     sch.parallel(sch.fuse(b, h))
-    block = blocks["attention_scores"]
+    block = blocks["attention_dot"]
     row, key, _unit, depth = sch.get_loops(block)
     rows = knobs.rows
     row_outer, row_inner = sch.split(row, [None, rows])
@@ -127,6 +128,9 @@ def schedule_scores(func: tirx.PrimFunc, knobs: X86AttentionKnobs) -> tirx.PrimF
     sch.unroll(vec_outer)
     sch.unroll(row_inner)
     sch.decompose_reduction(block, depth)
+    row, key, unit = sch.get_loops(blocks["attention_scores"])
+    sch.parallel(row)
+    _vectorize(sch, sch.fuse(key, unit), knobs.vector_lanes)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
