@@ -7,10 +7,8 @@ Tolerances: float32 atol = rtol = 1e-5 (the output is a convex combination of V 
 absolute, ~1e-7 here); float16 I/O atol = rtol = 2e-3 (half-precision output rounding, 4.9e-4 ulp
 at 0.5, plus the input rounding of a graph that computes in float16)."""
 
-import math
 
 import numpy as np
-import onnx
 import onnx.backend.test.case.node as node_cases
 import onnxruntime as ort
 import pytest
