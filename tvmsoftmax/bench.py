@@ -139,31 +139,37 @@ def _reference(x):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def run_softmax_benchmark(threads=(1, 2), shapes=None, repeat=15, out_dir=Path("benchmarks/results"),
-                          console=None, implementations=None):
-    """Run one worker process per thread count, then write JSON, markdown and the plot."""
+def run_workers(module: str, threads, config: dict, log) -> list:
+    """Run `python -m module CONFIG` once per thread count (environment from _worker_env), echo its
+    output through `log`, and return the concatenated result rows each worker wrote to config["out"]."""
     import subprocess
     import sys
     import tempfile
 
+    results = []
+    for nthreads in threads:
+        with tempfile.NamedTemporaryFile(suffix=".json") as handle:
+            command = [sys.executable, "-m", module, json.dumps({**config, "threads": nthreads, "out": handle.name})]
+            process = subprocess.Popen(command, env=_worker_env(nthreads), stdout=subprocess.PIPE, text=True)
+            for line in process.stdout:
+                log(line.rstrip())
+            if process.wait() != 0:
+                raise RuntimeError(f"{module} worker for {nthreads} thread(s) failed")
+            results.extend(json.loads(Path(handle.name).read_text()))
+    return results
+
+
+def run_softmax_benchmark(threads=(1, 2), shapes=None, repeat=15, out_dir=Path("benchmarks/results"),
+                          console=None, implementations=None):
+    """Run one worker process per thread count, then write JSON, markdown and the plot."""
     from .lowering.targets import resolve
 
     shapes = shapes or SHAPES
     implementations = implementations or OURS + ["onnxruntime", "numpy", "tvm-default"]
     spec = resolve("x86")
     log = console.print if console else print
-    results = []
-    for nthreads in threads:
-        with tempfile.NamedTemporaryFile(suffix=".json") as handle:
-            config = {"threads": nthreads, "shapes": [list(s) for s in shapes], "repeat": repeat,
-                      "implementations": implementations, "out": handle.name}
-            command = [sys.executable, "-m", "tvmsoftmax.bench", json.dumps(config)]
-            process = subprocess.Popen(command, env=_worker_env(nthreads), stdout=subprocess.PIPE, text=True)
-            for line in process.stdout:
-                log(line.rstrip())
-            if process.wait() != 0:
-                raise RuntimeError(f"benchmark worker for {nthreads} thread(s) failed")
-            results.extend(json.loads(Path(handle.name).read_text()))
+    config = {"shapes": [list(s) for s in shapes], "repeat": repeat, "implementations": implementations}
+    results = run_workers("tvmsoftmax.bench", threads, config, log)
     report = {
         "benchmark": "softmax", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": {"cpu": spec.mcpu, "features": list(spec.required_features), "cores": os.cpu_count(),

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench import _calibrate, _versions, _worker_env
+from .bench import _calibrate, _versions, run_workers
 
 SHAPES = [
     (1, 12, 128, 64, False), (1, 12, 512, 64, False), (1, 16, 2048, 64, False), (1, 32, 1024, 128, False),
@@ -195,25 +195,13 @@ def markdown(report: dict) -> str:
 
 def run_attention_benchmark(threads=(1, 2), shapes=None, repeat=5, out_dir=Path("benchmarks/results"),
                             console=None, implementations=None):
-    import subprocess
-    import tempfile
-
     from .lowering.targets import resolve
 
     shapes = shapes or SHAPES
     log = console.print if console else print
-    results = []
-    for nthreads in threads:
-        with tempfile.NamedTemporaryFile(suffix=".json") as handle:
-            config = {"threads": nthreads, "shapes": [list(s) for s in shapes], "repeat": repeat,
-                      "implementations": implementations or IMPLEMENTATIONS, "out": handle.name}
-            command = [sys.executable, "-m", "tvmsoftmax.bench_attention", json.dumps(config)]
-            process = subprocess.Popen(command, env=_worker_env(nthreads), stdout=subprocess.PIPE, text=True)
-            for line in process.stdout:
-                log(line.rstrip())
-            if process.wait() != 0:
-                raise RuntimeError(f"attention benchmark worker for {nthreads} thread(s) failed")
-            results.extend(json.loads(Path(handle.name).read_text()))
+    config = {"shapes": [list(s) for s in shapes], "repeat": repeat,
+              "implementations": implementations or IMPLEMENTATIONS}
+    results = run_workers("tvmsoftmax.bench_attention", threads, config, log)
     spec = resolve("x86")
     report = {
         "benchmark": "attention", "date": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -92,6 +92,7 @@ class _Graph:
         self.initializers = {t.name: t for t in self.graph.initializer}
         self.new_nodes: list = []
         self.known_ranks: dict[str, int] = {}  # of the values new nodes produce
+        self.removed: set[int] = set()  # id() of the source nodes the sites replace
         self._counter = 0
 
     def const(self, name: str):
@@ -186,7 +187,7 @@ def _site_node(graph: _Graph, site: AttentionSite, q, k, v, bias, keep, lengths,
         domain=DOMAIN,
         site=site.id,
         strategy=site.requested,
-        **{key: value for key, value in attrs.items()},
+        **attrs,
     )
 
 
@@ -526,6 +527,16 @@ def _unrepeat(graph: _Graph, name: str) -> str:
 # --------------------------------------------------------------------------- driver
 
 
+def _candidate_kind(node) -> str | None:
+    """Where an attention may be: ONNX Attention, com.microsoft MultiHeadAttention, ONNX Softmax."""
+    onnx_domain = node.domain in ("", "ai.onnx")
+    if (node.op_type in ("Attention", "Softmax") and onnx_domain) or (
+        node.op_type == "MultiHeadAttention" and node.domain == "com.microsoft"
+    ):
+        return node.op_type
+    return None
+
+
 def rewrite_attention(model: onnx.ModelProto, strategy: str = "auto", algorithm: str = "auto"):
     """Replace every recognised attention by an AttentionSite.
 
@@ -538,26 +549,15 @@ def rewrite_attention(model: onnx.ModelProto, strategy: str = "auto", algorithm:
 
         raise TvmSoftmaxError(f"unknown attention strategy {strategy!r}: expected one of {', '.join(STRATEGY_CHOICES)}")
     opset = default_opset(model)
-    candidates = [
-        n for n in model.graph.node
-        if (n.op_type == "Attention" and n.domain in ("", "ai.onnx"))
-        or (n.op_type == "MultiHeadAttention" and n.domain == "com.microsoft")
-        or (n.op_type == "Softmax" and n.domain in ("", "ai.onnx"))
-    ]
-    if not candidates:
+    if not any(_candidate_kind(n) for n in model.graph.node):
         return model, [], {}
     model = copy.deepcopy(model)
     graph = _Graph(model)
-    graph.removed = set()
     sites: list[AttentionSite] = []
     not_attention: dict[str, str] = {}
     for node in model.graph.node:
-        kind = node.op_type if node.domain in ("", "ai.onnx", "com.microsoft") else None
-        if kind not in ("Attention", "MultiHeadAttention", "Softmax"):
-            continue
-        if kind == "MultiHeadAttention" and node.domain != "com.microsoft":
-            continue
-        if id(node) in graph.removed:
+        kind = _candidate_kind(node)
+        if kind is None or id(node) in graph.removed:
             continue
         form = {"Attention": f"ONNX Attention-{opset}", "MultiHeadAttention": "com.microsoft.MultiHeadAttention",
                 "Softmax": "decomposed MatMul-Softmax-MatMul"}[kind]

@@ -72,18 +72,12 @@ def make_attention_converter(contexts: list):
             present = [x for x in (bias, keep, lengths) if x is not None]
             out_ty = relax.TensorType([qs[0], qs[1], qs[2], vs[3]], dtype)
             site.lowered = {"strategy": strategy, "knobs": knobs.to_json(), "spec": spec.to_json(),
-                            "dims": {key: value for key, value in dims.items()}}
+                            "dims": dict(dims)}
             if strategy == "flash":
                 func = flash_attention(spec, knobs.tiling(), dims).with_attrs({**attrs, "global_symbol": f"{stem}_flash"})
                 gvar = bb.add_func(func, f"{stem}_flash")
                 site.lowered["primfuncs"] = [gvar.name_hint]
                 return relax.call_tir(gvar, relax.Tuple([q, k, v, *present]), out_ty)
-
-            def named(kernel):
-                def emit(x, *rest):
-                    out = bb.emit_te(kernel, x, *rest, primfunc_name_hint=f"{stem}_{kernel.__name__}")
-                    return out
-                return emit
 
             def scores_te(q_te, k_te, *rest):
                 b_te, kp_te, l_te = _split(rest, bias, keep, lengths)

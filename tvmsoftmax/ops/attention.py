@@ -52,7 +52,6 @@ from tvm import te, tirx
 from .exp import exp_nonpositive
 
 EMPTY_ROW_MODES = ("nan", "zero_if_nan", "zero_if_masked")
-STRATEGIES = ("materialized", "flash")
 FLT_LOWEST = -3.4028234663852886e38
 _LOWEST = {"float32": FLT_LOWEST, "float16": -65504.0}
 
@@ -92,14 +91,6 @@ class AttentionSpec:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> "AttentionSpec":
-        data = dict(data)
-        for key in ("bias_broadcast", "keep_broadcast"):
-            if data.get(key) is not None:
-                data[key] = tuple(data[key])
-        return cls(**data)
 
     def skip_threshold(self) -> float | None:
         """Mask values at or below this make a score negligible (see the module docstring)."""
