@@ -314,6 +314,20 @@ def test_family_every_attention_fused(family, exporter):
     assert report.passed, [(o.name, o.max_abs, o.max_rel) for o in report.outputs]
 
 
+def test_fused_model_artifact_round_trip(tmp_path):
+    """The manifest of a model with fused attention is JSON (the demo's save) and loads back."""
+    model = build("gpt2")
+    shapes = {i.name: [1, 8] for i in model.graph.input}
+    compiled = tvmsoftmax.compile(model, shapes=shapes)
+    path = compiled.save(tmp_path / "gpt2.tvmsm")
+    loaded = tvmsoftmax.load(path)
+    assert [s["id"] for s in loaded.sites] == [s["id"] for s in compiled.sites]
+    assert loaded.sites[0]["lowered"]["spec"]["dtype"] == "float32"
+    feeds = {"input_ids": np.arange(8, dtype=np.int64).reshape(1, 8), "attention_mask": np.ones((1, 8), np.int64)}
+    for got, want in zip(loaded.run(feeds).values(), compiled.run(feeds).values()):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_decomposed_form_guard_and_reason():
     """A Softmax that is not an attention keeps its own site and inspect says why."""
     sites = tvmsoftmax.inspect(build("gpt2"), shapes={"input_ids": [1, 8], "attention_mask": [1, 8]},

@@ -48,7 +48,7 @@ def make_attention_converter(contexts: list):
             if None in static:
                 raise ModelError(f"attention site {site.id} (node {site.node!r}): head counts and head sizes must be static, got Q {qs}, K {ks}, V {vs}")
             hq, hkv, d, dv = static
-            dtype = q.ty.dtype
+            dtype = str(q.ty.dtype)
 
             def flags(x):
                 dims = list(x.ty.shape.values)
@@ -58,7 +58,7 @@ def make_attention_converter(contexts: list):
                 q_heads=hq, kv_heads=hkv, head_size=d, v_head_size=dv, dtype=dtype,
                 scale=float(attr["scale"]), softcap=float(attr.get("softcap", 0.0)),
                 causal=int(attr.get("causal", 0)), empty_row=_text(attr["empty_row"]),
-                bias_dtype=bias.ty.dtype if bias is not None else None,
+                bias_dtype=str(bias.ty.dtype) if bias is not None else None,
                 bias_broadcast=flags(bias) if bias is not None else (False,) * 4,
                 keep_broadcast=flags(keep) if keep is not None else None,
                 fill=float(attr.get("fill", -3.4028234663852886e38)),
