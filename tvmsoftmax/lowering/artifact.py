@@ -45,6 +45,7 @@ class CompiledModel:
         self._executable = executable
         device_type = "cuda" if manifest["target"]["name"] == "cuda" else "cpu"
         self.device = tvm.cuda(0) if device_type == "cuda" else tvm.cpu(0)
+        self._on_cpu = device_type != "cuda"
         self._vm = VirtualMachine(vm_module, self.device)
 
     # ---- description -------------------------------------------------------------------------
@@ -113,8 +114,18 @@ class CompiledModel:
                         )
                     else:
                         bound[want] = got
-            args.append(tvm.runtime.tensor(np.ascontiguousarray(value), self.device))
+            args.append(self._device_tensor(np.ascontiguousarray(value)))
         return args
+
+    def _device_tensor(self, value: np.ndarray):
+        """The input as a TVM tensor: on the CPU the array itself when TVM may use it (C-contiguous,
+        64-byte aligned, as TVM's kernels assume; the kernels only read inputs), else a copy."""
+        import tvm
+
+        if (self._on_cpu and value.flags.c_contiguous and value.size
+                and value.ctypes.data % 64 == 0 and value.dtype != np.bool_):
+            return tvm.runtime.from_dlpack(value)
+        return tvm.runtime.tensor(value, self.device)
 
     def _invoke(self, args):
         return self._vm["main"](*args)

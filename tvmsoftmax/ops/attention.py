@@ -45,6 +45,7 @@ Two algorithms:
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 from tvm import te, tirx
@@ -348,11 +349,17 @@ def _flash_body(T, spec, tiling, masking, q, k, v, y, batch, sq, skv, i64):
     qb, kb = tiling.query_block, tiling.key_block
     hq, hkv, d, dv = spec.q_heads, spec.kv_heads, spec.head_size, spec.v_head_size
     threshold = spec.skip_threshold()
-    key_t = T.alloc_buffer((batch, hkv, d, skv), "float32", scope="global")
-    with T.grid(batch, i64(hkv), i64(d), skv) as (b, h, e, j):
+    # K packed per key tile as [D, key_block] (float32, zero past Skv): a vector of keys is one
+    # load, and a tile is contiguous (rows of a [D, Skv] layout, Skv * 4 bytes apart, would map
+    # to the same few L1 sets).
+    kv_tiles = tirx.floordiv(skv + i64(kb - 1), i64(kb))
+    key_t = T.alloc_buffer((batch, hkv, kv_tiles, d, kb), "float32", scope="global")
+    with T.grid(batch, i64(hkv), kv_tiles, i64(d), i64(kb)) as (b, h, t, e, jj):
         with T.sblock("flash_key_t"):
-            vb, vh, ve, vj = T.axis.remap("SSSS", [b, h, e, j])
-            T.buffer_store(key_t, _to_f32(_load(k, vb, vh, vj, ve)), [vb, vh, ve, vj])
+            vb, vh, vt, ve, vj = T.axis.remap("SSSSS", [b, h, t, e, jj])
+            j = vt * i64(kb) + vj
+            value = _to_f32(_load(k, vb, vh, tirx.min(j, skv - i64(1)), ve))
+            T.buffer_store(key_t, tirx.Select(j < skv, value, _f32(0.0)), [vb, vh, vt, ve, vj])
     q_blocks = tirx.floordiv(sq + i64(qb - 1), i64(qb))
     with T.grid(batch, i64(hq), q_blocks) as (b, h, blk):
         with T.sblock("flash_block"):
@@ -474,22 +481,26 @@ class _FlashTile:
                 )
                 T.buffer_store(self.flag, tirx.max(_load(self.flag, 0), low), [0])
 
+    @contextmanager
+    def scope(self, name, t):
+        """A scope block around one inner product or row reduction of tile t: the blocks around it
+        update the running state in place, and TensorIR reorders, vectorises and rfactors loops
+        only in scopes of pure dataflow."""
+        with self.T.sblock(name):
+            yield self.T.axis.spatial(self.tiles, t)
+
     def tile(self, t, suffix):
         T, i64, spec = self.T, self.i64, self.spec
         qb, kb = i64(self.qb), i64(self.kb)
-        # Each inner product sits in its own scope block: the tile blocks around it update the
-        # running state in place, and TensorIR reorders loops only in scopes of pure dataflow.
-        with T.sblock(f"flash_qk_tile{suffix}"):
-            vt = T.axis.spatial(self.tiles, t)
+        with self.scope(f"flash_qk_tile{suffix}", t) as vt:
             with T.grid(qb, kb, i64(self.d)) as (ii, jj, e):
                 with T.sblock(f"flash_qk{suffix}"):
                     vi, vj, ve = T.axis.remap("SSR", [ii, jj, e])
                     with T.init():
                         T.buffer_store(self.dots, _f32(0.0), [vi, vj])
-                    j = tirx.min(vt * kb + vj, self.skv - i64(1))
                     product = _to_f32(
                         _load(self.q, self.b, self.h, self.row(vi), ve)
-                    ) * _load(self.key_t, self.b, self.kh, ve, j)
+                    ) * _load(self.key_t, self.b, self.kh, vt, ve, vj)
                     T.buffer_store(
                         self.dots, _load(self.dots, vi, vj) + product, [vi, vj]
                     )
@@ -522,41 +533,47 @@ class _FlashTile:
                     T.buffer_store(
                         self.open_max, tirx.max(_load(self.open_max, vi), value), [vi]
                     )
-        with T.grid(qb, kb) as (ii, jj):
-            with T.sblock(f"flash_tile_max{suffix}"):
-                vi = T.axis.spatial(qb, ii)
-                vj = T.axis.reduce(kb, jj)
-                with T.init():
-                    T.buffer_store(self.tile_max, _load(self.m, vi), [vi])
-                T.buffer_store(
-                    self.tile_max,
-                    tirx.max(_load(self.tile_max, vi), _load(self.scores, vi, vj)),
-                    [vi],
-                )
-        with T.grid(qb, kb) as (ii, jj):
-            with T.sblock(f"flash_exp{suffix}"):
-                vi, vj = T.axis.remap("SS", [ii, jj])
-                p = exp_nonpositive(_load(self.scores, vi, vj) - _load(self.tile_max, vi))
-                T.buffer_store(self.probs, p, [vi, vj])
-        with T.grid(qb, kb) as (ii, jj):
-            with T.sblock(f"flash_sum{suffix}"):
-                vi = T.axis.spatial(qb, ii)
-                vj = T.axis.reduce(kb, jj)
-                with T.init():
-                    T.buffer_store(self.tile_sum, _f32(0.0), [vi])
-                T.buffer_store(self.tile_sum, _load(self.tile_sum, vi) + _load(self.probs, vi, vj), [vi])
+        # Row max and sum of the tile are pure reductions (identity init) so that a schedule can
+        # split them across vector lanes (rfactor); the running state is updated around them.
+        with self.scope(f"flash_tile_max_scope{suffix}", t):
+            with T.grid(qb, kb) as (ii, jj):
+                with T.sblock(f"flash_tile_max{suffix}"):
+                    vi = T.axis.spatial(qb, ii)
+                    vj = T.axis.reduce(kb, jj)
+                    with T.init():
+                        T.buffer_store(self.tile_max, _f32(FLT_LOWEST), [vi])
+                    T.buffer_store(
+                        self.tile_max,
+                        tirx.max(_load(self.tile_max, vi), _load(self.scores, vi, vj)),
+                        [vi],
+                    )
         with T.serial(qb) as ii:
             with T.sblock(f"flash_rescale{suffix}"):
                 vi = T.axis.spatial(qb, ii)
                 # e^(m_old - m_new) <= 1; -FLT_MAX - -FLT_MAX = 0 keeps an empty state at 1.
-                alpha = exp_nonpositive(_load(self.m, vi) - _load(self.tile_max, vi))
-                T.buffer_store(self.alpha, alpha, [vi])
+                new_max = tirx.max(_load(self.m, vi), _load(self.tile_max, vi))
+                T.buffer_store(self.alpha, exp_nonpositive(_load(self.m, vi) - new_max), [vi])
+                T.buffer_store(self.m, new_max, [vi])
+        with T.grid(qb, kb) as (ii, jj):
+            with T.sblock(f"flash_exp{suffix}"):
+                vi, vj = T.axis.remap("SS", [ii, jj])
+                p = exp_nonpositive(_load(self.scores, vi, vj) - _load(self.m, vi))
+                T.buffer_store(self.probs, p, [vi, vj])
+        with self.scope(f"flash_sum_scope{suffix}", t):
+            with T.grid(qb, kb) as (ii, jj):
+                with T.sblock(f"flash_sum{suffix}"):
+                    vi = T.axis.spatial(qb, ii)
+                    vj = T.axis.reduce(kb, jj)
+                    with T.init():
+                        T.buffer_store(self.tile_sum, _f32(0.0), [vi])
+                    T.buffer_store(self.tile_sum, _load(self.tile_sum, vi) + _load(self.probs, vi, vj), [vi])
+        with T.serial(qb) as ii:
+            with T.sblock(f"flash_total{suffix}"):
+                vi = T.axis.spatial(qb, ii)
                 T.buffer_store(self.total, _load(self.total, vi) * _load(self.alpha, vi) + _load(self.tile_sum, vi), [vi])
-                T.buffer_store(self.m, _load(self.tile_max, vi), [vi])
         # acc' = alpha * acc + P V: the rescaled state is the inner product's initial value (a
         # separate buffer, then copied back: TensorIR vectorises no in-place update).
-        with T.sblock(f"flash_pv_tile{suffix}"):
-            vt = T.axis.spatial(self.tiles, t)
+        with self.scope(f"flash_pv_tile{suffix}", t) as vt:
             with T.grid(qb, kb, i64(self.dv)) as (ii, jj, e):
                 with T.sblock(f"flash_pv{suffix}"):
                     vi, vj, ve = T.axis.remap("SRS", [ii, jj, e])

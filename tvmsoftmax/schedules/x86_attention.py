@@ -26,7 +26,8 @@ class X86AttentionKnobs:
     vector_lanes: int = 8  # float32 lanes of a vector register
     query_block: int = 32  # query rows that share each K/V tile (flash) or score tile
     key_block: int = 64  # keys per tile (flash: the online-softmax rescale granularity)
-    rows: int = 4  # query rows of one register block
+    rows: int = 4  # query rows of one register block of the scores (Q K^T)
+    pv_rows: int = 4  # query rows of one register block of P V (and the materialized output)
     softmax_algorithm: str = "auto"  # materialized: the softmax algorithm of the score rows
 
     def tiling(self) -> FlashTiling:
@@ -59,10 +60,9 @@ def _vectorize(sch, loop, lanes: int, unroll: bool = False):
         sch.unroll(outer)
 
 
-def _register_block(sch, block, row_loop, reduce_loop, vector_loop, knobs):
+def _register_block(sch, block, row_loop, reduce_loop, vector_loop, lanes: int, rows: int):
     """(rows x vector) accumulators in registers, the reduction axis outside them."""
-    lanes = knobs.vector_lanes
-    rows = knobs.rows if static_extent(sch.get(row_loop).extent) % knobs.rows == 0 else 1
+    rows = rows if static_extent(sch.get(row_loop).extent) % rows == 0 else 1
     row_outer, row_inner = sch.split(row_loop, [None, rows])
     vec_outer, vec_inner = sch.split(vector_loop, [None, lanes])
     sch.reorder(row_outer, reduce_loop, row_inner, vec_outer, vec_inner)
@@ -72,11 +72,27 @@ def _register_block(sch, block, row_loop, reduce_loop, vector_loop, knobs):
     sch.decompose_reduction(block, reduce_loop)
 
 
+def _lane_reduce(sch, block, lanes: int):
+    """A row reduction [rows, n] -> [rows] as `lanes` partial results per row (rfactor), combined
+    vector-wise along the row, then `lanes` scalars per row: the serial chain of n dependent max/add
+    becomes n / lanes vector ops."""
+    reduce = sch.get_loops(block)[-1]
+    extent = static_extent(sch.get(reduce).extent)
+    if extent is None or extent % lanes:
+        return
+    _outer, inner = sch.split(reduce, [None, lanes])
+    partial = sch.rfactor(inner, factor_axis=1)
+    step, lane = sch.get_loops(partial)[-2:]  # rfactor keeps the order: lane is innermost
+    sch.vectorize(lane)
+    sch.decompose_reduction(partial, step)
+    sch.unroll(sch.get_loops(block)[-1])
+
+
 def schedule_flash(func: tirx.PrimFunc, knobs: X86AttentionKnobs) -> tirx.PrimFunc:
     sch = s_tir.Schedule(func)
     blocks = _blocks(sch)
     lanes = knobs.vector_lanes
-    b, h, e, j = sch.get_loops(blocks["flash_key_t"])
+    b, h, _t, _e, j = sch.get_loops(blocks["flash_key_t"])
     sch.parallel(sch.fuse(b, h))
     sch.parallel(sch.fuse(*sch.get_loops(blocks["flash_block"])))
     for name, block in blocks.items():
@@ -85,10 +101,12 @@ def schedule_flash(func: tirx.PrimFunc, knobs: X86AttentionKnobs) -> tirx.PrimFu
             loops = sch.get_loops(block)
             if base == "flash_qk":
                 rows, keys, depth = loops
-                _register_block(sch, block, rows, depth, keys, knobs)
+                _register_block(sch, block, rows, depth, keys, lanes, knobs.rows)
             else:
                 rows, keys, dims = loops
-                _register_block(sch, block, rows, keys, dims, knobs)
+                _register_block(sch, block, rows, keys, dims, lanes, knobs.pv_rows)
+        elif base in ("flash_tile_max", "flash_sum"):
+            _lane_reduce(sch, block, lanes)
         elif base in ("flash_mask", "flash_exp", "flash_update", "flash_init_acc", "flash_output"):
             _vectorize(sch, sch.get_loops(block)[-1], lanes)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
@@ -98,14 +116,23 @@ def choose(requested: str, dims: dict, spec, vector_lanes: int, algorithm: str =
     """The `auto` rule for x86: flash (it never materialises the scores and skips masked tiles;
     it was faster than materialized on every benchmark shape, benchmarks/README.md).
 
-    Knobs: 32-row query blocks and 64-key tiles (a K tile of 64 x D floats stays in L1 while the
-    block's rows use it); register blocks of 4 rows (2 when the value dim is over 64, so that
-    rows x Dv / lanes accumulators fit in the 16/32 vector registers).
+    Knobs: 32-row query blocks and 64-key tiles (a packed K tile of 64 x D floats stays in L1/L2
+    while the block's rows use it). Register blocks hold at most half the vector registers as
+    accumulators (32 registers with AVX-512, 16 with AVX2), the rest for operands: scores
+    rows x key_block / lanes, P V pv_rows x Dv / lanes. Measured (1 thread, (1,12,512,64)):
+    AVX-512 4 rows 157 GFLOP/s vs 8-row/32-key 130; AVX2 code 1 row 86 vs 2 rows 58 (spills).
     """
     strategy = "flash" if requested == "auto" else requested
-    rows = 4 if spec.v_head_size <= 64 else 2
+    key_block, query_block = 64, 32
+    budget = (32 if vector_lanes >= 16 else 16) // 2
+
+    def rows_for(width: int) -> int:
+        rows = max(1, budget // max(1, -(-width // vector_lanes)))
+        return 1 << (rows.bit_length() - 1)  # a power of two: it divides the query block
+
     return strategy, X86AttentionKnobs(
-        vector_lanes=vector_lanes, query_block=32, key_block=64, rows=rows, softmax_algorithm=algorithm
+        vector_lanes=vector_lanes, query_block=query_block, key_block=key_block,
+        rows=rows_for(key_block), pv_rows=rows_for(spec.v_head_size), softmax_algorithm=algorithm,
     )
 
 
@@ -149,7 +176,7 @@ def schedule_output(func: tirx.PrimFunc, knobs: X86AttentionKnobs) -> tirx.PrimF
             sch.compute_at(blocks[name], outer, preserve_unit_loops=True)
     loops = sch.get_loops(pv)
     i_loop, e_loop, j_loop = loops[-3:]
-    _register_block(sch, pv, i_loop, j_loop, e_loop, knobs)
+    _register_block(sch, pv, i_loop, j_loop, e_loop, knobs.vector_lanes, knobs.pv_rows)
     _vectorize(sch, sch.get_loops(output)[-1], knobs.vector_lanes)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
