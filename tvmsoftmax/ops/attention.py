@@ -187,6 +187,13 @@ class _Masking:
         value = self.bias_value(b, h, i, j) if self.bias is not None else _f32(0.0)
         return tirx.Select(self.allowed(b, i, j), value, _f32(-math.inf))
 
+    def row_open(self, b, i):
+        """max over keys of `mask_open` when it needs no per-key value (no bias): 0 if the row
+        allows some key, else -inf; None when the bias decides."""
+        if self.bias is not None:
+            return None
+        return tirx.Select(self.key_end(b, i) > tirx.const(0, "int64"), _f32(0.0), _f32(-math.inf))
+
     def negligible(self, b, h, i, j, threshold: float):
         """True where the score cannot count unless its row is fully masked (tile skipping)."""
         conditions = [tirx.Not(self.allowed(b, i, j))]
@@ -201,7 +208,8 @@ class _Masking:
 
 
 def finalize_row(spec: AttentionSpec, value, total, open_max):
-    """y = acc / l with the ``empty_row`` rule; `open_max` is the row's `mask_open` maximum."""
+    """y = acc / l with the ``empty_row`` rule; `open_max` >= the lowest float iff the mask keeps
+    some key of the row (the maximum of `mask_open`, or 0 / -inf)."""
     y = value / total
     if spec.empty_row == "zero_if_nan":
         return tirx.Select(
@@ -375,6 +383,7 @@ def _flash_body(T, spec, tiling, masking, q, k, v, y, batch, sq, skv, i64):
             tile_pv = T.sblock_alloc_buffer((qb, dv), "float32")
             alpha = T.sblock_alloc_buffer((qb,), "float32")
             open_max = T.sblock_alloc_buffer((qb,), "float32")
+            tile_open = T.sblock_alloc_buffer((qb,), "float32")
             flag = T.sblock_alloc_buffer((1,), "float32")
             q0 = vblk * i64(qb)
             kh = tirx.floordiv(vh, i64(spec.group))
@@ -388,7 +397,7 @@ def _flash_body(T, spec, tiling, masking, q, k, v, y, batch, sq, skv, i64):
                 T, spec, masking, q=q, key_t=key_t, v=v, b=vb, h=vh, kh=kh, q0=q0, sq=sq, skv=skv,
                 i64=i64, qb=qb, kb=kb, d=d, dv=dv, tiles=tiles, m=m, total=total, acc=acc, dots=dots,
                 scores=scores, probs=probs, tile_max=tile_max, tile_sum=tile_sum, tile_pv=tile_pv,
-                alpha=alpha, open_max=open_max, flag=flag,
+                alpha=alpha, open_max=open_max, tile_open=tile_open, flag=flag,
             )
             ctx.init("")
             with T.serial(tiles) as t:
@@ -437,7 +446,8 @@ class _FlashTile:
                 vi = T.axis.spatial(i64(self.qb), ii)
                 T.buffer_store(self.m, _f32(FLT_LOWEST), [vi])
                 T.buffer_store(self.total, _f32(0.0), [vi])
-                T.buffer_store(self.open_max, _f32(-math.inf), [vi])
+                row_open = self.masking.row_open(self.b, self.row(vi))
+                T.buffer_store(self.open_max, _f32(-math.inf) if row_open is None else row_open, [vi])
         with T.grid(i64(self.qb), i64(self.dv)) as (ii, e):
             with T.sblock(f"flash_init_acc{suffix}"):
                 vi, ve = T.axis.remap("SS", [ii, e])
@@ -519,20 +529,24 @@ class _FlashTile:
                 T.buffer_store(
                     self.scores, tirx.Select(j < self.skv, s, _f32(-math.inf)), [vi, vj]
                 )
-        if spec.empty_row == "zero_if_masked":
-            with T.grid(qb, kb) as (ii, jj):
-                with T.sblock(f"flash_open{suffix}"):
-                    vt = T.axis.spatial(self.tiles, t)
-                    vi = T.axis.spatial(qb, ii)
-                    vj = T.axis.reduce(kb, jj)
-                    j = vt * kb + vj
-                    value = self.masking.mask_open(
-                        self.b, self.h, self.row(vi), tirx.min(j, self.skv - i64(1))
-                    )
-                    value = tirx.Select(j < self.skv, value, _f32(-math.inf))
-                    T.buffer_store(
-                        self.open_max, tirx.max(_load(self.open_max, vi), value), [vi]
-                    )
+        per_key_open = spec.empty_row == "zero_if_masked" and self.masking.row_open(self.b, self.q0) is None
+        if per_key_open:
+            with self.scope(f"flash_open_scope{suffix}", t) as vt:
+                with T.grid(qb, kb) as (ii, jj):
+                    with T.sblock(f"flash_open{suffix}"):
+                        vi = T.axis.spatial(qb, ii)
+                        vj = T.axis.reduce(kb, jj)
+                        # 0 where the mask keeps key j, else the lowest float (the identity of
+                        # a max that a schedule can split across lanes; -inf is not one).
+                        with T.init():
+                            T.buffer_store(self.tile_open, _f32(FLT_LOWEST), [vi])
+                        j = vt * kb + vj
+                        value = self.masking.mask_open(
+                            self.b, self.h, self.row(vi), tirx.min(j, self.skv - i64(1))
+                        )
+                        kept = tirx.And(j < self.skv, value >= _f32(FLT_LOWEST))
+                        value = tirx.Select(kept, _f32(0.0), _f32(FLT_LOWEST))
+                        T.buffer_store(self.tile_open, tirx.max(_load(self.tile_open, vi), value), [vi])
         # Row max and sum of the tile are pure reductions (identity init) so that a schedule can
         # split them across vector lanes (rfactor); the running state is updated around them.
         with self.scope(f"flash_tile_max_scope{suffix}", t):
@@ -554,6 +568,9 @@ class _FlashTile:
                 new_max = tirx.max(_load(self.m, vi), _load(self.tile_max, vi))
                 T.buffer_store(self.alpha, exp_nonpositive(_load(self.m, vi) - new_max), [vi])
                 T.buffer_store(self.m, new_max, [vi])
+                if per_key_open:
+                    opened = tirx.Select(_load(self.tile_open, vi) >= _f32(0.0), _f32(0.0), _f32(-math.inf))
+                    T.buffer_store(self.open_max, tirx.max(_load(self.open_max, vi), opened), [vi])
         with T.grid(qb, kb) as (ii, jj):
             with T.sblock(f"flash_exp{suffix}"):
                 vi, vj = T.axis.remap("SS", [ii, jj])

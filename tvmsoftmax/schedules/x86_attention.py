@@ -105,7 +105,7 @@ def schedule_flash(func: tirx.PrimFunc, knobs: X86AttentionKnobs) -> tirx.PrimFu
             else:
                 rows, keys, dims = loops
                 _register_block(sch, block, rows, keys, dims, lanes, knobs.pv_rows)
-        elif base in ("flash_tile_max", "flash_sum"):
+        elif base in ("flash_tile_max", "flash_sum", "flash_open"):
             _lane_reduce(sch, block, lanes)
         elif base in ("flash_mask", "flash_exp", "flash_update", "flash_init_acc", "flash_output"):
             _vectorize(sch, sch.get_loops(block)[-1], lanes)
