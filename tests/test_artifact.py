@@ -55,6 +55,9 @@ def test_run_on_aligned_and_unaligned_inputs(compiled):
         np.testing.assert_array_equal(fed, x)
     strided = np.repeat(x, 2, axis=1)[:, ::2]
     np.testing.assert_array_equal(compiled.run({"x": strided})["y"], want)
+    readonly = _at_offset(x, 0)
+    readonly.flags.writeable = False
+    np.testing.assert_array_equal(compiled.run({"x": readonly})["y"], want)
 
 
 def test_save_is_atomic(compiled, tmp_path, monkeypatch):

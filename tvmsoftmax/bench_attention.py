@@ -167,8 +167,12 @@ def summarize(results: list) -> dict:
             ours = min(times[n] for n in ("flash", "materialized") if n in times)
             summary[key] = {"best_ours_vs_best_onnxruntime": best_ort / ours,
                             "flash_vs_best_onnxruntime": best_ort / times["flash"] if "flash" in times else None}
+        # Causal vs the same shape without the mask (flash), when both were run.
+        flash = {(tuple(r["shape"]), r["causal"]): r["median_s"] for r in rows if r["implementation"] == "flash"}
+        for (shape, causal), median in flash.items():
+            if causal and (shape, False) in flash:
+                summary[f"{shape} causal"]["flash_causal_vs_not_causal"] = flash[(shape, False)] / median
         out[f"{threads} thread(s)"] = summary
-    # Causal vs the same shape without the mask (flash), when both were run.
     return out
 
 

@@ -119,12 +119,16 @@ class CompiledModel:
 
     def _device_tensor(self, value: np.ndarray):
         """The input as a TVM tensor: on the CPU the array itself when TVM may use it (C-contiguous,
-        64-byte aligned, as TVM's kernels assume; the kernels only read inputs), else a copy."""
+        writeable (DLPack has no read-only flag here), 64-byte aligned, as TVM's kernels assume;
+        the kernels only read inputs), else a copy."""
         import tvm
 
-        if (self._on_cpu and value.flags.c_contiguous and value.size
+        if (self._on_cpu and value.flags.c_contiguous and value.flags.writeable and value.size
                 and value.ctypes.data % 64 == 0 and value.dtype != np.bool_):
-            return tvm.runtime.from_dlpack(value)
+            try:
+                return tvm.runtime.from_dlpack(value)
+            except (BufferError, RuntimeError):  # a layout or dtype DLPack cannot express
+                pass
         return tvm.runtime.tensor(value, self.device)
 
     def _invoke(self, args):
