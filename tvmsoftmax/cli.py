@@ -274,6 +274,35 @@ def demo_command(family, exporter, algorithm, out):
     sys.exit(0 if report.passed else 1)
 
 
+@main.command("bundle")
+@click.argument("artifacts", nargs=-1, required=True, type=click.Path(dir_okay=False, exists=True))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="bundle folder to write")
+@click.option("--reference", "references", multiple=True, metavar="ARTIFACT=MODEL.onnx",
+              help="add a check case: seeded inputs and onnxruntime's outputs of the model ARTIFACT came from")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=D1,D2",
+              help="input shape (or DIMNAME=N for a symbolic dim) of the check cases' inputs")
+@click.option("--python", "python", default=None, help="Python version of the deployment host, e.g. 3.12 (default: this one)")
+@click.option("--ffi-wheel", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="apache-tvm-ffi wheel for that Python (default: pip download, or this install for this Python)")
+@_fail_cleanly
+def bundle_command(artifacts, output, references, shapes, python, ffi_wheel):
+    """Write a runtime bundle: ARTIFACTS, TVM's runtime without its compiler, a runner (run.py) and
+    optional check cases, for a host with Python and numpy but no TVM."""
+    from .deploy import bundle_size, reference_case, write_bundle
+
+    names = {Path(a).name: a for a in artifacts}
+    parsed = _parse_shapes(shapes)
+    cases = {}
+    for item in references:
+        art, sep, model = item.partition("=")
+        if not sep or Path(art).name not in names:
+            raise click.BadParameter(f"{item!r}: expected ARTIFACT=MODEL.onnx with ARTIFACT one of {', '.join(names)}")
+        cases[Path(art).stem] = reference_case(names[Path(art).name], model, shapes=parsed)
+    with console.status("writing the bundle..."):
+        path = write_bundle(output, list(artifacts), cases=cases, python=python, ffi_wheel=ffi_wheel)
+    console.print(f"wrote {path} ({bundle_size(path) / 2**20:.1f} MiB): python {path}/run.py check")
+
+
 @main.group("bench")
 def bench_group():
     """Benchmarks (JSON results; peers timed side by side)."""
