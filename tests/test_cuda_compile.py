@@ -56,3 +56,24 @@ def test_whole_model_cross_compiles(tmp_path):
     assert manifest["target"]["name"] == "cuda" and manifest["target"]["arch"] == "sm_90"
     with pytest.raises(tvmsoftmax.TvmSoftmaxError, match="GPU"):
         compiled.run({})
+
+
+@pytest.mark.parametrize("algorithm", ["three-pass-recompute", "two-pass", "online"])
+def test_short_rows_get_a_warp_each(algorithm, tmp_path):
+    # 300-element rows: a warp per row, 4 rows per 128-thread block (threadIdx.y), the row's 32
+    # partial states in shared memory per row; rows that 4 does not divide: one warp per block.
+    compiled = tvmsoftmax.compile(softmax_model("Softmax", (4096, 300)), target="cuda", algorithm=algorithm)
+    (site,) = compiled.sites
+    assert site["lowered"]["knobs"] == {"threads": 32, "rows_per_block": 4}
+    source = cuda_source(compiled)
+    assert re.search(r"__launch_bounds__\(128\) tvmsoftmax_site0", source)
+    assert "threadIdx.y" in source and re.search(r"__shared__ alignas\(\d+\) float \w+_partial\w*\[128\]", source)
+    odd = tvmsoftmax.compile(softmax_model("Softmax", (77, 300)), target="cuda", algorithm=algorithm)
+    assert odd.sites[0]["lowered"]["knobs"] == {"threads": 32, "rows_per_block": 1}
+    if shutil.which("nvcc"):
+        for name, c in (("a", compiled), ("b", odd)):
+            path = tmp_path / f"{name}.cu"
+            path.write_text(cuda_source(c))
+            result = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-o", str(tmp_path / f"{name}.cubin"), str(path)],
+                                    capture_output=True, text=True, timeout=300, check=False)
+            assert result.returncode == 0, result.stderr[-3000:]

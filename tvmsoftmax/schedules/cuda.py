@@ -3,7 +3,8 @@
 The ``threads`` partial states of a row (one per thread, interleaved so that a warp reads
 consecutive elements) live in shared memory; every thread merges them into its own copy of the row
 state (local), then the threads write the output together. Rows are (outer, inner) pairs, so a
-strided axis works too (uncoalesced). The warp-per-row and split-row schedules are issue 5.
+strided axis works too (uncoalesced). Short rows get a warp per row (``threads=32``) and ``rows_per_block`` rows per block
+(threadIdx.y). The split-row schedule (a row across blocks) is not built yet.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from ._tir import named_root_blocks
 class CudaSoftmaxKnobs:
     """Tunable knobs of the CUDA softmax schedule."""
 
-    threads: int = 256  # threads per block (= partial states per row)
+    threads: int = 256  # threads of one row (= partial states per row): 32 = a warp per row
+    rows_per_block: int = 1  # rows of one thread block (threadIdx.y), for short rows
 
     def partitioning(self, contiguous_rows: bool) -> Partitioning:
         return Partitioning(partials=self.threads, splits=1)
@@ -47,8 +49,16 @@ def choose(requested: str, log: bool, view: list[int | None]) -> tuple[str, Cuda
             f"{SHARED_ROW_LIMIT} elements (this one: {length if length is not None else 'dynamic'}); "
             "use three-pass-recompute, online or two-pass"
         )
-    threads = 256 if length is None or length >= 2048 else 128 if length >= 256 else 32
-    return algorithm, CudaSoftmaxKnobs(threads=threads)
+    # Long rows: a 256-thread block per row. Short rows: a warp per row (its states merged from
+    # shared memory within the warp), several rows per block so a block still has 128+ threads.
+    if length is None or length >= 2048:
+        return algorithm, CudaSoftmaxKnobs(threads=256)
+    if length >= 1024:
+        return algorithm, CudaSoftmaxKnobs(threads=128)
+    # Several rows per block only when they divide the rows: a partial last block would put the
+    # block's barriers under a row predicate, which TVM refuses.
+    rows = None if view[0] is None or view[2] is None else view[0] * view[2]
+    return algorithm, CudaSoftmaxKnobs(threads=32, rows_per_block=4 if rows is not None and rows % 4 == 0 else 1)
 
 
 def schedule_softmax(func: tirx.PrimFunc, knobs: CudaSoftmaxKnobs) -> tirx.PrimFunc:
@@ -58,12 +68,17 @@ def schedule_softmax(func: tirx.PrimFunc, knobs: CudaSoftmaxKnobs) -> tirx.PrimF
     o, k, i = sch.get_loops(output)
     sch.reorder(o, i, k)
     row = sch.fuse(o, i)
-    sch.bind(row, "blockIdx.x")
+    if knobs.rows_per_block > 1:
+        block_loop, row = sch.split(row, [None, knobs.rows_per_block])
+        sch.bind(block_loop, "blockIdx.x")
+        sch.bind(row, "threadIdx.y")
+    else:
+        sch.bind(row, "blockIdx.x")
     _, tx = sch.split(k, [None, knobs.threads])
     sch.bind(tx, "threadIdx.x")
     for name, block in reversed(named[:-1]):
         sch.compute_at(block, row)
-        loops = sch.get_loops(block)[1:]
+        loops = sch.get_loops(block)[2 if knobs.rows_per_block > 1 else 1:]
         if name.endswith("_partial"):
             sch.set_scope(block, 0, "shared")
             if len(sch.get(block).writes) > 1:
