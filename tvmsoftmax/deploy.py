@@ -76,9 +76,10 @@ def _ffi_wheel_for(python: str, ffi_wheel: Path | None, scratch: Path) -> Path:
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wheels = sorted(scratch.glob(f"apache_tvm_ffi-*cp{tag}*.whl"))
     if result.returncode != 0 or not wheels:
+        reason = (result.stderr.strip().splitlines() or ["no matching wheel"])[-1]
         raise TvmSoftmaxError(
             f"bundle for Python {python}: TVM's FFI package is compiled per Python version and pip could not "
-            f"download {pin} for cp{tag} ({result.stderr.strip().splitlines()[-1:] or 'no wheel'}); "
+            f"download {pin} for cp{tag} ({reason}); "
             "download that wheel elsewhere and pass it with --ffi-wheel"
         )
     return wheels[0]
