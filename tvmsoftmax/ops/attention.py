@@ -499,6 +499,17 @@ class _FlashTile:
         with self.T.sblock(name):
             yield self.T.axis.spatial(self.tiles, t)
 
+    def row_reduce(self, name, t, out, identity: float, combine, value_of):
+        """out[i] = combine over the tile's keys j of value_of(vt, i, j), from `identity`: a pure
+        reduction in its own scope block (``{name}_scope``), which the schedule splits across lanes."""
+        T, qb, kb = self.T, self.i64(self.qb), self.i64(self.kb)
+        with self.scope(f"{name}_scope", t) as vt, T.grid(qb, kb) as (ii, jj), T.sblock(name):
+            vi = T.axis.spatial(qb, ii)
+            vj = T.axis.reduce(kb, jj)
+            with T.init():
+                T.buffer_store(out, _f32(identity), [vi])
+            T.buffer_store(out, combine(_load(out, vi), value_of(vt, vi, vj)), [vi])
+
     def tile(self, t, suffix):
         T, i64, spec = self.T, self.i64, self.spec
         qb, kb = i64(self.qb), i64(self.kb)
@@ -531,36 +542,19 @@ class _FlashTile:
                 )
         per_key_open = spec.empty_row == "zero_if_masked" and self.masking.row_open(self.b, self.q0) is None
         if per_key_open:
-            with self.scope(f"flash_open_scope{suffix}", t) as vt:
-                with T.grid(qb, kb) as (ii, jj):
-                    with T.sblock(f"flash_open{suffix}"):
-                        vi = T.axis.spatial(qb, ii)
-                        vj = T.axis.reduce(kb, jj)
-                        # 0 where the mask keeps key j, else the lowest float (the identity of
-                        # a max that a schedule can split across lanes; -inf is not one).
-                        with T.init():
-                            T.buffer_store(self.tile_open, _f32(FLT_LOWEST), [vi])
-                        j = vt * kb + vj
-                        value = self.masking.mask_open(
-                            self.b, self.h, self.row(vi), tirx.min(j, self.skv - i64(1))
-                        )
-                        kept = tirx.And(j < self.skv, value >= _f32(FLT_LOWEST))
-                        value = tirx.Select(kept, _f32(0.0), _f32(FLT_LOWEST))
-                        T.buffer_store(self.tile_open, tirx.max(_load(self.tile_open, vi), value), [vi])
+            # 0 where the mask keeps key j, else the lowest float (the identity of a max that a
+            # schedule can split across lanes; -inf is not one).
+            def kept(vt, vi, vj):
+                j = vt * kb + vj
+                value = self.masking.mask_open(self.b, self.h, self.row(vi), tirx.min(j, self.skv - i64(1)))
+                keep = tirx.And(j < self.skv, value >= _f32(FLT_LOWEST))
+                return tirx.Select(keep, _f32(0.0), _f32(FLT_LOWEST))
+
+            self.row_reduce(f"flash_open{suffix}", t, self.tile_open, FLT_LOWEST, tirx.max, kept)
         # Row max and sum of the tile are pure reductions (identity init) so that a schedule can
         # split them across vector lanes (rfactor); the running state is updated around them.
-        with self.scope(f"flash_tile_max_scope{suffix}", t):
-            with T.grid(qb, kb) as (ii, jj):
-                with T.sblock(f"flash_tile_max{suffix}"):
-                    vi = T.axis.spatial(qb, ii)
-                    vj = T.axis.reduce(kb, jj)
-                    with T.init():
-                        T.buffer_store(self.tile_max, _f32(FLT_LOWEST), [vi])
-                    T.buffer_store(
-                        self.tile_max,
-                        tirx.max(_load(self.tile_max, vi), _load(self.scores, vi, vj)),
-                        [vi],
-                    )
+        self.row_reduce(f"flash_tile_max{suffix}", t, self.tile_max, FLT_LOWEST, tirx.max,
+                        lambda vt, vi, vj: _load(self.scores, vi, vj))
         with T.serial(qb) as ii:
             with T.sblock(f"flash_rescale{suffix}"):
                 vi = T.axis.spatial(qb, ii)
@@ -576,14 +570,8 @@ class _FlashTile:
                 vi, vj = T.axis.remap("SS", [ii, jj])
                 p = exp_nonpositive(_load(self.scores, vi, vj) - _load(self.m, vi))
                 T.buffer_store(self.probs, p, [vi, vj])
-        with self.scope(f"flash_sum_scope{suffix}", t):
-            with T.grid(qb, kb) as (ii, jj):
-                with T.sblock(f"flash_sum{suffix}"):
-                    vi = T.axis.spatial(qb, ii)
-                    vj = T.axis.reduce(kb, jj)
-                    with T.init():
-                        T.buffer_store(self.tile_sum, _f32(0.0), [vi])
-                    T.buffer_store(self.tile_sum, _load(self.tile_sum, vi) + _load(self.probs, vi, vj), [vi])
+        self.row_reduce(f"flash_sum{suffix}", t, self.tile_sum, 0.0, lambda x, y: x + y,
+                        lambda vt, vi, vj: _load(self.probs, vi, vj))
         with T.serial(qb) as ii:
             with T.sblock(f"flash_total{suffix}"):
                 vi = T.axis.spatial(qb, ii)
