@@ -77,3 +77,31 @@ def test_short_rows_get_a_warp_each(algorithm, tmp_path):
             result = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-o", str(tmp_path / f"{name}.cubin"), str(path)],
                                     capture_output=True, text=True, timeout=300, check=False)
             assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_artifact_carries_one_fatbin_per_cuda_module(tmp_path):
+    """Cross-compiled CUDA kernels are built by nvcc here and stored in the artifact; at load the
+    CUDA runtime's compile request is answered with exactly that fatbin (no compiler there)."""
+    import zipfile
+
+    import tvm_ffi
+
+    from tvmsoftmax.lowering import device_code
+    from tvmsoftmax.lowering.artifact import _read_fatbins
+
+    if device_code.nvcc_path() is None:
+        pytest.skip("needs nvcc")
+    compiled = tvmsoftmax.compile(softmax_model("LogSoftmax", (64, 1000)), target="cuda", arch="sm_80")
+    path = compiled.save(tmp_path / "m.tvmsm")
+    (source,) = device_code.cuda_sources(compiled.executable.mod)
+    (entry,) = compiled.manifest["cuda_kernels"]
+    assert entry["source_sha256"] == device_code.source_sha256(source) and entry["arch"] == "sm_80"
+    with zipfile.ZipFile(path) as archive:
+        fatbins = _read_fatbins(path, archive, compiled.manifest)
+        blob = archive.read(entry["member"])
+    assert blob[:4] == bytes.fromhex("50ed55ba") and len(blob) == entry["bytes"]
+    device_code.install_fatbins(fatbins)
+    assert bytes(tvm_ffi.get_global_func("tvm_callback_cuda_compile")(source)) == blob
+    tampered = dict(compiled.manifest, cuda_kernels=[dict(entry, sha256="0" * 64)])
+    with zipfile.ZipFile(path) as archive, pytest.raises(tvmsoftmax.ArtifactError, match="does not match its checksum"):
+        _read_fatbins(path, archive, tampered)

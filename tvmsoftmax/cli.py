@@ -74,7 +74,7 @@ def _parse_inputs(values: tuple[str, ...]) -> dict[str, np.ndarray]:
 def _target_options(fn):
     fn = click.option("--target", type=click.Choice(["x86", "cuda"]), default="x86", show_default=True)(fn)
     fn = click.option("--arch", default=None, help="CUDA arch, e.g. sm_90 or sm_80 (target cuda)")(fn)
-    fn = click.option("--mcpu", default=None, help="LLVM CPU for x86 code (default: this host's)")(fn)
+    fn = click.option("--mcpu", default=None, help="LLVM CPU of the x86 code (default: this host's; for CUDA the host side defaults to x86-64-v2)")(fn)
     fn = click.option("--algorithm", type=click.Choice(ALGORITHMS), default="auto", show_default=True)(fn)
     fn = click.option("--attention", type=click.Choice(STRATEGY_CHOICES), default="auto", show_default=True,
                       help="fused attention strategy (none: leave attention as MatMul/Softmax/MatMul)")(fn)

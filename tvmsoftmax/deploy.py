@@ -12,7 +12,9 @@
   ``TVM_USE_RUNTIME_LIB=1`` and runs, checks and times the artifacts;
 * ``bundle.json``: the Python version the bundle is for, versions, artifacts, cases.
 
-The host needs Python (the version given), numpy and, for CUDA artifacts, an NVIDIA driver; TVM's
+For CUDA artifacts, ``python/tvm/lib`` also gets the CUDA runtime library (``libcudart.so.13``)
+from this machine's toolkit; the artifacts carry their kernels compiled (fatbins), so the GPU host
+needs no compiler. The host needs Python (the version given), numpy and, for CUDA artifacts, an NVIDIA driver; TVM's
 FFI package is compiled per Python version, so for another version than this one its wheel is
 taken from ``ffi_wheel`` or downloaded with pip (``pip download apache-tvm-ffi==<this version>``).
 """
@@ -99,6 +101,27 @@ def _python_tree(dest: Path, python: str, ffi_wheel: Path | None, scratch: Path)
     _copy_tree(package, dest / "tvmsoftmax", {"__pycache__"})
 
 
+def _carry_cudart(lib_dir: Path) -> None:
+    """Put the CUDA runtime library TVM's CUDA runtime links against (``libcudart.so.13``, under
+    1 MB) beside it: found through its ``$ORIGIN`` run path on a host that has only the driver."""
+    name = "libcudart.so.13"
+    from .lowering.device_code import nvcc_path
+
+    roots = [Path(p).resolve().parent.parent for p in [nvcc_path()] if p]
+    roots += [Path(os.environ[v]) for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    roots.append(Path("/usr/local/cuda"))
+    for root in roots:
+        for sub in ("lib64", "lib", "targets/x86_64-linux/lib"):
+            candidate = root / sub / name
+            if candidate.is_file():
+                shutil.copy2(candidate.resolve(), lib_dir / name)
+                return
+    raise TvmSoftmaxError(
+        f"bundle: CUDA artifacts need {name} beside TVM's CUDA runtime and it was not found under "
+        "the CUDA toolkit (nvcc on PATH or CUDA_HOME)"
+    )
+
+
 def write_bundle(out, artifacts, *, cases: dict | None = None, python: str | None = None,
                  ffi_wheel=None, extra: dict | None = None) -> Path:
     """Write a runtime bundle to the folder `out` (replaced if it is a bundle already).
@@ -136,6 +159,8 @@ def write_bundle(out, artifacts, *, cases: dict | None = None, python: str | Non
                 np.savez(stage / "cases" / f"{name}.npz", **arrays)
                 case_index[name] = {k: v for k, v in case.items() if k not in ("inputs", "outputs")}
         _python_tree(stage / "python", python, ffi_wheel, Path(scratch))
+        if any(m["target"]["name"] == "cuda" for m in manifests.values()):
+            _carry_cudart(stage / "python" / "tvm" / "lib")
         shutil.copy2(Path(__file__).parent / "bundle_runner.py", stage / "run.py")
         import tvm
 

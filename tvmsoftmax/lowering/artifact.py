@@ -5,7 +5,9 @@ An artifact is one file (a zip archive, conventionally ``*.tvmsm``) holding
 * ``model.so``: the compiled library (TVM Relax VM executable, exported with g++), and
 * ``manifest.json``: format version, tvmsoftmax/TVM versions, target (with the CPU features the
   code needs), inputs and outputs (dtypes, shapes with symbolic dims by name), every rewritten
-  site with its algorithm and schedule knobs, sha256 of the source model and of the library.
+  site with its algorithm and schedule knobs, sha256 of the source model and of the library;
+* for CUDA, ``kernels/<sha256 of the CUDA source>.fatbin``: the device code compiled by nvcc on
+  the build machine (`device_code`), listed with its checksum under ``cuda_kernels``.
 
 `save` writes a temporary file beside the destination and renames it over (atomic). `load` checks
 the format version, the library's sha256 and that this host can run the target, and needs only
@@ -37,12 +39,13 @@ MANIFEST = "manifest.json"
 class CompiledModel:
     """A compiled model: `run` it, `save` it, read its `manifest`."""
 
-    def __init__(self, vm_module, manifest: dict, *, executable=None):
+    def __init__(self, vm_module, manifest: dict, *, executable=None, fatbins: dict | None = None):
         import tvm
         from tvm.runtime.vm import VirtualMachine  # not tvm.relax: that needs the compiler
 
         self.manifest = manifest
         self._executable = executable
+        self._fatbins = dict(fatbins or {})
         device_type = "cuda" if manifest["target"]["name"] == "cuda" else "cpu"
         self.device = tvm.cuda(0) if device_type == "cuda" else tvm.cpu(0)
         self._on_cpu = device_type != "cuda"
@@ -183,6 +186,8 @@ class CompiledModel:
                 with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
                     archive.writestr(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
                     archive.writestr(LIBRARY, payload)
+                    for entry in manifest.get("cuda_kernels", ()):
+                        archive.writestr(entry["member"], self._fatbins[entry["source_sha256"]])
                 os.replace(tmp, path)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
@@ -229,6 +234,12 @@ def _check_host(path, manifest: dict, expected_target: str | None) -> None:
     if target["name"] == "cuda":
         import tvm
 
+        from .device_code import load_cuda_runtime
+
+        try:
+            load_cuda_runtime()  # runtime-only TVM does not load device backends by itself
+        except ArtifactError as err:
+            raise ArtifactError(f"{path}: artifact is for CUDA ({target.get('arch')}), but {err}") from None
         if not tvm.cuda(0).exist:
             raise ArtifactError(f"{path}: artifact is for CUDA ({target.get('arch')}), but this host has no CUDA device")
 
@@ -244,8 +255,13 @@ def load(path, *, target: str | None = None) -> CompiledModel:
             payload = archive.read(LIBRARY)
         except (KeyError, zipfile.BadZipFile, OSError) as err:
             raise ArtifactError(f"{path}: corrupted artifact, cannot read its library ({err})") from None
+        fatbins = _read_fatbins(path, archive, manifest)
     if hashlib.sha256(payload).hexdigest() != manifest.get("library_sha256"):
         raise ArtifactError(f"{path}: corrupted artifact (library checksum does not match its manifest)")
+    if fatbins:
+        from .device_code import install_fatbins
+
+        install_fatbins(fatbins)  # before the library: loading it asks for the kernels' binaries
     with tempfile.TemporaryDirectory(prefix="tvmsoftmax-load-") as scratch:
         library = Path(scratch) / LIBRARY
         library.write_bytes(payload)
@@ -255,3 +271,17 @@ def load(path, *, target: str | None = None) -> CompiledModel:
         except Exception as err:  # noqa: BLE001
             raise ArtifactError(f"{path}: cannot load its library: {err}") from None
     return CompiledModel(module, manifest)
+
+
+def _read_fatbins(path, archive: zipfile.ZipFile, manifest: dict) -> dict[str, bytes]:
+    """source sha256 -> fatbin for the CUDA kernels the artifact carries, checksums checked."""
+    fatbins = {}
+    for entry in manifest.get("cuda_kernels", ()):
+        try:
+            blob = archive.read(entry["member"])
+        except (KeyError, zipfile.BadZipFile, OSError) as err:
+            raise ArtifactError(f"{path}: corrupted artifact, cannot read {entry['member']} ({err})") from None
+        if hashlib.sha256(blob).hexdigest() != entry["sha256"]:
+            raise ArtifactError(f"{path}: corrupted artifact ({entry['member']} does not match its checksum)")
+        fatbins[entry["source_sha256"]] = blob
+    return fatbins

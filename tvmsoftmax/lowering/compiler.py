@@ -3,6 +3,7 @@ Relax import (our PrimFuncs at the sites) -> build."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 
@@ -91,6 +92,13 @@ def compile_model(
     started = time.perf_counter()
     mod = import_model(prepared.model, prepared.sites, spec)
     executable = build(mod, spec)
+    fatbins = {}
+    if spec.name == "cuda":
+        from .device_code import compile_fatbins
+
+        nvcc_started = time.perf_counter()
+        fatbins = compile_fatbins(executable.mod, spec.arch)
+        prepared.timings["nvcc_s"] = time.perf_counter() - nvcc_started
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -106,9 +114,15 @@ def compile_model(
         "sites": [s.to_json() for s in prepared.sites],
         "timings": dict(prepared.timings, compile_s=time.perf_counter() - started),
     }
+    if fatbins:
+        manifest["cuda_kernels"] = [
+            {"source_sha256": key, "member": f"kernels/{key}.fatbin", "arch": spec.arch,
+             "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}
+            for key, blob in sorted(fatbins.items())
+        ]
     if spec.name == "cuda" and not tvm.cuda(0).exist:
-        return _CrossCompiled(executable, manifest)
-    return CompiledModel(executable, manifest, executable=executable)
+        return _CrossCompiled(executable, manifest, fatbins)
+    return CompiledModel(executable, manifest, executable=executable, fatbins=fatbins)
 
 
 def _attention_for(spec: TargetSpec, attention: str) -> str:
@@ -131,9 +145,10 @@ def _refuse_unlowerable(sites) -> None:
 class _CrossCompiled(CompiledModel):
     """A model compiled for a device this host lacks: it can be saved and inspected, not run."""
 
-    def __init__(self, executable, manifest):  # noqa: D107 - no VM without the device
+    def __init__(self, executable, manifest, fatbins):  # noqa: D107 - no VM without the device
         self.manifest = manifest
         self._executable = executable
+        self._fatbins = fatbins
 
     def _invoke(self, args):
         from ..errors import TvmSoftmaxError

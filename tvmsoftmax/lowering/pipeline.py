@@ -104,6 +104,10 @@ def build(mod: tvm.IRModule, spec: TargetSpec) -> tvm.runtime.Executable:
         with target:
             return tvm.transform.Sequential(_passes(spec))(module)
 
+    if spec.name == "cuda":
+        from .device_code import install_fatbins
+
+        install_fatbins({})  # a CUDA-enabled TVM compiles kernels at build: with our nvcc flags
     mod = relax.transform.DecomposeOpsForInference()(mod)
     with quiet_native_stderr():
         return tvm.compile(mod, target=target, relax_pipeline=pipeline)

@@ -15,6 +15,7 @@ from ..errors import TvmSoftmaxError
 TARGET_NAMES = ("x86", "cuda")
 CUDA_ARCHS = ("sm_70", "sm_75", "sm_80", "sm_86", "sm_89", "sm_90")
 _X86_FEATURES = ("avx512f", "avx2", "fma", "avx")
+CUDA_HOST_CPU = "x86-64-v2"
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,9 @@ def resolve(name: str = "x86", *, mcpu: str | None = None, arch: str | None = No
 
     if name not in TARGET_NAMES:
         raise TvmSoftmaxError(f"unknown target {name!r}: expected one of {', '.join(TARGET_NAMES)}")
-    cpu = mcpu or codegen.llvm_get_system_cpu()
+    # CUDA artifacts run on another machine: their host code (argument unpacking, kernel launches)
+    # is built for baseline x86-64-v2 unless asked otherwise, not for this build machine's CPU.
+    cpu = mcpu or (CUDA_HOST_CPU if name == "cuda" else codegen.llvm_get_system_cpu())
     if not codegen.llvm_is_valid_cpu(cpu, "x86_64-pc-linux-gnu"):
         raise TvmSoftmaxError(f"LLVM does not know the CPU {cpu!r} (use e.g. x86-64-v3)")
     probe = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-pc-linux-gnu", "mcpu": cpu})
