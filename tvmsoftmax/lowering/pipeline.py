@@ -88,6 +88,10 @@ def _passes(spec: TargetSpec) -> list:
     return (
         backend.library_dispatch_passes(target)
         + fusion
+        # Reshapes (the 3-D views around our sites among them) become views of the same memory
+        # here, before any schedule: TVM runs this pass after dlight/our generic rule, when a
+        # scheduled reshape no longer matches and stays a copy kernel.
+        + [relax.transform.RewriteDataflowReshape()]
         + [schedule_sites(spec)]
         + rest_rules  # everything that is not a site: dlight on CUDA, the generic rule on x86
         + backend.dataflow_lower_passes(target)
