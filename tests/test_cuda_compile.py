@@ -64,12 +64,12 @@ def test_short_rows_get_a_warp_each(algorithm, tmp_path):
     # partial states in shared memory per row; rows that 4 does not divide: one warp per block.
     compiled = tvmsoftmax.compile(softmax_model("Softmax", (4096, 300)), target="cuda", algorithm=algorithm)
     (site,) = compiled.sites
-    assert site["lowered"]["knobs"] == {"threads": 32, "rows_per_block": 4}
+    assert site["lowered"]["knobs"] == {"threads": 32, "rows_per_block": 4, "vector": 1}
     source = cuda_source(compiled)
     assert re.search(r"__launch_bounds__\(128\) tvmsoftmax_site0", source)
     assert "threadIdx.y" in source and re.search(r"__shared__ alignas\(\d+\) float \w+_partial\w*\[128\]", source)
     odd = tvmsoftmax.compile(softmax_model("Softmax", (77, 300)), target="cuda", algorithm=algorithm)
-    assert odd.sites[0]["lowered"]["knobs"] == {"threads": 32, "rows_per_block": 1}
+    assert odd.sites[0]["lowered"]["knobs"] == {"threads": 32, "rows_per_block": 1, "vector": 1}
     if shutil.which("nvcc"):
         for name, c in (("a", compiled), ("b", odd)):
             path = tmp_path / f"{name}.cu"
@@ -105,3 +105,28 @@ def test_artifact_carries_one_fatbin_per_cuda_module(tmp_path):
     tampered = dict(compiled.manifest, cuda_kernels=[dict(entry, sha256="0" * 64)])
     with zipfile.ZipFile(path) as archive, pytest.raises(tvmsoftmax.ArtifactError, match="does not match its checksum"):
         _read_fatbins(path, archive, tampered)
+
+
+@pytest.mark.parametrize("dtype,vector_type", [("float32", "float4"), ("float16", "half4")])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_long_rows_vector_loads_register_states_cooperative_tree(algorithm, dtype, vector_type, tmp_path):
+    """Rows cut into whole steps of threads x 4: each thread reads 4 elements per access (16 bytes
+    in float32), keeps its 4 partial states in registers, and the block halves the row's states
+    in shared memory together (a level per barrier, not every thread merging all of them)."""
+    compiled = tvmsoftmax.compile(softmax_model("Softmax", (64, 4096), dtype=dtype), target="cuda", algorithm=algorithm)
+    assert compiled.sites[0]["lowered"]["knobs"] == {"threads": 256, "rows_per_block": 1, "vector": 4}
+    source = cuda_source(compiled)
+    kernel = source[source.index("void __launch_bounds__(256) tvmsoftmax_site0"):]
+    kernel = kernel[:kernel.index("\n}\n")]
+    (inp, out) = re.search(r"\((?:float|half)\* __restrict__ (\w+), (?:float|half)\* __restrict__ (\w+)\)", kernel).groups()
+    assert re.search(rf"\*\({vector_type}\*\)\({out} \+", kernel) or re.search(rf"\*\({vector_type}\*\)\({out}", kernel)
+    assert re.search(rf"\*\({vector_type}\*\)\({inp}", kernel), "no vector load of the input"
+    local_arrays = [int(n) for n in re.findall(r"^\s+alignas\(\d+\) (?:float|half) \w+_local_ptr\[(\d+)\];", kernel, re.M)]
+    assert local_arrays and max(local_arrays) <= 4, local_arrays  # registers, not local memory
+    assert re.search(r"if \(\(\(int\)threadIdx\.x\) < 128\)", kernel)  # a tree level on half the threads
+    if shutil.which("nvcc"):
+        path = tmp_path / "k.cu"
+        path.write_text(source)
+        result = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-o", str(tmp_path / "k.cubin"), str(path)],
+                                capture_output=True, text=True, timeout=300, check=False)
+        assert result.returncode == 0, result.stderr[-3000:]

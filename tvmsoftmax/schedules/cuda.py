@@ -1,10 +1,14 @@
 """CUDA schedule for the softmax compute of `tvmsoftmax.ops.softmax`: one thread block per row.
 
-The ``threads`` partial states of a row (one per thread, interleaved so that a warp reads
-consecutive elements) live in shared memory; every thread merges them into its own copy of the row
-state (local), then the threads write the output together. Rows are (outer, inner) pairs, so a
-strided axis works too (uncoalesced). Short rows get a warp per row (``threads=32``) and ``rows_per_block`` rows per block
-(threadIdx.y). The split-row schedule (a row across blocks) is not built yet.
+Thread t of a row owns ``vector`` partial states (``knobs.vector`` elements per access: 16-byte
+loads of float32 x 4 where a row is contiguous, static and whole steps of threads x 4) and keeps them
+in registers while it reads its elements; they are then stored to shared memory and the halving
+levels of the compute's tree run on the block's threads together (one level per barrier). The last
+state, merged with the row's tail, and the row constants are computed by every thread in registers,
+and the threads write the output together (vectorised like the loads). Rows are (outer, inner)
+pairs, so a strided axis works too (uncoalesced, ``vector`` 1). Short rows get a warp per row
+(``threads=32``) and ``rows_per_block`` rows per block (threadIdx.y). The split-row schedule (a row
+across blocks) is not built yet.
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ from ._tir import named_root_blocks
 class CudaSoftmaxKnobs:
     """Tunable knobs of the CUDA softmax schedule."""
 
-    threads: int = 256  # threads of one row (= partial states per row): 32 = a warp per row
+    threads: int = 256  # threads of one row: 32 = a warp per row
     rows_per_block: int = 1  # rows of one thread block (threadIdx.y), for short rows
+    vector: int = 1  # elements per thread access (4: 16-byte float32 loads); partial states per thread
 
     def partitioning(self, contiguous_rows: bool) -> Partitioning:
-        return Partitioning(partials=self.threads, splits=1)
+        return Partitioning(partials=self.threads * self.vector, splits=1)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -51,14 +56,23 @@ def choose(requested: str, log: bool, view: list[int | None]) -> tuple[str, Cuda
         )
     # Long rows: a 256-thread block per row. Short rows: a warp per row (its states merged from
     # shared memory within the warp), several rows per block so a block still has 128+ threads.
+    # 16-byte loads (4 elements per thread access) where the row is contiguous, static and cut
+    # into whole steps of threads * 4: a row's start stays aligned and no tail is left (the tail
+    # is merged by every thread of the row, see `schedule_softmax`).
+    contiguous = view[2] == 1 and length is not None
+
+    def vector(threads: int) -> int:
+        return 4 if contiguous and length % (threads * 4) == 0 else 1
+
     if length is None or length >= 2048:
-        return algorithm, CudaSoftmaxKnobs(threads=256)
+        return algorithm, CudaSoftmaxKnobs(threads=256, vector=vector(256))
     if length >= 1024:
-        return algorithm, CudaSoftmaxKnobs(threads=128)
+        return algorithm, CudaSoftmaxKnobs(threads=128, vector=vector(128))
     # Several rows per block only when they divide the rows: a partial last block would put the
     # block's barriers under a row predicate, which TVM refuses.
     rows = None if view[0] is None or view[2] is None else view[0] * view[2]
-    return algorithm, CudaSoftmaxKnobs(threads=32, rows_per_block=4 if rows is not None and rows % 4 == 0 else 1)
+    return algorithm, CudaSoftmaxKnobs(threads=32, rows_per_block=4 if rows is not None and rows % 4 == 0 else 1,
+                                       vector=vector(32))
 
 
 def schedule_softmax(func: tirx.PrimFunc, knobs: CudaSoftmaxKnobs) -> tirx.PrimFunc:
@@ -74,22 +88,54 @@ def schedule_softmax(func: tirx.PrimFunc, knobs: CudaSoftmaxKnobs) -> tirx.PrimF
         sch.bind(row, "threadIdx.y")
     else:
         sch.bind(row, "blockIdx.x")
-    _, tx = sch.split(k, [None, knobs.threads])
-    sch.bind(tx, "threadIdx.x")
+    _thread_loop(sch, k, knobs)
+    first = 2 if knobs.rows_per_block > 1 else 1  # loops of a block below the row loop(s)
     for name, block in reversed(named[:-1]):
         sch.compute_at(block, row)
-        loops = sch.get_loops(block)[2 if knobs.rows_per_block > 1 else 1:]
+        loops = sch.get_loops(block)[first:]
         if name.endswith("_partial"):
-            sch.set_scope(block, 0, "shared")
-            if len(sch.get(block).writes) > 1:
-                sch.set_scope(block, 1, "shared")
-            states = loops[0]
-            sch.bind(states, "threadIdx.x")
-        elif name.endswith("_exp"):
-            sch.set_scope(block, 0, "shared")  # the row's exponentials (see SHARED_ROW_LIMIT)
-            _, tx = sch.split(loops[0], [None, knobs.threads])
-            sch.bind(tx, "threadIdx.x")
-        else:  # tree levels, merged states, row constants: every thread keeps its own copy
+            _schedule_partial(sch, block, loops, knobs)
+        elif loops and (name.endswith("_exp") or "_tree" in name):
+            # three-pass's stored exponentials (see SHARED_ROW_LIMIT) and the halving levels of
+            # the partial states: shared, one element per thread, a barrier between levels.
+            for index in range(len(sch.get(block).writes)):
+                sch.set_scope(block, index, "shared")
+            _thread_loop(sch, loops[0], knobs, vector=False)
+        else:  # last tree level, merged state with the row's tail, row constants: every thread
+            # computes its own copy in registers (TVM's cross-thread reduction knows sum and max,
+            # not the online or two-pass reducers, so the tail is merged per thread; `choose`
+            # keeps it empty where it can)
             for index in range(len(sch.get(block).writes)):
                 sch.set_scope(block, index, "local")
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _thread_loop(sch, loop, knobs: CudaSoftmaxKnobs, vector: bool = True) -> None:
+    """loop -> (serial, threadIdx.x, vector lanes): a warp touches consecutive elements, each
+    thread `vector` of them at once (16-byte accesses for float32 x 4)."""
+    if vector and knobs.vector > 1:
+        _, tx, lanes = sch.split(loop, [None, knobs.threads, knobs.vector])
+        sch.vectorize(lanes)
+    else:
+        _, tx = sch.split(loop, [None, knobs.threads])
+    sch.bind(tx, "threadIdx.x")
+
+
+def _schedule_partial(sch, block, loops, knobs: CudaSoftmaxKnobs) -> None:
+    """The row's partial states: thread t owns states [t * vector, (t + 1) * vector), kept in
+    registers while it reads its elements (vector of them per load), then stored to shared memory
+    for the tree."""
+    states, j = loops[0], loops[-1]
+    if knobs.vector > 1:
+        tx, lanes = sch.split(states, [knobs.threads, knobs.vector])
+        sch.reorder(tx, j, lanes)
+        sch.vectorize(lanes)
+    else:
+        (tx,) = sch.split(states, [knobs.threads])
+    # Registers for the running states: the reduction writes a local copy, stored to shared
+    # memory once at the end by the thread that owns it.
+    copies = [sch.cache_write(block, index, "local") for index in range(len(sch.get(block).writes))]
+    for copy in copies:
+        sch.reverse_compute_at(copy, tx)
+        sch.set_scope(copy, 0, "shared")
+    sch.bind(tx, "threadIdx.x")
