@@ -14,7 +14,7 @@ warnings.filterwarnings("ignore")
 
 # Tolerances per dtype against the float64 reference and onnxruntime (stated in the README).
 TOLERANCES = {"float32": dict(rtol=1e-5, atol=1e-6), "float16": dict(rtol=2e-3, atol=1e-3)}
-ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
+ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
 
 
 def softmax_model(op: str, shape, axis=None, opset: int = 13, dtype: str = "float32", symbolic=False):

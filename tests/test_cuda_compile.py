@@ -107,7 +107,7 @@ def test_artifact_carries_one_fatbin_per_cuda_module(tmp_path):
         _read_fatbins(path, archive, tampered)
 
 
-@pytest.mark.parametrize("dtype,vector_type", [("float32", "float4"), ("float16", "half4")])
+@pytest.mark.parametrize("dtype,vector_type", [("float32", "float4"), ("float16", "half4"), ("bfloat16", "nv_bfloat164")])
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_long_rows_vector_loads_register_states_cooperative_tree(algorithm, dtype, vector_type, tmp_path):
     """Rows cut into whole steps of threads x 4: each thread reads 4 elements per access (16 bytes
@@ -118,10 +118,10 @@ def test_long_rows_vector_loads_register_states_cooperative_tree(algorithm, dtyp
     source = cuda_source(compiled)
     kernel = source[source.index("void __launch_bounds__(256) tvmsoftmax_site0"):]
     kernel = kernel[:kernel.index("\n}\n")]
-    (inp, out) = re.search(r"\((?:float|half)\* __restrict__ (\w+), (?:float|half)\* __restrict__ (\w+)\)", kernel).groups()
+    (inp, out) = re.search(r"\((?:float|half|nv_bfloat16)\* __restrict__ (\w+), (?:float|half|nv_bfloat16)\* __restrict__ (\w+)\)", kernel).groups()
     assert re.search(rf"\*\({vector_type}\*\)\({out} \+", kernel) or re.search(rf"\*\({vector_type}\*\)\({out}", kernel)
     assert re.search(rf"\*\({vector_type}\*\)\({inp}", kernel), "no vector load of the input"
-    local_arrays = [int(n) for n in re.findall(r"^\s+alignas\(\d+\) (?:float|half) \w+_local_ptr\[(\d+)\];", kernel, re.M)]
+    local_arrays = [int(n) for n in re.findall(r"^\s+alignas\(\d+\) (?:float|half|nv_bfloat16) \w+_local_ptr\[(\d+)\];", kernel, re.M)]
     assert local_arrays and max(local_arrays) <= 4, local_arrays  # registers, not local memory
     assert re.search(r"if \(\(\(int\)threadIdx\.x\) < 128\)", kernel)  # a tree level on half the threads
     if shutil.which("nvcc"):
@@ -130,3 +130,13 @@ def test_long_rows_vector_loads_register_states_cooperative_tree(algorithm, dtyp
         result = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-o", str(tmp_path / "k.cubin"), str(path)],
                                 capture_output=True, text=True, timeout=300, check=False)
         assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_bfloat16_sites_on_cuda_only():
+    """bfloat16 Softmax is ours on CUDA (read as float32, accumulated in float32, cast back); on
+    x86 TVM 0.27 cannot vectorise its casts, so the site keeps TVM's lowering and says why."""
+    model = softmax_model("LogSoftmax", (8, 1000), dtype="bfloat16")
+    (site,) = tvmsoftmax.compile(model, target="cuda").sites
+    assert site["rewritten"] and site["dtype"] == "bfloat16"
+    (site,) = tvmsoftmax.compile(model, target="x86").sites
+    assert not site["rewritten"] and "bfloat16" in site["reason"] and "TVM's lowering" in site["reason"]

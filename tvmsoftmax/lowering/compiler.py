@@ -11,7 +11,7 @@ from .. import __version__
 from .artifact import FORMAT, FORMAT_VERSION, CompiledModel
 from .frontend import bind_shapes, dims_of, elem_dtype, graph_inputs, load_model, normalize
 from .attention import AttentionSite, rewrite_attention
-from .rewrite import rewrite
+from .rewrite import DTYPES_BY_TARGET, rewrite
 from .targets import TargetSpec, resolve
 
 
@@ -27,7 +27,8 @@ class Prepared:
     timings: dict = field(default_factory=dict)
 
 
-def prepare(model, *, algorithm: str = "auto", shapes: dict | None = None, attention: str = "auto") -> Prepared:
+def prepare(model, *, algorithm: str = "auto", shapes: dict | None = None, attention: str = "auto",
+            target: str = "x86") -> Prepared:
     """Load, validate, bind shapes, normalise and rewrite (no TVM compile yet).
 
     Attention first (its softmax becomes part of the fused site), then every other softmax."""
@@ -36,7 +37,7 @@ def prepare(model, *, algorithm: str = "auto", shapes: dict | None = None, atten
     bound = bind_shapes(loaded.proto, shapes)
     normalized = normalize(bound)
     fused, attention_sites, not_attention = rewrite_attention(normalized, attention, algorithm)
-    rewritten, softmax_sites = rewrite(fused, algorithm)
+    rewritten, softmax_sites = rewrite(fused, algorithm, DTYPES_BY_TARGET[target])
     for site in softmax_sites:
         site.not_attention = not_attention.get(site.node, "")
     sites = attention_sites + softmax_sites
@@ -52,7 +53,8 @@ def inspect_sites(model, *, target: str | TargetSpec = "x86", algorithm: str = "
     from .rewrite import plan
 
     spec = target if isinstance(target, TargetSpec) else resolve(target, **target_options)
-    sites = prepare(model, algorithm=algorithm, shapes=shapes, attention=_attention_for(spec, attention)).sites
+    sites = prepare(model, algorithm=algorithm, shapes=shapes, attention=_attention_for(spec, attention),
+                    target=spec.name).sites
     for site in sites:
         if isinstance(site, AttentionSite):
             if site.rewritten:
@@ -87,7 +89,8 @@ def compile_model(
     from .pipeline import build
 
     spec = target if isinstance(target, TargetSpec) else resolve(target, arch=arch, mcpu=mcpu)
-    prepared = prepare(model, algorithm=algorithm, shapes=shapes, attention=_attention_for(spec, attention))
+    prepared = prepare(model, algorithm=algorithm, shapes=shapes, attention=_attention_for(spec, attention),
+                       target=spec.name)
     _refuse_unlowerable(prepared.sites)
     started = time.perf_counter()
     mod = import_model(prepared.model, prepared.sites, spec)
