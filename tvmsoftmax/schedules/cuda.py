@@ -131,7 +131,7 @@ def _schedule_partial(sch, block, loops, knobs: CudaSoftmaxKnobs) -> None:
         sch.reorder(tx, j, lanes)
         sch.vectorize(lanes)
     else:
-        (tx,) = sch.split(states, [knobs.threads])
+        tx = states  # extent: threads
     # Registers for the running states: the reduction writes a local copy, stored to shared
     # memory once at the end by the thread that owns it.
     copies = [sch.cache_write(block, index, "local") for index in range(len(sch.get(block).writes))]
