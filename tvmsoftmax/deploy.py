@@ -104,22 +104,15 @@ def _python_tree(dest: Path, python: str, ffi_wheel: Path | None, scratch: Path)
 def _carry_cudart(lib_dir: Path) -> None:
     """Put the CUDA runtime library TVM's CUDA runtime links against (``libcudart.so.13``, under
     1 MB) beside it: found through its ``$ORIGIN`` run path on a host that has only the driver."""
-    name = "libcudart.so.13"
-    from .lowering.device_code import nvcc_path
+    from .lowering.device_code import CUDART, cudart_path
 
-    roots = [Path(p).resolve().parent.parent for p in [nvcc_path()] if p]
-    roots += [Path(os.environ[v]) for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
-    roots.append(Path("/usr/local/cuda"))
-    for root in roots:
-        for sub in ("lib64", "lib", "targets/x86_64-linux/lib"):
-            candidate = root / sub / name
-            if candidate.is_file():
-                shutil.copy2(candidate.resolve(), lib_dir / name)
-                return
-    raise TvmSoftmaxError(
-        f"bundle: CUDA artifacts need {name} beside TVM's CUDA runtime and it was not found under "
-        "the CUDA toolkit (nvcc on PATH or CUDA_HOME)"
-    )
+    found = cudart_path()
+    if found is None:
+        raise TvmSoftmaxError(
+            f"bundle: CUDA artifacts need {CUDART} beside TVM's CUDA runtime and it was not "
+            "found under the CUDA toolkit (nvcc on PATH, CUDA_HOME, CUDA_PATH or /usr/local/cuda)"
+        )
+    shutil.copy2(found, lib_dir / CUDART)  # `found` is the versioned file the soname points at
 
 
 def write_bundle(out, artifacts, *, cases: dict | None = None, python: str | None = None,

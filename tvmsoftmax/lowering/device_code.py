@@ -64,13 +64,29 @@ def cuda_sources(module) -> list[str]:
     return sources
 
 
+def _toolkit_roots() -> list[Path]:
+    """Where the CUDA toolkit may be: $CUDA_HOME, $CUDA_PATH, /usr/local/cuda (in that order)."""
+    roots = [Path(os.environ[v]) for v in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(v)]
+    return roots + [Path("/usr/local/cuda")]
+
+
 def nvcc_path() -> str | None:
     found = shutil.which("nvcc")
     if found:
         return found
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
-    candidate = Path(home) / "bin" / "nvcc"
-    return str(candidate) if candidate.is_file() else None
+    candidates = [root / "bin" / "nvcc" for root in _toolkit_roots()]
+    return next((str(c) for c in candidates if c.is_file()), None)
+
+
+CUDART = "libcudart.so.13"  # the CUDA runtime soname libtvm_runtime_cuda.so needs
+
+
+def cudart_path() -> Path | None:
+    """The toolkit's CUDA runtime library (the one TVM's CUDA runtime links against)."""
+    found = nvcc_path()
+    roots = ([Path(found).resolve().parent.parent] if found else []) + _toolkit_roots()
+    candidates = [root / sub / CUDART for root in roots for sub in ("lib64", "lib", "targets/x86_64-linux/lib")]
+    return next((c.resolve() for c in candidates if c.is_file()), None)
 
 
 def nvcc_fatbin(source: str, arch: str) -> bytes:
