@@ -183,13 +183,19 @@ def _online_reducer():
     (ma, da) + (mb, db) = (M, d_big + d_small * e^(m_small - M)). Identity (-FLT_MAX, 0): never
     -inf, so no inf - inf appears. A NaN operand makes d NaN. An +inf maximum is caught per row by
     `_not_finite_to_nan(M)` (this form would otherwise give the other elements 0).
+
+    big/small are chosen by the same comparison as d, not by max/min: CUDA's max/min (fmaxf)
+    return the other operand for a NaN, which dropped the NaN and gave a finite row where
+    onnxruntime gives NaN. With one comparison (false for NaN) the NaN lands in `small`, so
+    e = e^(NaN) makes d NaN on every target.
     """
 
     def combine(a, b):
-        big = tirx.max(a[0], b[0])
-        small = tirx.min(a[0], b[0])
+        a_big = a[0] >= b[0]
+        big = tirx.Select(a_big, a[0], b[0])
+        small = tirx.Select(a_big, b[0], a[0])
         e = tirx.Var("online_scale", "float32")  # bound once: a Let may be defined only once
-        d = tirx.Select(a[0] >= b[0], a[1] + b[1] * e, a[1] * e + b[1])
+        d = tirx.Select(a_big, a[1] + b[1] * e, a[1] * e + b[1])
         return big, tirx.Let(e, exp_nonpositive(small - big), d)
 
     def identity(t0, t1="float32"):
