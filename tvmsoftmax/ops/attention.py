@@ -107,6 +107,10 @@ class AttentionSpec:
 class FlashTiling:
     query_block: int = 32
     key_block: int = 64
+    # Skip the tiles whose every mask value is negligible (see the module docstring). Off where
+    # a schedule cannot branch around a tile (CUDA: the tile's barriers would sit under a
+    # condition); the result is the same, only the work differs.
+    skip_masked: bool = True
 
 
 def _f32(value: float) -> tirx.PrimExpr:
@@ -354,14 +358,16 @@ def flash_attention(
 
 
 def _flash_body(T, spec, tiling, masking, q, k, v, y, batch, sq, skv, i64):
+    from tvm.script.ir_builder import IRBuilder
+
     qb, kb = tiling.query_block, tiling.key_block
     hq, hkv, d, dv = spec.q_heads, spec.kv_heads, spec.head_size, spec.v_head_size
-    threshold = spec.skip_threshold()
+    threshold = spec.skip_threshold() if tiling.skip_masked else None
     # K packed per key tile as [D, key_block] (float32, zero past Skv): a vector of keys is one
     # load, and a tile is contiguous (rows of a [D, Skv] layout, Skv * 4 bytes apart, would map
     # to the same few L1 sets).
     kv_tiles = tirx.floordiv(skv + i64(kb - 1), i64(kb))
-    key_t = T.alloc_buffer((batch, hkv, kv_tiles, d, kb), "float32", scope="global")
+    key_t = IRBuilder.name("key_tiles", T.alloc_buffer((batch, hkv, kv_tiles, d, kb), "float32", scope="global"))
     with T.grid(batch, i64(hkv), kv_tiles, i64(d), i64(kb)) as (b, h, t, e, jj):
         with T.sblock("flash_key_t"):
             vb, vh, vt, ve, vj = T.axis.remap("SSSSS", [b, h, t, e, jj])
@@ -372,19 +378,14 @@ def _flash_body(T, spec, tiling, masking, q, k, v, y, batch, sq, skv, i64):
     with T.grid(batch, i64(hq), q_blocks) as (b, h, blk):
         with T.sblock("flash_block"):
             vb, vh, vblk = T.axis.remap("SSS", [b, h, blk])
-            m = T.sblock_alloc_buffer((qb,), "float32")
-            total = T.sblock_alloc_buffer((qb,), "float32")
-            acc = T.sblock_alloc_buffer((qb, dv), "float32")
-            dots = T.sblock_alloc_buffer((qb, kb), "float32")
-            scores = T.sblock_alloc_buffer((qb, kb), "float32")
-            probs = T.sblock_alloc_buffer((qb, kb), "float32")
-            tile_max = T.sblock_alloc_buffer((qb,), "float32")
-            tile_sum = T.sblock_alloc_buffer((qb,), "float32")
-            tile_pv = T.sblock_alloc_buffer((qb, dv), "float32")
-            alpha = T.sblock_alloc_buffer((qb,), "float32")
-            open_max = T.sblock_alloc_buffer((qb,), "float32")
-            tile_open = T.sblock_alloc_buffer((qb,), "float32")
-            flag = T.sblock_alloc_buffer((1,), "float32")
+            def state(name, shape):  # a float32 buffer of the block, named in the IR
+                return IRBuilder.name(name, T.sblock_alloc_buffer(shape, "float32"))
+
+            m, total, acc = state("m", (qb,)), state("l", (qb,)), state("acc", (qb, dv))
+            dots, scores, probs = state("dots", (qb, kb)), state("scores", (qb, kb)), state("probs", (qb, kb))
+            tile_max, tile_sum, tile_pv = state("tile_max", (qb,)), state("tile_sum", (qb,)), state("tile_pv", (qb, dv))
+            alpha, open_max, tile_open = state("alpha", (qb,)), state("open_max", (qb,)), state("tile_open", (qb,))
+            flag = state("tile_live", (1,))
             q0 = vblk * i64(qb)
             kh = tirx.floordiv(vh, i64(spec.group))
             # Keys past the causal diagonal of the block's last row (or past kv_length) are never
