@@ -53,8 +53,7 @@ def inspect_sites(model, *, target: str | TargetSpec = "x86", algorithm: str = "
     from .rewrite import plan
 
     spec = target if isinstance(target, TargetSpec) else resolve(target, **target_options)
-    sites = prepare(model, algorithm=algorithm, shapes=shapes, attention=_attention_for(spec, attention),
-                    target=spec.name).sites
+    sites = prepare(model, algorithm=algorithm, shapes=shapes, attention=attention, target=spec.name).sites
     for site in sites:
         if isinstance(site, AttentionSite):
             if site.rewritten:
@@ -89,8 +88,7 @@ def compile_model(
     from .pipeline import build
 
     spec = target if isinstance(target, TargetSpec) else resolve(target, arch=arch, mcpu=mcpu)
-    prepared = prepare(model, algorithm=algorithm, shapes=shapes, attention=_attention_for(spec, attention),
-                       target=spec.name)
+    prepared = prepare(model, algorithm=algorithm, shapes=shapes, attention=attention, target=spec.name)
     _refuse_unlowerable(prepared.sites)
     started = time.perf_counter()
     mod = import_model(prepared.model, prepared.sites, spec)
@@ -126,11 +124,6 @@ def compile_model(
     if spec.name == "cuda" and not tvm.cuda(0).exist:
         return _CrossCompiled(executable, manifest, fatbins)
     return CompiledModel(executable, manifest, executable=executable, fatbins=fatbins)
-
-
-def _attention_for(spec: TargetSpec, attention: str) -> str:
-    """`auto` fuses attention where we have its schedules: x86 (CUDA's are issue 5's work)."""
-    return "none" if spec.name == "cuda" and attention == "auto" else attention
 
 
 def _refuse_unlowerable(sites) -> None:

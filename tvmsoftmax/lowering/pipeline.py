@@ -44,13 +44,15 @@ def _has_attr(func, key: str) -> bool:
 
 def schedule_sites(spec: TargetSpec) -> tvm.transform.Pass:
     """Module pass: apply our schedule rule to every PrimFunc that carries a site attribute."""
-    knob_type = KNOB_TYPES["CudaSoftmaxKnobs" if spec.name == "cuda" else "X86SoftmaxKnobs"]
+    cuda = spec.name == "cuda"
+    knob_type = KNOB_TYPES["CudaSoftmaxKnobs" if cuda else "X86SoftmaxKnobs"]
+    attention_knob_type = KNOB_TYPES["CudaAttentionKnobs" if cuda else "X86AttentionKnobs"]
 
     def schedule(func):
         knobs = json.loads(str(func.attrs[KNOBS_ATTR]))
         if _has_attr(func, ATTENTION_ATTR):
             kind = str(func.attrs[ATTENTION_ATTR])
-            return schedule_attention(func, spec, kind, KNOB_TYPES["X86AttentionKnobs"](**knobs))
+            return schedule_attention(func, spec, kind, attention_knob_type(**knobs))
         return schedule_softmax(func, spec, knob_type(**knobs))
 
     return _map_primfuncs("tvmsoftmax.ScheduleSites", lambda f: _has_attr(f, SITE_ATTR), schedule)

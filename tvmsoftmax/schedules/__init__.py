@@ -6,8 +6,9 @@ Knobs are frozen dataclasses so that tuning can enumerate and record them; `choo
 
 from __future__ import annotations
 
-from . import cuda, x86, x86_attention
+from . import cuda, cuda_attention, x86, x86_attention
 from .cuda import CudaSoftmaxKnobs
+from .cuda_attention import CudaAttentionKnobs
 from .x86 import X86SoftmaxKnobs
 from .x86_attention import X86AttentionKnobs
 
@@ -15,6 +16,7 @@ KNOB_TYPES = {
     "X86SoftmaxKnobs": X86SoftmaxKnobs,
     "CudaSoftmaxKnobs": CudaSoftmaxKnobs,
     "X86AttentionKnobs": X86AttentionKnobs,
+    "CudaAttentionKnobs": CudaAttentionKnobs,
 }
 
 
@@ -28,17 +30,16 @@ def choose_knobs(spec, requested: str, log: bool, view: list[int | None]):
 def choose_attention(spec, requested: str, dims: dict, attention, algorithm: str = "auto"):
     """(strategy, knobs) for an attention site (`ops.attention.AttentionSpec`)."""
     if spec.name == "cuda":
-        from ..errors import TvmSoftmaxError
-
-        raise TvmSoftmaxError(
-            "fused attention has no CUDA schedule yet: compile with attention='none' "
-            "(--attention none) to keep attention as MatMul/Softmax/MatMul"
-        )
+        return cuda_attention.choose(requested, dims, attention, algorithm)
     return x86_attention.choose(requested, dims, attention, spec.vector_lanes, algorithm)
 
 
 def schedule_attention(func, spec, kind: str, knobs):
-    """Schedule one attention kernel (``flash``, ``scores`` or ``output``)."""
+    """Schedule one attention kernel (``flash``, ``scores`` or ``output``; CUDA: ``flash``)."""
+    if spec.name == "cuda":
+        if kind == "flash":
+            return cuda_attention.schedule_flash(func, knobs)
+        return cuda_attention.schedule_materialized(func)
     return x86_attention.schedule_attention(func, kind, knobs)
 
 
@@ -50,6 +51,6 @@ def schedule_softmax(func, spec, knobs):
 
 
 __all__ = [
-    "CudaSoftmaxKnobs", "KNOB_TYPES", "X86AttentionKnobs", "X86SoftmaxKnobs", "choose_attention",
+    "CudaAttentionKnobs", "CudaSoftmaxKnobs", "KNOB_TYPES", "X86AttentionKnobs", "X86SoftmaxKnobs", "choose_attention",
     "choose_knobs", "schedule_attention", "schedule_softmax",
 ]

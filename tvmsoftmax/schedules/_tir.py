@@ -14,3 +14,16 @@ def named_root_blocks(sch: s_tir.Schedule) -> list[tuple[str, object]]:
     """(name, block) of the blocks directly under the root block, in program order."""
     root = sch.get_sblock("root")
     return [(sch.get(b).name_hint, b) for b in sch.get_child_blocks(root)]
+
+
+def all_blocks(sch: s_tir.Schedule) -> dict:
+    """name -> block for every block of the function (the names of our compute are unique)."""
+    out = {}
+
+    def visit(block):
+        out[sch.get(block).name_hint] = block
+        for child in sch.get_child_blocks(block):
+            visit(child)
+
+    visit(sch.get_sblock("root"))
+    return out

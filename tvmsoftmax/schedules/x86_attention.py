@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from tvm import s_tir, tirx
 
 from ..ops.attention import FlashTiling
+from ._tir import all_blocks as _blocks
 from ._tir import static_extent
 
 
@@ -35,19 +36,6 @@ class X86AttentionKnobs:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-def _blocks(sch) -> dict:
-    """name -> block for every block of the function (names are unique in our compute)."""
-    out = {}
-
-    def visit(block):
-        out[sch.get(block).name_hint] = block
-        for child in sch.get_child_blocks(block):
-            visit(child)
-
-    visit(sch.get_sblock("root"))
-    return out
 
 
 def _vectorize(sch, loop, lanes: int, unroll: bool = False):
