@@ -4,6 +4,7 @@ the generated source has the intended structure, and nvcc accepts it."""
 import re
 
 import pytest
+import tvm
 from conftest import softmax_model
 
 import tvmsoftmax
@@ -133,3 +134,72 @@ def test_bfloat16_sites_on_cuda_only():
     assert site["rewritten"] and site["dtype"] == "bfloat16"
     (site,) = tvmsoftmax.compile(model, target="x86").sites
     assert not site["rewritten"] and "bfloat16" in site["reason"] and "TVM's lowering" in site["reason"]
+
+
+FAMILY_SHAPES = {"vit": {"pixel_values": [2, 3, 32, 32]}}
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "vit"])
+def test_family_attention_fused_on_cuda(family):
+    """Every attention site of each transformer family becomes one flash kernel on CUDA too (the
+    rest of the model through dlight), and nvcc builds the whole module."""
+    model = build(family)
+    shapes = FAMILY_SHAPES.get(family) or {i.name: [2, 16] for i in model.graph.input}
+    compiled = tvmsoftmax.compile(model, target="cuda", shapes=shapes)
+    attention = [s for s in compiled.sites if s.get("kind") == "attention"]
+    assert len(attention) == 2 and all(s["lowered"]["strategy"] == "flash" for s in attention), attention
+    source = cuda_source(compiled)
+    flash = re.findall(r'extern "C" __global__ void __launch_bounds__\((\d+)\) (tvmsoftmax_attention\d+_flash_kernel\w*)\(', source)
+    assert len(set(flash)) == 4 and {threads for threads, _ in flash} == {"256", "128"}  # K packing + flash, per site
+    assert_built_by_nvcc(compiled, source)
+
+
+def _flash_kernel_source(spec, dims):
+    from tvmsoftmax.ops.attention import flash_attention
+    from tvmsoftmax.schedules import cuda_attention
+
+    _, knobs = cuda_attention.choose("auto", dims, spec)
+    func = cuda_attention.schedule_flash(flash_attention(spec, knobs.tiling(), dims), knobs)
+    executable = tvm.compile(tvm.IRModule({"main": func}), tvmsoftmax.lowering.targets.resolve("cuda").tvm_target())
+    (source,) = device_code.cuda_sources(executable.mod)
+    body = re.search(r"flash_attention_kernel_1\([^)]*\) \{", source)
+    return source, source[body.start():source.index("\n}\n", body.start())], knobs
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_flash_kernel_structure(dtype):
+    """Q, the packed K tile and V in shared memory; the scores, the output accumulator and the
+    running max/sum in registers (small local arrays); the row max and sum as warp shuffles; one
+    128-thread block per (batch, head, 32 query rows); nothing of size Sq x Skv anywhere."""
+    from tvmsoftmax.ops.attention import AttentionSpec
+
+    spec = AttentionSpec(q_heads=12, kv_heads=4, head_size=64, v_head_size=64, dtype=dtype, scale=0.125, causal=2)
+    _, kernel, knobs = _flash_kernel_source(spec, {"batch": 1, "q_len": 512, "kv_len": 512})
+    shared = dict(re.findall(r"__shared__ alignas\(\d+\) \w+ (\w+)_ptr\[(\d+)\];", kernel))
+    assert "key_tiles_shared" in shared and "q_shared" in shared, shared
+    assert re.search(r"\w+_shared_ptr\[[^\]]+\] = v_ptr\[", kernel), "V tile is not copied to shared memory"
+    local = dict(re.findall(r"alignas\(\d+\) float (\w+)_local_ptr\[(\d+)\];", kernel))
+    assert {"acc", "m", "l", "dots"} <= set(local) and max(map(int, local.values())) <= 16, local
+    assert kernel.count("__shfl_down_sync") >= 10 and "__syncthreads" in kernel
+    assert max(int(n) for n in shared.values()) < 512 * 512 and knobs.query_block == 32
+
+
+def test_flash_symbolic_lengths_compile():
+    """Batch and both lengths symbolic: Q and V are read through L1 (their tiles at the end of a
+    row have no static size), the packed K tile still from shared memory; nvcc builds it."""
+    from tvmsoftmax.ops.attention import AttentionSpec
+
+    spec = AttentionSpec(q_heads=8, kv_heads=8, head_size=64, v_head_size=64, dtype="float16", causal=2)
+    source, kernel, _ = _flash_kernel_source(spec, {"batch": None, "q_len": None, "kv_len": None})
+    assert "key_tiles_shared" in kernel and "q_shared" not in kernel
+    if device_code.nvcc_path() is not None:
+        device_code.nvcc_fatbin(source, "sm_90")
+
+
+def test_materialized_attention_on_cuda_compiles():
+    model = build("bert")
+    compiled = tvmsoftmax.compile(model, target="cuda", attention="materialized",
+                                  shapes={i.name: [2, 16] for i in model.graph.input})
+    attention = [s for s in compiled.sites if s.get("kind") == "attention"]
+    assert [s["lowered"]["strategy"] for s in attention] == ["materialized"] * 2
+    assert_built_by_nvcc(compiled, cuda_source(compiled))

@@ -1,0 +1,234 @@
+"""Run the CUDA that TVM generates for a PrimFunc on this CPU: a test harness, not a GPU.
+
+No GPU is needed (none is here): the generated CUDA C++ is compiled by nvcc as *host* code with a
+small shim, and every thread block runs as real concurrent threads (one std::thread per CUDA
+thread), so ``__syncthreads`` is a real barrier of the block and the warp shuffles TVM emits
+(``__shfl_down_sync``, ``__shfl_sync``, ...) exchange values between the 32 threads of a warp
+through a warp barrier. ``__shared__`` arrays are static, so they are shared by the threads of the
+block; blocks run one after another. Launch dimensions come from TVM's own lowering
+(``thread_extent`` of each device kernel after SplitHostDevice), kernel arguments from the
+kernel's parameters, and global workspaces (e.g. attention's packed K tiles) are allocated from
+the PrimFunc's root buffers.
+
+What it checks: indexing, thread mapping, register/shared scopes, barriers and shuffles of the
+exact CUDA source a model ships. What it cannot: timing, memory-model effects finer than a
+barrier, hardware intrinsics such as tensor cores (none are used yet). Static shapes only.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+SHIM = r"""
+#include <barrier>
+#include <cstring>
+#include <cmath>
+#include <thread>
+#include <vector>
+#include <cstdio>
+#include <cstdlib>
+#include <cstdint>
+struct EmuDim { unsigned x = 0, y = 0, z = 0; };
+static thread_local EmuDim emu_threadIdx, emu_blockIdx;
+static EmuDim emu_blockDim, emu_gridDim;
+static std::barrier<>* emu_block_barrier;
+struct EmuWarp { std::barrier<>* bar; alignas(8) unsigned char slot[32][8]; };
+static std::vector<EmuWarp*> emu_warps;
+static inline int emu_tid() {
+  return emu_threadIdx.x + emu_blockDim.x * (emu_threadIdx.y + emu_blockDim.y * emu_threadIdx.z);
+}
+template <class T> static T emu_shuffle(T v, int lane_from_width, int width, int mode) {
+  // mode 0: index, 1: down, 2: up, 3: xor (CUDA's semantics within segments of `width` lanes)
+  int tid = emu_tid(), lane = tid % 32;
+  EmuWarp* w = emu_warps[tid / 32];
+  std::memcpy(w->slot[lane], &v, sizeof(T));
+  w->bar->arrive_and_wait();
+  int base = (lane / width) * width, in = lane % width, src = -1;
+  if (mode == 0) src = base + (lane_from_width % width);
+  if (mode == 1) src = in + lane_from_width < width ? lane + lane_from_width : lane;
+  if (mode == 2) src = in - lane_from_width >= 0 ? lane - lane_from_width : lane;
+  if (mode == 3) src = base + ((in ^ lane_from_width) % width);
+  T out; std::memcpy(&out, w->slot[src], sizeof(T));
+  w->bar->arrive_and_wait();
+  return out;
+}
+#define threadIdx emu_threadIdx
+#define blockIdx emu_blockIdx
+#define blockDim emu_blockDim
+#define gridDim emu_gridDim
+#undef __global__
+#define __global__
+#undef __shared__
+#define __shared__ static
+#undef __device__
+#define __device__
+#undef __launch_bounds__
+#define __launch_bounds__(...)
+#define __syncthreads() emu_block_barrier->arrive_and_wait()
+#define __activemask() 0xffffffffu
+#define __shfl_sync(mask, v, src, ...) emu_shuffle((v), (src), (__VA_ARGS__ + 0) ? (__VA_ARGS__ + 0) : 32, 0)
+#define __shfl_down_sync(mask, v, d, ...) emu_shuffle((v), (d), (__VA_ARGS__ + 0) ? (__VA_ARGS__ + 0) : 32, 1)
+#define __shfl_up_sync(mask, v, d, ...) emu_shuffle((v), (d), (__VA_ARGS__ + 0) ? (__VA_ARGS__ + 0) : 32, 2)
+#define __shfl_xor_sync(mask, v, d, ...) emu_shuffle((v), (d), (__VA_ARGS__ + 0) ? (__VA_ARGS__ + 0) : 32, 3)
+static inline float emu_int_as_float(int v) { float f; std::memcpy(&f, &v, 4); return f; }
+static inline int emu_float_as_int(float v) { int i; std::memcpy(&i, &v, 4); return i; }
+static inline float emu_uint_as_float(unsigned v) { float f; std::memcpy(&f, &v, 4); return f; }
+static inline unsigned emu_float_as_uint(float v) { unsigned i; std::memcpy(&i, &v, 4); return i; }
+#define __int_as_float emu_int_as_float
+#define __float_as_int emu_float_as_int
+#define __uint_as_float emu_uint_as_float
+#define __float_as_uint emu_float_as_uint
+#define __expf expf
+#define __logf logf
+template <class F> static void emu_launch(EmuDim grid, EmuDim block, F kernel) {
+  emu_gridDim = grid; emu_blockDim = block;
+  int threads = block.x * block.y * block.z;
+  for (unsigned bz = 0; bz < grid.z; ++bz) for (unsigned by = 0; by < grid.y; ++by)
+  for (unsigned bx = 0; bx < grid.x; ++bx) {
+    std::barrier<> bar(threads);
+    emu_block_barrier = &bar;
+    std::vector<std::barrier<>*> warp_bars;
+    emu_warps.clear();
+    for (int w = 0; w < (threads + 31) / 32; ++w) {
+      int n = std::min(32, threads - 32 * w);
+      warp_bars.push_back(new std::barrier<>(n));
+      emu_warps.push_back(new EmuWarp{warp_bars.back(), {}});
+    }
+    std::vector<std::thread> pool;
+    for (int t = 0; t < threads; ++t) {
+      pool.emplace_back([&, t] {
+        emu_blockIdx = EmuDim{bx, by, bz};
+        emu_threadIdx = EmuDim{unsigned(t % block.x), unsigned((t / block.x) % block.y),
+                               unsigned(t / (block.x * block.y))};
+        kernel();
+      });
+    }
+    for (auto& th : pool) th.join();
+    for (auto* w : emu_warps) { delete w->bar; delete w; }
+    emu_warps.clear();
+  }
+}
+static void* emu_read(const char* path, size_t bytes) {
+  void* p = std::calloc(bytes ? bytes : 1, 1);
+  if (FILE* f = std::fopen(path, "rb")) { size_t n = std::fread(p, 1, bytes, f); (void)n; std::fclose(f); }
+  return p;
+}
+static void emu_write(const char* path, const void* p, size_t bytes) {
+  FILE* f = std::fopen(path, "wb"); std::fwrite(p, 1, bytes, f); std::fclose(f);
+}
+"""
+
+_C_TYPES = {"float32": "float", "float16": "half", "bfloat16": "nv_bfloat16", "bool": "bool",
+            "int64": "int64_t", "int32": "int32_t"}
+
+
+def _kernels(func, target):
+    """[(name, [(param, dtype)], {tag: extent})] of the device kernels, in launch order."""
+    import tvm
+    from tvm.ir.instrument import pass_instrument
+
+    @pass_instrument
+    class Capture:
+        def run_after_pass(self, mod, info):
+            if info.name == "tirx.SplitHostDevice":
+                self.mod = mod
+
+    capture = Capture()
+    with tvm.transform.PassContext(instruments=[capture]):
+        executable = tvm.compile(tvm.IRModule({"main": func}), target)
+    host = capture.mod["main"].script()
+    order = re.findall(r'"(\w+_kernel(?:_\d+)?)"', host) or []
+    kernels = {}
+    for gvar, kernel in capture.mod.functions_items():
+        name = gvar.name_hint
+        if name == "main":
+            continue
+        params = [(str(p.name), re.search(r'T\.handle\("(\w+)"', str(p.ty)).group(1)) for p in kernel.params]
+        extents = {tag: int(value) for tag, value in
+                   re.findall(r'T\.launch_thread\("(\w+\.\w)", (?:T\.int64\()?(\d+)', kernel.script())}
+        kernels[name] = (params, extents)
+    seen = []
+    for name in order:
+        if name in kernels and name not in seen:
+            seen.append(name)
+    seen += [name for name in kernels if name not in seen]
+    return executable, [(name, *kernels[name]) for name in seen]
+
+
+def run_cuda_on_cpu(func, target, arrays: dict, outputs: list[str], workdir: str | None = None) -> dict:
+    """Compile `func` (a scheduled CUDA PrimFunc with static shapes) for `target` with TVM, build
+    its CUDA source for the CPU with the shim and run it on `arrays` (parameter name -> array).
+    Returns {name: array} for `outputs`."""
+    from tvmsoftmax.lowering import device_code
+
+    executable, kernels = _kernels(func, target)
+    (source,) = device_code.cuda_sources(executable.mod)
+    at = source.index('extern "C" __global__')
+    # static (block-wide) instead of __shared__; GNU alignment (EDG refuses alignas after static)
+    kernels_source = re.sub(r"__shared__ alignas\((\d+)\)", r"static __attribute__((aligned(\1)))", source[at:])
+    program = source[:at] + SHIM + kernels_source
+    shapes = {str(p.name): ([int(d) for d in p.ty.shape], str(p.ty.dtype)) for p in func.params}
+    for name, (shape, dtype) in _workspaces(func).items():
+        shapes.setdefault(name, (shape, dtype))
+    lines = ["int main() {"]
+    for name, (shape, dtype) in shapes.items():
+        count = int(np.prod(shape)) if shape else 1
+        size = count * np.dtype(_np_dtype(dtype)).itemsize
+        lines.append(f'  auto* {name}_buf = ({_C_TYPES[dtype]}*)emu_read("{name}.bin", {size});')
+    for kernel, params, extents in kernels:
+        args = ", ".join(f"{p.removesuffix('_ptr')}_buf" for p, _ in params)
+        grid = ", ".join(str(extents.get(f"blockIdx.{a}", 1)) for a in "xyz")
+        block = ", ".join(str(extents.get(f"threadIdx.{a}", 1)) for a in "xyz")
+        lines.append(f"  emu_launch(EmuDim{{{grid}}}, EmuDim{{{block}}}, [&] {{ {kernel}({args}); }});")
+    for name in outputs:
+        shape, dtype = shapes[name]
+        size = int(np.prod(shape)) * np.dtype(_np_dtype(dtype)).itemsize
+        lines.append(f'  emu_write("{name}.out", {name}_buf, {size});')
+    lines.append("  return 0;\n}\n")
+    program += "\n".join(lines)
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        tmp = Path(tmp)
+        (tmp / "kernel.cu").write_text(program)
+        for name, value in arrays.items():
+            shape, dtype = shapes[name]
+            np.ascontiguousarray(value, dtype=_np_dtype(dtype)).reshape(shape).tofile(tmp / f"{name}.bin")
+        nvcc = device_code.nvcc_path()
+        build = subprocess.run(
+            # -arch sm_90: nvcc's device pass still parses the file, and TVM's bfloat16 preamble
+            # needs an arch >= 80 there; TVM's half/bfloat16 operator flags as for the fatbins.
+            [nvcc, "-x", "cu", "-std=c++20", "-O1", "-arch=sm_90", *device_code._NVCC_FLAGS[1:],
+             "-Xcompiler", "-pthread", "-o", str(tmp / "run"), str(tmp / "kernel.cu")],
+            capture_output=True, text=True, check=False,
+        )
+        if build.returncode:
+            raise RuntimeError("nvcc (host build of the CUDA source) failed:\n" + build.stderr[-4000:])
+        done = subprocess.run([str(tmp / "run")], cwd=tmp, capture_output=True, text=True, timeout=600, check=False)
+        if done.returncode:
+            raise RuntimeError(f"emulated kernels failed ({done.returncode}): {done.stderr[-2000:]}")
+        out = {}
+        for name in outputs:
+            shape, dtype = shapes[name]
+            out[name] = np.fromfile(tmp / f"{name}.out", dtype=_np_dtype(dtype)).reshape(shape)
+        return out
+
+
+def _np_dtype(dtype: str):
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.dtype(dtype)
+
+
+def _workspaces(func) -> dict:
+    """Root-level buffers of the PrimFunc (global workspaces the host allocates), by name."""
+    out = {}
+    text = re.sub(r"T\.int64\((\d+)\)", r"\1", func.script())
+    for name, shape, dtype in re.findall(r'^    (\w+) = T\.alloc_buffer\(\(([\d, ]*)\)(?:, "(\w+)")?', text, re.MULTILINE):
+        out[name] = ([int(d) for d in shape.split(",") if d.strip()], dtype or "float32")
+    return out

@@ -1,0 +1,119 @@
+"""The CUDA kernels we generate, *run* on this CPU (no GPU here): `cuda_emulator` builds the exact
+CUDA source TVM emits as host code and runs each thread block as concurrent threads with real
+barriers and warp shuffles. Checked against the float64 references, with the tolerances of the
+x86 tests (float32 1e-5; float16/bfloat16 I/O 2e-3 for attention, TOLERANCES for softmax) and
+NaN/inf positions exactly (onnxruntime's semantics).
+
+What this proves: the schedules' indexing, thread mapping, register/shared scopes, barriers and
+cross-thread reductions compute the right thing. What it cannot: speed, or anything about a real
+GPU's memory model beyond barriers (see benchmarks/gpu_check.py for the GPU host).
+"""
+
+import numpy as np
+import pytest
+from attention_reference import reference
+from conftest import TOLERANCES, assert_close, reference64
+from cuda_emulator import run_cuda_on_cpu
+from test_attention import CASES, _close, _problem
+from tvm import te
+
+from tvmsoftmax.lowering import device_code
+from tvmsoftmax.lowering.targets import resolve
+from tvmsoftmax.ops.attention import AttentionSpec, flash_attention
+from tvmsoftmax.ops.softmax import softmax
+from tvmsoftmax.schedules import cuda, cuda_attention
+
+pytestmark = pytest.mark.skipif(device_code.nvcc_path() is None, reason="the emulator builds the CUDA source with nvcc")
+
+ALGORITHMS = ["three-pass", "three-pass-recompute", "two-pass", "online"]
+
+
+def _target():
+    return resolve("cuda", arch="sm_90").tvm_target()
+
+
+def _run_flash(spec, arrays, dims=None):
+    q, k = arrays[0], arrays[1]
+    dims = dims or {"batch": q.shape[0], "q_len": q.shape[2], "kv_len": k.shape[2]}
+    _, knobs = cuda_attention.choose("auto", dims, spec)
+    func = cuda_attention.schedule_flash(flash_attention(spec, knobs.tiling(), dims), knobs)
+    names = [str(p.name) for p in func.params]
+    feeds = dict(zip(names[:-1], arrays))
+    return run_cuda_on_cpu(func, _target(), feeds, ["y"])["y"], knobs
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_flash_cuda_matches_reference(name):
+    """Every mask form and edge case of the x86 flash tests (GQA, causal both alignments, softcap,
+    -inf/-FLT_MAX/-1e9 masks with fully masked rows and tiles, bool masks, kv lengths, inf/NaN
+    inputs), 37 queries x 45 keys: partial query blocks and key tiles."""
+    spec, arrays, kwargs = _problem(name)
+    spec = AttentionSpec(**spec) if isinstance(spec, dict) else spec
+    got, _ = _run_flash(spec, arrays)
+    _close(got, reference(*arrays[:3], spec, **kwargs), spec.dtype, name)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_flash_cuda_half_inputs_float32_accumulation(dtype):
+    import ml_dtypes
+
+    spec, arrays, kwargs = _problem("causal-bottom-right", dtype="float32", sq=70, skv=90)
+    np_dtype = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
+    arrays = [a.astype(np_dtype) for a in arrays]
+    spec = AttentionSpec(**{**spec.to_json(), "dtype": dtype})
+    got, _ = _run_flash(spec, arrays)
+    want = reference(*[a.astype(np.float32) for a in arrays[:3]], spec, **kwargs)
+    tol = 2e-3 if dtype == "float16" else 1.6e-2  # bfloat16 output: 8 mantissa bits (3.9e-3 ulp at 0.5)
+    err = np.nanmax(np.abs(got.astype(np.float64) - want))
+    assert np.allclose(got.astype(np.float64), want, rtol=tol, atol=tol), f"max abs err {err:.3g}"
+
+
+def test_flash_cuda_wide_heads_smaller_tiles():
+    """Head size 128, MQA (8 query heads on one key/value head), float32: the 48 KiB shared-memory
+    budget gives 16-row query blocks and 32-key tiles."""
+    rng = np.random.default_rng(1)
+    spec = AttentionSpec(q_heads=8, kv_heads=1, head_size=128, v_head_size=128, scale=128 ** -0.5, causal=1)
+    q = rng.standard_normal((1, 8, 40, 128)).astype(np.float32)
+    k = rng.standard_normal((1, 1, 40, 128)).astype(np.float32)
+    v = rng.standard_normal((1, 1, 40, 128)).astype(np.float32)
+    got, knobs = _run_flash(spec, [q, k, v])
+    assert (knobs.query_block, knobs.key_block) == (16, 32)
+    _close(got, reference(q, k, v, spec), "float32", "d128 mqa")
+
+
+def _edge_rows(rows: int, length: int, rng) -> np.ndarray:
+    x = (rng.standard_normal((rows, length)) * 4).astype(np.float32)
+    x[0] = -np.inf  # NaN row
+    x[1, ::2] = -1e9
+    x[2] = -np.finfo(np.float32).max
+    x[3, 5] = np.inf  # NaN row
+    x[4, 7] = np.nan  # NaN row
+    x[5] *= 1e4  # huge range
+    x[6, : length // 2] = -np.inf
+    return x
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["Softmax", "LogSoftmax"])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("view,dtype", [((8, 300, 1), "float32"), ((8, 4096, 1), "float16"), ((4, 200, 3), "float32")],
+                         ids=["warp-per-row", "vector4-fp16", "strided-axis"])
+def test_softmax_cuda_matches_reference(algorithm, log, view, dtype):
+    """Each algorithm's CUDA schedule: a warp per row (4 rows per block), a 256-thread block with
+    4-wide vector loads in float16, a strided axis; edge rows (-inf, -1e9, -FLT_MAX, +inf, NaN,
+    huge range, half -inf)."""
+    if algorithm == "three-pass" and view[1] > cuda.SHARED_ROW_LIMIT:
+        pytest.skip("three-pass keeps a row in shared memory")
+    chosen, knobs = cuda.choose(algorithm, log, list(view))
+    x = te.placeholder(view, dtype, name="x")
+    y = softmax(x, algorithm=chosen, log=log, partitioning=knobs.partitioning(view[2] == 1))
+    func = cuda.schedule_softmax(te.create_prim_func([x, y]), knobs)
+    rng = np.random.default_rng(view[1])
+    rows = _edge_rows(view[0] * view[2], view[1], rng)  # [rows, length] -> the [outer, length, inner] view
+    data = rows.reshape(view[0], view[2], view[1]).transpose(0, 2, 1).astype(dtype)
+    out_name = str(func.params[-1].name)
+    got = run_cuda_on_cpu(func, _target(), {"x": data}, [out_name])[out_name]
+    want = reference64(data.astype(np.float32), axis=1, log=log)
+    if algorithm == "two-pass" and log:  # the documented limit (README, test_softmax): no finite
+        o, i = divmod(2, view[2])  # shift for the all -FLT_MAX row (row 2)
+        want[o, :, i] = got[o, :, i]
+    assert_close(got, want, **TOLERANCES[dtype], what=f"{algorithm} {view} {dtype}")
