@@ -102,6 +102,13 @@ def choose(requested: str, dims: dict, spec, algorithm: str = "auto") -> tuple[s
     return strategy, knobs
 
 
+def _thread_per_element(sch, loops, threads: int) -> None:
+    """Fused `loops` -> (blockIdx.x, threadIdx.x): a thread per element, `threads` per block."""
+    bx, tx = sch.split(sch.fuse(*loops), [None, threads])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+
+
 def _bind(sch, ty, tx) -> None:
     sch.bind(ty, "threadIdx.y")
     sch.bind(tx, "threadIdx.x")
@@ -192,9 +199,7 @@ def schedule_flash(func: tirx.PrimFunc, knobs: CudaAttentionKnobs) -> tirx.PrimF
     shapes = {str(param.name): list(param.ty.shape) for param in func.params}  # TVM 0.27: BufferType
     static = all(static_extent(shapes[name][2]) is not None for name in ("q", "v"))
     # K packed per tile (float32, the compute's layout): a thread per element.
-    _, bx, tx = None, *sch.split(sch.fuse(*sch.get_loops(blocks["flash_key_t"])), [None, 256])
-    sch.bind(bx, "blockIdx.x")
-    sch.bind(tx, "threadIdx.x")
+    _thread_per_element(sch, sch.get_loops(blocks["flash_key_t"]), 256)
     # A thread block per (batch, head, query block).
     sch.bind(sch.fuse(*sch.get_loops(blocks["flash_block"])), "blockIdx.x")
     in_place = []
@@ -239,9 +244,7 @@ def schedule_materialized(func: tirx.PrimFunc) -> tirx.PrimFunc:
         kinds = [iv.iter_type for iv in sch.get(block).iter_vars]
         loops = sch.get_loops(block)
         spatial = [loop for loop, kind in zip(loops, kinds) if kind == tirx.IterVar.DataPar]
-        _, bx, tx = None, *sch.split(sch.fuse(*spatial), [None, 128])
-        sch.bind(bx, "blockIdx.x")
-        sch.bind(tx, "threadIdx.x")
+        _thread_per_element(sch, spatial, 128)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
