@@ -48,7 +48,6 @@ def test_flash_cuda_matches_reference(name):
     -inf/-FLT_MAX/-1e9 masks with fully masked rows and tiles, bool masks, kv lengths, inf/NaN
     inputs), 37 queries x 45 keys: partial query blocks and key tiles."""
     spec, arrays, kwargs = _problem(name)
-    spec = AttentionSpec(**spec) if isinstance(spec, dict) else spec
     got, _ = _run_flash(spec, arrays)
     _close(got, reference(*arrays[:3], spec, **kwargs), spec.dtype, name)
 

@@ -190,7 +190,7 @@ _OUTER = ("root", "flash_key_t", "flash_block")
 # Buffers of the compute's thread block (names from `ops.attention`) and where they live: the
 # registers of a thread hold its rq x rc tile of scores, its part of the output accumulator and
 # its warp's row state; the probabilities are shared (P V reads every key of a row).
-_SCOPES = {"probs": "shared", "tile_live": "shared"}  # every other one: "local"
+_SCOPES = {"probs": "shared"}  # every other one: "local"
 
 
 def schedule_flash(func: tirx.PrimFunc, knobs: CudaAttentionKnobs) -> tirx.PrimFunc:
