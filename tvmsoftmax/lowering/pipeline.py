@@ -1,6 +1,7 @@
 """Relax -> executable: TVM's default per-target passes with our sites scheduled in between.
 
-Order: library dispatch, LegalizeOps (the rest of the model becomes TIR), op-pattern annotation
+First `numerics.onnx_numerics` (float max/min reductions and half MatMul as onnxruntime computes
+them), then, in order: library dispatch, LegalizeOps (the rest of the model becomes TIR), op-pattern annotation
 and fusion (our PrimFuncs carry an opaque pattern, so they are never fused into neighbours),
 `schedule_sites` (our schedule rules, by target), on CUDA dlight's default GPU rules for every
 other kernel (they skip functions marked scheduled), then TVM's dataflow lowering and
@@ -18,6 +19,7 @@ from .._native import quiet_native_stderr
 from ..schedules import KNOB_TYPES, schedule_attention, schedule_softmax
 from .attention_import import ATTENTION_ATTR
 from .importer import KNOBS_ATTR, SITE_ATTR
+from .numerics import onnx_numerics
 from .targets import TargetSpec
 
 
@@ -114,6 +116,6 @@ def build(mod: tvm.IRModule, spec: TargetSpec) -> tvm.runtime.Executable:
         from .device_code import install_fatbins
 
         install_fatbins({})  # a CUDA-enabled TVM compiles kernels at build: with our nvcc flags
-    mod = relax.transform.DecomposeOpsForInference()(mod)
+    mod = onnx_numerics(relax.transform.DecomposeOpsForInference()(mod))
     with quiet_native_stderr():
         return tvm.compile(mod, target=target, relax_pipeline=pipeline)

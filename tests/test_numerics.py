@@ -1,0 +1,127 @@
+"""The rest of the model (what TVM lowers, not our sites) computes as onnxruntime does where TVM
+0.27's default legalization differs (`tvmsoftmax/lowering/numerics.py`): float ReduceMax/ReduceMin
+of rows of -inf/+inf, the fully-masked-row guard of ONNX's own Attention function body, and
+float16 MatMul accumulated in float32.
+
+Tolerances: reductions are exact (a max picks an input); float16 MatMul within one float16 ulp of
+the float64 product rounded to float16 (float32 accumulation of 2048 terms is ~1e-7 relative)."""
+
+import re
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+import tvmsoftmax
+from conftest import ONNX_DTYPES, run_ort
+from tvmsoftmax.lowering.device_code import cuda_sources
+
+
+def _model(nodes, inputs, outputs, opset=18, initializers=()):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(initializers))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _edge_rows(shape, dtype):
+    x = np.random.default_rng(0).standard_normal(shape).astype(dtype)
+    x[0] = -np.inf  # all -inf: max is -inf (TVM's identity gave -FLT_MAX)
+    x[1] = np.inf  # all +inf: min is +inf
+    x[2, ::2] = -np.inf
+    x[3] = np.finfo(dtype).min
+    return x
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("op", ["ReduceMax", "ReduceMin"])
+@pytest.mark.parametrize("axes,keepdims", [([1], 1), ([-1], 0), ([0, 1], 1), (None, 0)])
+def test_float_extreme_reductions_match_onnxruntime(op, dtype, axes, keepdims):
+    x = _edge_rows((6, 33), dtype)
+    inputs = ["x"] + (["axes"] if axes is not None else [])
+    inits = [helper.make_tensor("axes", TensorProto.INT64, [len(axes)], axes)] if axes is not None else []
+    numpy_op = np.max if op == "ReduceMax" else np.min
+    expected = numpy_op(x, axis=None if axes is None else tuple(axes), keepdims=bool(keepdims))
+    model = _model(
+        [helper.make_node(op, inputs, ["y"], keepdims=keepdims)],
+        [helper.make_tensor_value_info("x", ONNX_DTYPES[dtype], list(x.shape))],
+        [helper.make_tensor_value_info("y", ONNX_DTYPES[dtype], list(expected.shape))],
+        initializers=inits,
+    )
+    (want,) = run_ort(model, {"x": x})
+    (got,) = tvmsoftmax.compile(model).run({"x": x}).values()
+    np.testing.assert_array_equal(want, expected)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_fully_masked_row_guard_of_the_attention_function_body():
+    """Where(ReduceMax(bias) == -inf, 0, Softmax(scores + bias)): the guard ONNX's Attention body
+    uses. A fully masked row must come out zeros (it was NaN: the max was -FLT_MAX)."""
+    rows, cols = 4, 16
+    bias = np.zeros((rows, cols), np.float32)
+    bias[1] = -np.inf
+    bias[2, 5:] = -np.inf
+    scores = np.random.default_rng(1).standard_normal((rows, cols)).astype(np.float32)
+    f32 = TensorProto.FLOAT
+    model = _model(
+        [
+            helper.make_node("Add", ["s", "b"], ["masked"]),
+            helper.make_node("Softmax", ["masked"], ["p"], axis=-1),
+            helper.make_node("ReduceMax", ["b", "axes"], ["row_max"], keepdims=1),
+            helper.make_node("Equal", ["row_max", "neg_inf"], ["all_masked"]),
+            helper.make_node("Where", ["all_masked", "zero", "p"], ["y"]),
+        ],
+        [helper.make_tensor_value_info("s", f32, [rows, cols]), helper.make_tensor_value_info("b", f32, [rows, cols])],
+        [helper.make_tensor_value_info("y", f32, [rows, cols])],
+        initializers=[
+            helper.make_tensor("axes", TensorProto.INT64, [1], [-1]),
+            helper.make_tensor("neg_inf", f32, [], [-np.inf]),
+            helper.make_tensor("zero", f32, [], [0.0]),
+        ],
+    )
+    feeds = {"s": scores, "b": bias}
+    (want,) = run_ort(model, feeds)
+    (got,) = tvmsoftmax.compile(model).run(feeds).values()
+    assert not np.isnan(got).any()
+    np.testing.assert_array_equal(got[1], np.zeros(cols, np.float32))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _matmul_model(m, k, n, dtype="float16"):
+    t = ONNX_DTYPES[dtype]
+    return _model(
+        [helper.make_node("MatMul", ["a", "b"], ["y"])],
+        [helper.make_tensor_value_info("a", t, [2, m, k]), helper.make_tensor_value_info("b", t, [k, n])],
+        [helper.make_tensor_value_info("y", t, [2, m, n])],
+    )
+
+
+def test_float16_matmul_accumulates_in_float32():
+    """2048 positive terms: a float16 accumulator drifts by many ulps (each add rounds at the
+    running sum's magnitude); float32 accumulation rounds once, as onnxruntime does."""
+    m, k, n = 8, 2048, 16
+    rng = np.random.default_rng(2)
+    a = rng.uniform(0, 1, (2, m, k)).astype(np.float16)
+    b = rng.uniform(0, 1, (k, n)).astype(np.float16)
+    exact = (a.astype(np.float64) @ b.astype(np.float64)).astype(np.float16)
+    (got,) = tvmsoftmax.compile(_matmul_model(m, k, n)).run({"a": a, "b": b}).values()
+    (want,) = run_ort(_matmul_model(m, k, n), {"a": a, "b": b})
+    ulp = np.spacing(exact).astype(np.float64)
+    assert got.dtype == np.float16
+    assert (np.abs(got.astype(np.float64) - exact) <= ulp).all()
+    assert (np.abs(want.astype(np.float64) - exact) <= ulp).all()  # onnxruntime is this accurate too
+
+
+def _cuda_source(model) -> str:
+    return "".join(cuda_sources(tvmsoftmax.compile(model, target="cuda").executable.mod))
+
+
+def test_cuda_keeps_the_float32_accumulator_and_the_inf_identity():
+    """The same rewrites reach dlight's CUDA kernels: a float32 accumulator in the float16 MatMul
+    (dlight's Matmul rule keeps it in registers), -inf as the start of a float ReduceMax."""
+    assert re.search(r"float2? matmul\w*_local\w*\[", _cuda_source(_matmul_model(64, 256, 64)))
+    reduce_max = _model(
+        [helper.make_node("ReduceMax", ["x", "axes"], ["y"], keepdims=0)],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 300])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64])],
+        initializers=[helper.make_tensor("axes", TensorProto.INT64, [1], [1])],
+    )
+    assert "= -CUDART_INF_F;" in _cuda_source(reduce_max)

@@ -1,0 +1,92 @@
+"""Relax rewrites that give the rest of the model (the part TVM lowers) onnxruntime's numerics
+where TVM 0.27's default legalization differs. Run on the imported module, before legalization.
+
+- Float ReduceMax / ReduceMin: TVM's reducers start from the lowest / highest *finite* value, so
+  the max of a row of -inf is -FLT_MAX. ONNX's own Attention function body (and exporters' masks)
+  test `ReduceMax(bias) == -inf` to find fully masked rows: with TVM's identity the test is never
+  true and a row that must be zeros comes out NaN. Here the identities are -inf / +inf.
+- Half-precision MatMul: TVM's legalization accumulates in the half type (one rounding per term);
+  onnxruntime (MLAS) and NumPy accumulate in float32 and round once. Here a float16 / bfloat16
+  MatMul accumulates in float32 and casts the result, as onnxruntime does.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax, te
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+HALF_DTYPES = ("float16", "bfloat16")
+
+
+def _reduce(x: te.Tensor, axes, keepdims: bool, reducer) -> te.Tensor:
+    """x reduced over `axes` (None: all) by `reducer`, keeping size-1 dims if asked."""
+    ndim = len(x.shape)
+    axes = sorted({int(a) % ndim for a in axes} if axes is not None else range(ndim))
+    kept = [d for d in range(ndim) if d not in axes]
+    out_shape = [1 if d in axes else x.shape[d] for d in range(ndim)] if keepdims else [x.shape[d] for d in kept]
+
+    def compute(*index):
+        reduce_axes = [te.reduce_axis((0, x.shape[d]), name=f"k{d}") for d in axes]
+        by_dim = dict(zip(axes, reduce_axes))
+        outer = iter(index[d] for d in kept) if keepdims else iter(index)
+        return reducer([by_dim[d] if d in by_dim else next(outer) for d in range(ndim)], reduce_axes)
+
+    return te.compute(out_shape, compute, name="reduce")
+
+
+def _ieee_reducer(name: str, combine, identity: float):
+    return te.comm_reducer(combine, lambda dtype: tvm.tirx.const(identity, dtype), name=name)
+
+
+_MAX = _ieee_reducer("ieee_max", lambda a, b: tvm.tirx.max(a, b), float("-inf"))
+_MIN = _ieee_reducer("ieee_min", lambda a, b: tvm.tirx.min(a, b), float("inf"))
+
+
+def _te_extreme(reducer):
+    def compute(x: te.Tensor, axes, keepdims: bool) -> te.Tensor:
+        return _reduce(x, axes, keepdims, lambda idx, k: reducer(x(*idx), axis=k))
+
+    return compute
+
+
+def _reduces(axis) -> bool:
+    """Relax: axis None reduces every dim; an empty axis list reduces none (an identity)."""
+    return axis is None or len(axis) > 0
+
+
+@mutator
+class _OnnxNumerics(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule):
+        super().__init__(mod)
+        self.mod_ = mod
+        self.ops = {
+            "relax.max": _te_extreme(_MAX),
+            "relax.min": _te_extreme(_MIN),
+        }
+
+    def run(self) -> tvm.IRModule:
+        for gvar, func in self.mod_.functions_items():
+            if isinstance(func, relax.Function):
+                self.builder_.update_func(gvar, self.visit_expr(func))
+        return self.builder_.get()
+
+    def visit_call_(self, call):  # noqa: D102 - PyExprMutator hook
+        call = super().visit_call_(call)
+        if not isinstance(call.op, tvm.ir.Op):
+            return call
+        dtype = str(call.ty.dtype) if isinstance(call.ty, relax.TensorType) else ""
+        if call.op.name in self.ops and dtype.startswith(("float", "bfloat")) and _reduces(call.attrs.axis):
+            return self.builder_.call_te(
+                self.ops[call.op.name], call.args[0], call.attrs.axis, bool(call.attrs.keepdims),
+                primfunc_name_hint=call.op.name.split(".")[1],
+            )
+        if call.op.name == "relax.matmul" and dtype in HALF_DTYPES and call.attrs.out_dtype is None:
+            wide = self.builder_.emit(relax.op.matmul(call.args[0], call.args[1], out_dtype="float32"))
+            return relax.op.astype(wide, dtype)
+        return call
+
+
+def onnx_numerics(mod: tvm.IRModule) -> tvm.IRModule:
+    """`mod` with float max/min reductions and half-precision MatMul as onnxruntime computes them."""
+    return _OnnxNumerics(mod).run()
