@@ -148,7 +148,7 @@ def _kernels(func, target):
         name = gvar.name_hint
         if name == "main":
             continue
-        params = [(str(p.name), re.search(r'T\.handle\("(\w+)"', str(p.ty)).group(1)) for p in kernel.params]
+        params = [(re.sub(r"\W", "_", str(p.name)), re.search(r'T\.handle\("(\w+)"', str(p.ty)).group(1)) for p in kernel.params]
         extents = {tag: int(value) for tag, value in
                    re.findall(r'T\.launch_thread\("(\w+\.\w)", (?:T\.int64\()?(\d+)', kernel.script())}
         kernels[name] = (params, extents)
@@ -229,6 +229,8 @@ def _workspaces(func) -> dict:
     """Root-level buffers of the PrimFunc (global workspaces the host allocates), by name."""
     out = {}
     text = re.sub(r"T\.int64\((\d+)\)", r"\1", func.script())
-    for name, shape, dtype in re.findall(r'^    (\w+) = T\.alloc_buffer\(\(([\d, ]*)\)(?:, "(\w+)")?', text, re.MULTILINE):
-        out[name] = ([int(d) for d in shape.split(",") if d.strip()], dtype or "float32")
+    pattern = r'^ +(\w+) = T\.(?:sblock_)?alloc_buffer\(\(([\d, ]*)\)(?:, "(\w+)")?(.*)$'
+    for name, shape, dtype, rest in re.findall(pattern, text, re.MULTILINE):
+        if "scope=" not in rest or 'scope="global"' in rest:
+            out[name] = ([int(d) for d in shape.split(",") if d.strip()], dtype or "float32")
     return out

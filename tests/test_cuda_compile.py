@@ -48,6 +48,27 @@ def test_site_kernel_structure(algorithm, op, arch):
     assert_built_by_nvcc(compiled, source)
 
 
+@pytest.mark.parametrize("algorithm,passes", [("online", 1), ("two-pass", 1), ("three-pass-recompute", 2)])
+def test_few_long_rows_split_across_blocks(algorithm, passes):
+    """(1, 2^26): 256 blocks of one row, 16384-element chunks (4-wide loads), instead of one
+    block. Per reduction pass: a kernel over the chunks (state per chunk in global memory) and a
+    one-warp merge kernel (the online / two-pass merge of the chunk states); then the output
+    kernel over the chunks again. Every kernel reads the input at most once."""
+    compiled = tvmsoftmax.compile(softmax_model("Softmax", (1, 1 << 26)), target="cuda", algorithm=algorithm)
+    (site,) = compiled.sites
+    assert site["lowered"]["knobs"] == {"threads": 256, "rows_per_block": 1, "vector": 4, "splits": 256}
+    source = cuda_source(compiled)
+    definitions = re.findall(r'__launch_bounds__\((\d+)\) (tvmsoftmax_site0\w*)\([^)]*\) \{(.*?)\n\}', source, re.DOTALL)
+    assert [int(threads) for threads, _, _ in definitions] == [256, 32] * passes + [256]
+    for _, name, body in definitions:
+        # one 16-byte read per element (the source repeats a load per use; nvcc merges them)
+        assert len(set(re.findall(r"\*\(float4\*\)\(A_ptr \+ (.*?)\);", body))) <= 1, name
+    assert "split_state" in source
+    assert_built_by_nvcc(compiled, source)
+    many_rows = tvmsoftmax.compile(softmax_model("Softmax", (4096, 32000)), target="cuda", algorithm=algorithm)
+    assert many_rows.sites[0]["lowered"]["knobs"]["splits"] == 1  # enough rows: a block per row
+
+
 def test_three_pass_long_rows_refused_clearly():
     with pytest.raises(tvmsoftmax.TvmSoftmaxError, match="shared memory.*use three-pass-recompute"):
         tvmsoftmax.compile(softmax_model("Softmax", (4, 100_000)), target="cuda", algorithm="three-pass")
@@ -69,12 +90,12 @@ def test_short_rows_get_a_warp_each(algorithm):
     # partial states in shared memory per row; rows that 4 does not divide: one warp per block.
     compiled = tvmsoftmax.compile(softmax_model("Softmax", (4096, 300)), target="cuda", algorithm=algorithm)
     (site,) = compiled.sites
-    assert site["lowered"]["knobs"] == {"threads": 32, "rows_per_block": 4, "vector": 1}
+    assert site["lowered"]["knobs"] == {"threads": 32, "rows_per_block": 4, "vector": 1, "splits": 1}
     source = cuda_source(compiled)
     assert re.search(r"__launch_bounds__\(128\) tvmsoftmax_site0", source)
     assert "threadIdx.y" in source and re.search(r"__shared__ alignas\(\d+\) float \w+_partial\w*\[128\]", source)
     odd = tvmsoftmax.compile(softmax_model("Softmax", (77, 300)), target="cuda", algorithm=algorithm)
-    assert odd.sites[0]["lowered"]["knobs"] == {"threads": 32, "rows_per_block": 1, "vector": 1}
+    assert odd.sites[0]["lowered"]["knobs"] == {"threads": 32, "rows_per_block": 1, "vector": 1, "splits": 1}
     assert_built_by_nvcc(compiled, source)
     assert_built_by_nvcc(odd, cuda_source(odd))
 
@@ -113,7 +134,7 @@ def test_long_rows_vector_loads_register_states_cooperative_tree(algorithm, dtyp
     in float32), keeps its 4 partial states in registers, and the block halves the row's states
     in shared memory together (a level per barrier, not every thread merging all of them)."""
     compiled = tvmsoftmax.compile(softmax_model("Softmax", (64, 4096), dtype=dtype), target="cuda", algorithm=algorithm)
-    assert compiled.sites[0]["lowered"]["knobs"] == {"threads": 256, "rows_per_block": 1, "vector": 4}
+    assert compiled.sites[0]["lowered"]["knobs"] == {"threads": 256, "rows_per_block": 1, "vector": 4, "splits": 1}
     source = cuda_source(compiled)
     kernel = source[source.index("void __launch_bounds__(256) tvmsoftmax_site0"):]
     kernel = kernel[:kernel.index("\n}\n")]

@@ -8,7 +8,8 @@ import zlib
 import numpy as np
 import pytest
 
-from conftest import TOLERANCES, assert_close, compiled_for, reference64, run_ort
+import tvmsoftmax
+from conftest import TOLERANCES, assert_close, compiled_for, reference64, run_ort, softmax_model
 
 ALGORITHMS = ["three-pass", "three-pass-recompute", "two-pass", "online"]
 OPS = ["Softmax", "LogSoftmax"]
@@ -102,6 +103,32 @@ def test_float16_overflow_and_masks(algorithm, op):
     (ort,) = run_ort(model, {"x": x})
     assert_close(got, ort, rtol=2e-3, atol=1e-3, what=f"{algorithm} {op} float16")
     assert np.all(np.isfinite(got[0]))
+
+
+@pytest.mark.parametrize("length", [1 << 17, (1 << 17) + 37], ids=["whole-steps", "with-tail"])
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_one_long_row_split_across_cores(algorithm, op, length):
+    """A single static row of 2^17 elements is split across the cores (each reduces a chunk, the
+    chunk states are merged): against float64 and onnxruntime, with a masked first half (its
+    chunk states are all -inf) and a NaN-free huge range in the second."""
+    from tvmsoftmax.schedules import x86
+    from tvmsoftmax.lowering.targets import resolve
+
+    spec = resolve("x86")
+    _, knobs = x86.choose(algorithm, op == "LogSoftmax", [1, length, 1], spec.vector_lanes, spec.num_cores)
+    if knobs.splits == 1:
+        pytest.skip("one core: rows are not split")
+    model = softmax_model(op, (1, length))
+    compiled = tvmsoftmax.compile(model, algorithm=algorithm)
+    assert compiled.sites[0]["lowered"]["knobs"]["splits"] == spec.num_cores
+    x = (np.random.default_rng(length).standard_normal((1, length)) * 30).astype(np.float32)
+    x[0, : length // 2] = -np.inf
+    got = compiled.run({"x": x})["y"]
+    (ort,) = run_ort(model, {"x": x})
+    tol = dict(rtol=1e-5, atol=max(1e-6, np.finfo(np.float32).eps * length / 16))
+    assert_close(got, reference64(x, -1, op == "LogSoftmax"), what="vs float64", **tol)
+    assert_close(got, ort, what="vs onnxruntime", **tol)
 
 
 @pytest.mark.slow

@@ -94,28 +94,57 @@ class _RowReduction:
         return (state // q) * self.chunk + j * q + state % q
 
     def reduce(self, name: str, reducer: "_Reducer", value_of: Callable):
-        """Partial states [outer, states, inner] -> tree -> merged state [outer, inner].
+        """Partial states [outer, (splits,) partials, inner] -> tree -> merged state [outer, inner].
 
         value_of(loaded float32 value, o, i) -> tuple of reduction operands for one element.
         The partial states are halved by an elementwise tree (``p[r] + p[r + half]``, each level
-        vectorisable) down to one state, which the per-row merge combines with the tail.
+        vectorisable; within each split, then across splits) down to one state, which the per-row
+        merge combines with the tail.
         """
         outer, inner = self.outer, self.inner
         j = te.reduce_axis((0, self.steps), name=f"{name}_j")
-        partial = te.compute(
-            (outer, self.states, inner),
-            lambda o, s, i: reducer.te(
-                _single(value_of(_load(self.x, o, self.element_index(s, j), i), o, i)), axis=j
-            ),
-            name=f"{name}_partial",
-        )
+        splits, width = self.part.splits, self.part.partials
+
+        def state(o, s, q, i):
+            return reducer.te(_single(value_of(_load(self.x, o, self.element_index(s * width + q, j), i), o, i)), axis=j)
+
+        # A split row's states and tree levels are [outer, splits, width, inner] (a schedule can
+        # finish a split where it computed it); otherwise [outer, width, inner].
+        if splits == 1:
+            partial = te.compute((outer, width, inner), lambda o, q, i: state(o, 0, q, i), name=f"{name}_partial")
+            at = lambda p, o, s, r, i: p[o, r, i]  # noqa: E731 - state r of split s in level p
+        else:
+            partial = te.compute((outer, splits, width, inner), state, name=f"{name}_partial")
+            at = lambda p, o, s, r, i: p[o, s, r, i]  # noqa: E731
         level = partial if isinstance(partial, (list, tuple)) else [partial]
-        width = self.states
-        while width > 1 and width % 2 == 0:
+        # Halving within each split first (a split's levels are [outer, splits, width, inner]).
+        # A split's last states are merged by one reduction block into the split's state
+        # ([outer, splits, inner]: one block, a schedule's anchor for the whole split), then the
+        # split states are halved across splits.
+        last = 2 if splits > 1 else 1
+        while width > last and width % 2 == 0:
             half = width // 2
-            level = te.compute((outer, half, inner), _halver(reducer, level, half), name=f"{name}_tree{half}")
-            level = level if isinstance(level, (list, tuple)) else [level]
-            width = half
+            halve = _halver(reducer, level, half, at)
+            if splits == 1:
+                shape, fcompute = (outer, half, inner), _one_split(halve)
+                next_at = lambda p, o, s, r, i: p[o, r, i]  # noqa: E731
+            else:
+                shape, fcompute = (outer, splits, half, inner), halve
+                next_at = lambda p, o, s, r, i: p[o, s, r, i]  # noqa: E731
+            level, at, width = _level(f"{name}_tree{half}", shape, fcompute), next_at, half
+        if splits > 1:
+            t = te.reduce_axis((0, width), name=f"{name}_t")
+            split_state = te.compute(
+                (outer, splits, inner),
+                lambda o, s, i: reducer.te(_single(tuple(at(p, o, s, t, i) for p in level)), axis=t),
+                name=f"{name}_split_state",
+            )
+            level = list(split_state) if isinstance(split_state, (list, tuple)) else [split_state]
+            at, width = (lambda p, o, s, r, i: p[o, r, i]), splits
+            while width > 1 and width % 2 == 0:
+                half = width // 2
+                level = _level(f"{name}_splittree{half}", (outer, half, inner), _one_split(_halver(reducer, level, half, at)))
+                width = half
         # A reduction over zero steps never runs its init in TIR: when the row is shorter than
         # the states (steps == 0) the partial states are not read at all.
         used = tirx.min(self.steps, 1) * width
@@ -123,7 +152,7 @@ class _RowReduction:
 
         def merged_operand(o, i):
             # r % width (== r where it is used) lets region analysis see all `width` states.
-            from_partial = tuple(p[o, tirx.floormod(r, width), i] for p in level)
+            from_partial = tuple(at(p, o, 0, tirx.floormod(r, width), i) for p in level)
             if isinstance(self.tail, tirx.IntImm) and int(self.tail) == 0:
                 return from_partial
             k = tirx.min(self.body + tirx.max(r - used, 0), self.length - 1)
@@ -139,12 +168,23 @@ class _RowReduction:
         return merged if isinstance(merged, (list, tuple)) else [merged]
 
 
-def _halver(reducer, level, half):
-    """fcompute of one tree level: state r merged with state r + half."""
+def _level(name: str, shape, fcompute) -> list:
+    level = te.compute(shape, fcompute, name=name)
+    return list(level) if isinstance(level, (list, tuple)) else [level]
 
-    def halve(o, r, i):
+
+def _one_split(halve):
+    """fcompute(o, r, i) of a 3-D level from a halver's fcompute(o, s, r, i)."""
+    return lambda o, r, i: halve(o, 0, r, i)
+
+
+def _halver(reducer, level, half, at):
+    """fcompute(o, s, r, i) of one tree level: state r of split s merged with state r + half
+    (states read through at(tensor, o, s, r, i))."""
+
+    def halve(o, s, r, i):
         return _single(
-            reducer.combine(tuple(p[o, r, i] for p in level), tuple(p[o, r + half, i] for p in level))
+            reducer.combine(tuple(at(p, o, s, r, i) for p in level), tuple(at(p, o, s, r + half, i) for p in level))
         )
 
     return halve

@@ -7,12 +7,20 @@ levels of the compute's tree run on the block's threads together (one level per 
 state, merged with the row's tail, and the row constants are computed by every thread in registers,
 and the threads write the output together (vectorised like the loads). Rows are (outer, inner)
 pairs, so a strided axis works too (uncoalesced, ``vector`` 1). Short rows get a warp per row
-(``threads=32``) and ``rows_per_block`` rows per block (threadIdx.y). The split-row schedule (a row
-across blocks) is not built yet.
+(``threads=32``) and ``rows_per_block`` rows per block (threadIdx.y).
+
+Few long rows (``splits > 1``, `_schedule_split_rows`): a row is cut into ``splits`` contiguous
+chunks, one thread block each, so the grid has rows x splits blocks instead of rows. Each reduction
+is three steps: a kernel over all chunks (partial states in registers, the chunk's tree in shared
+memory, one state per chunk written to global memory), a small kernel with a thread per row that
+merges the row's chunk states with the algorithm's associative operator (online: the (max, sum)
+merge of Milakov & Gimelshein; two-pass: the (mantissa, exponent) sum), and the consumers (the next
+reduction, the output) read that row state; the output is again a block per chunk.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
 from tvm import s_tir, tirx
@@ -28,9 +36,10 @@ class CudaSoftmaxKnobs:
     threads: int = 256  # threads of one row: 32 = a warp per row
     rows_per_block: int = 1  # rows of one thread block (threadIdx.y), for short rows
     vector: int = 1  # elements per thread access (4: 16-byte float32 loads); partial states per thread
+    splits: int = 1  # thread blocks sharing one row (few long rows), each a contiguous chunk
 
     def partitioning(self, contiguous_rows: bool) -> Partitioning:
-        return Partitioning(partials=self.threads * self.vector, splits=1)
+        return Partitioning(partials=self.threads * self.vector, splits=self.splits)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -65,7 +74,8 @@ def choose(requested: str, log: bool, view: list[int | None]) -> tuple[str, Cuda
         return 4 if contiguous and length % (threads * 4) == 0 else 1
 
     if length is None or length >= 2048:
-        return algorithm, CudaSoftmaxKnobs(threads=256, vector=vector(256))
+        splits = _splits(algorithm, view, vector(256))
+        return algorithm, CudaSoftmaxKnobs(threads=256, vector=vector(256), splits=splits)
     if length >= 1024:
         return algorithm, CudaSoftmaxKnobs(threads=128, vector=vector(128))
     # Several rows per block only when they divide the rows: a partial last block would put the
@@ -75,8 +85,33 @@ def choose(requested: str, log: bool, view: list[int | None]) -> tuple[str, Cuda
                                        vector=vector(32))
 
 
+# Split rows when a static, contiguous row has at least this many elements per chunk and there are
+# too few rows to give every SM of a large GPU (132 on H100, 108 on A100) two blocks.
+SPLIT_TARGET_BLOCKS = 256
+SPLIT_MIN_CHUNK = 16 * 1024
+
+
+def _splits(algorithm: str, view: list[int | None], vector: int) -> int:
+    """Chunks per row: the largest divisor of the row's whole thread steps that brings the grid to
+    at most SPLIT_TARGET_BLOCKS, with chunks of at least SPLIT_MIN_CHUNK elements (1: no split).
+    A divisor, so chunks are whole steps of threads x vector and no row tail is left (the tail
+    would be merged by the single thread of the row's merge kernel). three-pass keeps its row in
+    shared memory and is never split."""
+    outer, length, inner = view
+    if algorithm == "three-pass" or None in view or inner != 1 or length < 2 * SPLIT_MIN_CHUNK:
+        return 1
+    steps = length // (256 * vector)
+    if steps * 256 * vector != length:
+        return 1
+    most = min(-(-SPLIT_TARGET_BLOCKS // outer), length // SPLIT_MIN_CHUNK)
+    return max((s for s in range(1, most + 1) if steps % s == 0), default=1)
+
+
 def schedule_softmax(func: tirx.PrimFunc, knobs: CudaSoftmaxKnobs) -> tirx.PrimFunc:
     sch = s_tir.Schedule(func)
+    if knobs.splits > 1:
+        _schedule_split_rows(sch, knobs)
+        return sch.mod["main"].with_attr("tirx.is_scheduled", True)
     named = named_root_blocks(sch)
     _, output = named[-1]
     o, k, i = sch.get_loops(output)
@@ -139,3 +174,52 @@ def _schedule_partial(sch, block, loops, knobs: CudaSoftmaxKnobs) -> None:
         sch.reverse_compute_at(copy, tx)
         sch.set_scope(copy, 0, "shared")
     sch.bind(tx, "threadIdx.x")
+
+
+def _schedule_split_rows(sch, knobs: CudaSoftmaxKnobs) -> None:
+    """Rows of ``x[outer, length, 1]`` across ``splits`` blocks each (see the module docstring).
+
+    Blocks of the compute, by name: ``*_split_state`` (one state per chunk, global memory: the
+    anchor of a kernel over rows x splits blocks) with its ``*_partial`` (registers, then shared)
+    and ``*_tree*`` levels (shared) computed at it; ``*_splittree*`` and ``*_state`` (merging a
+    row's chunk states: a thread per row, registers); row constants (every thread of the output
+    kernel, in registers); the output (rows x splits blocks)."""
+    named = named_root_blocks(sch)
+    _, output = named[-1]
+    o, k, i = sch.get_loops(output)
+    sch.reorder(o, i, k)
+    chunk, _, tx, lanes = sch.split(k, [knobs.splits, None, knobs.threads, knobs.vector])
+    out_block = sch.fuse(sch.fuse(o, i), chunk)
+    sch.bind(out_block, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+    if knobs.vector > 1:
+        sch.vectorize(lanes)
+    anchors = {}  # reduction name -> the loop its producers are computed at
+    for name, block in reversed(named[:-1]):
+        reduction = re.sub(r"_(partial|tree\d+|split_state|splittree\d+|state)(_v\d+)?$", "", name)
+        if name.endswith("_state") and not name.endswith("_split_state"):
+            o, i, _ = sch.get_loops(block)
+            bx, row_thread = sch.split(sch.fuse(o, i), [None, 32])
+            sch.bind(bx, "blockIdx.x")
+            sch.bind(row_thread, "threadIdx.x")
+            anchors[reduction] = row_thread
+        elif "_splittree" in name:
+            sch.compute_at(block, anchors[reduction])
+            sch.set_scope(block, 0, "local")
+        elif name.endswith("_split_state"):
+            o, chunk, i, _ = sch.get_loops(block)
+            sch.reorder(o, i, chunk)
+            bx = sch.fuse(sch.fuse(o, i), chunk)
+            sch.bind(bx, "blockIdx.x")
+            sch.bind(sch.add_unit_loop(block), "threadIdx.x")  # written once, by thread 0
+            anchors[reduction] = bx
+        elif name.endswith("_partial"):
+            sch.compute_at(block, anchors[reduction])
+            _schedule_partial(sch, block, sch.get_loops(block)[1:], knobs)
+        elif "_tree" in name:
+            sch.compute_at(block, anchors[reduction])
+            sch.set_scope(block, 0, "shared")
+            _thread_loop(sch, sch.get_loops(block)[1], knobs, vector=False)
+        else:  # row constants
+            sch.compute_at(block, out_block)
+            sch.set_scope(block, 0, "local")

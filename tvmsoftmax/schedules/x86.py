@@ -110,10 +110,8 @@ def _schedule_rows_split(sch, named, knobs: X86SoftmaxKnobs):
     for name, block in named:
         loops = sch.get_loops(block)
         if name.endswith("_partial"):
-            o, states, unit, j = loops
-            split, lane_outer, lanes = sch.split(
-                states, [knobs.splits, knobs.accumulators, knobs.vector_lanes]
-            )
+            o, split, states, unit, j = loops
+            lane_outer, lanes = sch.split(states, [knobs.accumulators, knobs.vector_lanes])
             sch.reorder(o, split, j, lane_outer, lanes, unit)
             sch.parallel(sch.fuse(o, split))
             sch.vectorize(lanes)
