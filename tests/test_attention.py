@@ -154,7 +154,7 @@ def _ort(model, feeds):
 
 
 ATTENTION_CASES = [c for c in node_cases.collect_testcases(None) if c.name.startswith("test_attention")]
-# Cases we do not fuse, with the reason (they raise a clear error or go through TVM's own path).
+# Cases we do not fuse, with the reason: the Attention node becomes its ONNX function body.
 NOT_FUSED = {
     "qk_matmul": "qk_matmul_output requested",
     "bf16": "bfloat16",
@@ -200,13 +200,16 @@ def test_onnx_attention_case(case):
     expanded = case.name.endswith("_expanded")
     reason = next((why for key, why in NOT_FUSED.items() if key in case.name), None)
     reason = reason or ("sliding windows" if _has_window(case.model) else None)
-    if reason and not expanded:
-        with pytest.raises(tvmsoftmax.TvmSoftmaxError, match="cannot be lowered"):
-            tvmsoftmax.compile(case.model)
-        return
     compiled = tvmsoftmax.compile(case.model)
-    fused = [s for s in compiled.sites if s.get("kind") == "attention" and s["rewritten"]]
-    assert len(fused) == (0 if expanded else 1)
+    attention = [s for s in compiled.sites if s.get("kind") == "attention"]
+    if expanded:  # plain ops, not recognised as attention
+        assert not any(s["rewritten"] for s in attention)
+    elif reason:  # not fused: the node becomes the spec's function body (plain ops, our softmax)
+        (site,) = attention
+        assert not site["rewritten"] and site["lowered"]["strategy"] == "onnx-function-body", site
+        assert any(s.get("kind") != "attention" for s in compiled.sites)  # the body's Softmax
+    else:
+        assert [s["rewritten"] for s in attention] == [True]
     names = [i.name for i in case.model.graph.input]
     matches = all(
         np.allclose(value, want, rtol=case.rtol, atol=case.atol, equal_nan=True)
@@ -278,6 +281,28 @@ def test_attention23_bool_mask_fully_masked_row_is_zero():
         got = tvmsoftmax.compile(model, attention=strategy).run(feeds)["Y"]
         assert np.all(got[:, :, 1] == 0)
         np.testing.assert_allclose(got, _ort(model, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_attention23_unfused_runs_its_function_body():
+    """--attention none on ONNX Attention (which TVM cannot import): the node becomes its ONNX
+    function body (plain ops, our Softmax site inside), not an error; a fully masked row stays
+    zero as Attention-23 defines. com.microsoft MultiHeadAttention has no body: refused, saying why."""
+    model = _attention23([1, 2, 4, 8], [1, 2, 6, 8], causal=1, mask=[4, 6])
+    rng = np.random.default_rng(3)
+    mask = rng.random((4, 6)) < 0.7
+    mask[2] = False
+    feeds = {"Q": rng.standard_normal((1, 2, 4, 8)).astype("float32"),
+             "K": rng.standard_normal((1, 2, 6, 8)).astype("float32"),
+             "V": rng.standard_normal((1, 2, 6, 8)).astype("float32"), "M": mask}
+    compiled = tvmsoftmax.compile(model, attention="none")
+    attention, *softmax_sites = compiled.sites
+    assert not attention["rewritten"] and attention["lowered"]["strategy"] == "onnx-function-body"
+    assert "fusion is off" in attention["reason"] and [s["rewritten"] for s in softmax_sites] == [True]
+    got = compiled.run(feeds)["Y"]
+    assert np.all(got[:, :, 2] == 0)
+    np.testing.assert_allclose(got, _ort(model, feeds)[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(tvmsoftmax.TvmSoftmaxError, match="MultiHeadAttention cannot be lowered: attention fusion is off"):
+        tvmsoftmax.compile(_mha(), attention="none")
 
 
 def _mha(with_mask=True, unidirectional=0):

@@ -104,6 +104,8 @@ def _attention_table(sites: list[dict], title: str) -> Table:
             what = f"{lowered.get('strategy', s['requested'])} ({knobs})" if knobs else lowered.get("strategy", s["requested"])
         else:
             what = f"[yellow]not fused:[/] {s['reason']}"
+            if (s.get("lowered") or {}).get("strategy") == "onnx-function-body":
+                what += f"; lowered as its ONNX function body ({s['lowered']['nodes']} plain ops, its Softmax below)"
         table.add_row(s["id"], s["node"], s["form"], ", ".join(f"{k} {v}" for k, v in attrs.items()), what)
     return table
 

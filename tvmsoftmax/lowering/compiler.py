@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from .. import __version__
 from .artifact import FORMAT, FORMAT_VERSION, CompiledModel
 from .frontend import bind_shapes, dims_of, elem_dtype, graph_inputs, load_model, normalize
-from .attention import AttentionSite, rewrite_attention
+from .attention import FUNCTION_BODY, AttentionSite, expand_function_bodies, rewrite_attention
 from .rewrite import DTYPES_BY_TARGET, rewrite
 from .targets import TargetSpec, resolve
 
@@ -37,6 +37,13 @@ def prepare(model, *, algorithm: str = "auto", shapes: dict | None = None, atten
     bound = bind_shapes(loaded.proto, shapes)
     normalized = normalize(bound)
     fused, attention_sites, not_attention = rewrite_attention(normalized, attention, algorithm)
+    fallback = [s for s in attention_sites if s.lowered.get("strategy") == FUNCTION_BODY]
+    if fallback:  # Attention nodes we do not fuse: their ONNX function bodies, normalised again
+        normalized = normalize(expand_function_bodies(normalized, {s.node for s in fallback}))
+        fused, attention_sites, not_attention = rewrite_attention(normalized, attention, algorithm)
+        for index, site in enumerate(fallback, start=len(attention_sites)):
+            site.id = f"attention{index}"
+        attention_sites += fallback
     rewritten, softmax_sites = rewrite(fused, algorithm, DTYPES_BY_TARGET[target])
     for site in softmax_sites:
         site.not_attention = not_attention.get(site.node, "")
@@ -132,7 +139,8 @@ def _refuse_unlowerable(sites) -> None:
     from ..errors import UnsupportedOperatorError
 
     for site in sites:
-        if isinstance(site, AttentionSite) and not site.rewritten and not site.form.startswith("decomposed"):
+        if isinstance(site, AttentionSite) and not site.rewritten and not site.form.startswith("decomposed") \
+                and not site.lowered:  # lowered: replaced by its ONNX function body
             raise UnsupportedOperatorError(
                 f"node {site.node!r}: {site.form} cannot be lowered: {site.reason}"
             )

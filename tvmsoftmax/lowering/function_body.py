@@ -1,0 +1,80 @@
+"""A node replaced by its ONNX function body (the definition the ONNX spec gives as plain ops).
+
+Used where a node has no lowering of its own but its schema defines it as a function: ONNX
+`Attention` with what we do not fuse (``qk_matmul_output``, sliding windows) becomes the spec's
+own MatMul/Softmax/... body, which TVM imports, with our Softmax sites inside. The body is the one
+onnx builds for this node (context-dependent functions depend on the node's attributes and input
+types), for the newest function version not above the model's opset.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import AttributeProto, FunctionProto, NodeProto, TypeProto
+
+
+class NoFunctionBody(Exception):
+    """The node's schema has no function body for this opset (the message says why)."""
+
+
+def expand(node: NodeProto, opset: int, input_types: list[TypeProto | None]) -> list[NodeProto]:
+    """The nodes of `node`'s function body, wired to its inputs and outputs; internal values and
+    node names are prefixed with the node's name so they cannot collide with the graph's."""
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, node.domain)
+    except onnx.defs.SchemaError as err:
+        raise NoFunctionBody(f"no schema for {node.op_type} at opset {opset}: {err}") from None
+    attributes = {a.name: a for a in node.attribute}
+    for name, spec in schema.attributes.items():  # the body refers to defaults by name too
+        if name not in attributes and spec.default_value.name:
+            attributes[name] = spec.default_value
+    with_defaults = NodeProto()
+    with_defaults.CopyFrom(node)
+    del with_defaults.attribute[:]
+    with_defaults.attribute.extend(attributes.values())
+    function = _function(schema, opset, with_defaults, input_types)
+    prefix = f"{node.name or node.op_type}/"
+    rename = {"": ""}
+    for formal, actual in zip(function.input, list(node.input) + [""] * len(function.input)):
+        rename[formal] = actual
+    for formal, actual in zip(function.output, list(node.output) + [""] * len(function.output)):
+        rename[formal] = actual or prefix + formal
+    nodes = []
+    for index, inner in enumerate(function.node):
+        if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in inner.attribute):
+            raise NoFunctionBody(f"the {node.op_type} body has subgraphs (not supported)")
+        new = NodeProto()
+        new.CopyFrom(inner)
+        new.name = f"{prefix}{inner.op_type}_{index}"
+        del new.input[:], new.output[:], new.attribute[:]
+        new.input.extend(rename.setdefault(i, prefix + i) for i in inner.input)
+        new.output.extend(rename.setdefault(o, prefix + o) for o in inner.output)
+        for attribute in inner.attribute:
+            if attribute.ref_attr_name:
+                if attribute.ref_attr_name not in attributes:
+                    continue  # an optional attribute the node does not set
+                resolved = AttributeProto()
+                resolved.CopyFrom(attributes[attribute.ref_attr_name])
+                resolved.name = attribute.name
+                new.attribute.append(resolved)
+            else:
+                new.attribute.append(attribute)
+        nodes.append(new)
+    return nodes
+
+
+def _function(schema, opset: int, node: NodeProto, input_types) -> FunctionProto:
+    static = [v for v in schema.function_opset_versions if v <= opset]
+    dependent = [v for v in schema.context_dependent_function_opset_versions if v <= opset]
+    if not static and not dependent:
+        raise NoFunctionBody(f"{node.op_type} has no function body at opset {opset}")
+    function = FunctionProto()
+    if dependent and (not static or max(dependent) >= max(static)):
+        types = [(t or TypeProto()).SerializeToString() for t in input_types]
+        body = schema.get_context_dependent_function_with_opset_version(max(dependent), node.SerializeToString(), types)
+    else:
+        body = schema.get_function_with_opset_version(max(static))
+    function.ParseFromString(body)
+    if not function.node:
+        raise NoFunctionBody(f"onnx built no {node.op_type} body for this node")
+    return function
