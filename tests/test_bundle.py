@@ -96,19 +96,24 @@ def test_gpu_check_script_end_to_end_on_cpu(tmp_path):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
     bundle_dir = tmp_path / "gpu-bundle"
     result = subprocess.run([sys.executable, str(script), "prepare", str(bundle_dir), "--target", "x86",
-                             "--shapes", "3x1000", "--algorithms", "online"],
+                             "--shapes", "3x1000", "--algorithms", "online", "--attention-shapes", "1x2x64x32c"],
                             capture_output=True, text=True, timeout=900, check=False)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     out = tmp_path / "gpu_check.json"
     result = _run([str(script), "run", str(bundle_dir), "--out", str(out), "--device", "cpu"])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["ok"] and len(report["checks"]) == 2 * 2 * 3  # ops x dtypes x cases
+    assert report["ok"] and len(report["checks"]) == 2 * 2 * 3 + 2  # ops x dtypes x cases + attention
+    assert {c["case"] for c in report["checks"]} >= {"attention-check-1x2x200x64-causal", "attention-check-2x3x77x32"}
     (shape_rows) = [t for t in report["timings"] if t["shape"] == [3, 1000]]
-    assert len(shape_rows) == 4 and all("online" in t["algorithms"] for t in shape_rows)
+    assert len(shape_rows) == 4
     for t in shape_rows:
         tol = 1e-5 if t["dtype"] == "float32" else 2e-3
-        assert t["algorithms"]["online"]["max_abs_err_vs_torch64"] < tol * (10 if t["op"] == "LogSoftmax" else 1)
+        for kind in ("online", "online (static)"):  # the symbolic-dims artifact and the static one
+            assert t["algorithms"][kind]["max_abs_err_vs_torch64"] < tol * (10 if t["op"] == "LogSoftmax" else 1)
+    (attention,) = report["attention"]
+    assert attention["shape"] == [1, 2, 64, 32] and attention["causal"]
+    assert attention["max_abs_err_vs_sdpa_float32"] < 2e-3 and attention["median_s"] > 0
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs the CUDA toolkit (nvcc) to build CUDA kernels")

@@ -160,7 +160,8 @@ def write_bundle(out, artifacts, *, cases: dict | None = None, python: str | Non
         meta = {
             "format": BUNDLE_FORMAT, "format_version": BUNDLE_VERSION, "python": python,
             "tvmsoftmax_version": __version__, "tvm_version": tvm.__version__,
-            "artifacts": {n: {"target": m["target"], "inputs": m["inputs"], "outputs": m["outputs"]}
+            "artifacts": {n: {"target": m["target"], "inputs": m["inputs"], "outputs": m["outputs"],
+                              "sites": m.get("sites", [])}
                           for n, m in manifests.items()},
             "cases": case_index, **(extra or {}),
         }
