@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import onnx
 
 from ..errors import ModelError, UnsupportedOperatorError
-from ..ops.softmax import softmax
+from ..ops.softmax import in_shape, softmax
 from ..schedules import choose_knobs
 from ..schedules._tir import static_extent
 from .attention import ATTENTION_OP
@@ -78,8 +78,9 @@ def _make_site_converter():
             )
             x3 = bb.normalize(relax.op.reshape(x, view))
             name = re.sub(r"\W", "_", f"tvmsoftmax_{site.id}_{algorithm.replace('-', '_')}")
+            axis, coerce_2d = int(attr["axis"]), bool(attr.get("coerce_2d", 0))
 
-            def compute(x_te):
+            def compute3(x_te):
                 return softmax(
                     x_te,
                     algorithm=algorithm,
@@ -88,6 +89,11 @@ def _make_site_converter():
                     name="softmax",
                 )
 
+            # The result written in the input's shape by our kernel (no reshape after it, which
+            # TVM leaves as a copy kernel when it is a graph output), where TVM can inline the
+            # index map into the output block.
+            in_place = _writes_in_shape(compute3, view, values, axis, coerce_2d, x.ty.dtype)
+            compute = (lambda x_te: in_shape(compute3(x_te), values, axis, coerce_2d)) if in_place else compute3
             y3 = bb.emit_te(compute, x3, primfunc_name_hint=name)
             gvar = bb.lookup_binding(y3).args[0]
             func = bb.get()[gvar].with_attrs(
@@ -106,9 +112,27 @@ def _make_site_converter():
                 "view": [v if v is not None else re.sub(r"T\.int64\((\d+)\)", r"\1", str(e)) for v, e in zip(static_view, view)],
                 "primfunc": gvar.name_hint,
             }
-            return relax.op.reshape(y3, values)
+            return y3 if in_place else relax.op.reshape(y3, values)
 
     return SoftmaxSiteConverter
+
+
+def _writes_in_shape(compute3, view, dims, axis: int, coerce_2d: bool, dtype) -> bool:
+    """Whether the site can write its result in the input's shape `dims` (not a 3-D view that a
+    reshape then copies): the shapes differ and TVM inlines the index map (it cannot for some
+    symbolic dims)."""
+    from tvm import s_tir, te
+
+    from ..schedules._tir import inline_output_view
+
+    if len(dims) == 3 and all(int(static_extent(a) or -1) == int(static_extent(b) or -2) for a, b in zip(view, dims)):
+        return False  # the view is the input's shape
+    probe = te.placeholder(view, str(dtype), name="x")
+    try:
+        inline_output_view(te.create_prim_func([probe, in_shape(compute3(probe), dims, axis, coerce_2d)]))
+    except (s_tir.ScheduleError, ValueError, RuntimeError):  # TVM's errors from the inline
+        return False
+    return True
 
 
 @contextlib.contextmanager

@@ -92,10 +92,11 @@ def _passes(spec: TargetSpec) -> list:
     return (
         backend.library_dispatch_passes(target)
         + fusion
-        # Reshapes (the 3-D views around our sites among them) become views of the same memory
+        # Reshapes (the 3-D views before our sites among them) become views of the same memory
         # here, before any schedule: TVM runs this pass after dlight/our generic rule, when a
-        # scheduled reshape no longer matches and stays a copy kernel.
-        + [relax.transform.RewriteDataflowReshape()]
+        # scheduled reshape no longer matches and stays a copy kernel. Then the reshape kernels
+        # nothing calls any more are dropped.
+        + [relax.transform.RewriteDataflowReshape(), relax.transform.DeadCodeElimination()]
         + [schedule_sites(spec)]
         + rest_rules  # everything that is not a site: dlight on CUDA, the generic rule on x86
         + backend.dataflow_lower_passes(target)

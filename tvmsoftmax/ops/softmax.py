@@ -412,3 +412,27 @@ def _two_pass(x, rows, log, out_dtype, name):
         return _cast(_scale_down(p * inverse[o, i], n - exponent[o, i]), out_dtype)
 
     return te.compute(x.shape, body, name=name)
+
+
+OUTPUT_VIEW = "softmax_output_view"
+
+
+def in_shape(y: te.Tensor, dims: list, axis: int, coerce_2d: bool) -> te.Tensor:
+    """The ``[outer, length, inner]`` result ``y`` as a tensor of the input's own ``dims``: an
+    index map (outer = the dims before the axis, fused; length = the axis, or everything from
+    it for opsets 1/11; inner = the dims after), which schedules inline into the output block
+    (`schedules.inline_output_view`), so the result is written once, in the graph's shape."""
+    rank = len(dims)
+    axis = axis + rank if axis < 0 else axis
+    end = rank if coerce_2d else axis + 1
+
+    def fused(idx, extents):
+        flat = tirx.const(0, "int64") if not idx else idx[0]
+        for i, extent in zip(idx[1:], extents[1:]):
+            flat = flat * extent + i
+        return flat if idx else tirx.const(0, "int64")
+
+    def body(*idx):
+        return y[fused(idx[:axis], dims[:axis]), fused(idx[axis:end], dims[axis:end]), fused(idx[end:], dims[end:])]
+
+    return te.compute(dims, body, name=OUTPUT_VIEW)

@@ -7,6 +7,7 @@ Knobs are frozen dataclasses so that tuning can enumerate and record them; `choo
 from __future__ import annotations
 
 from . import cuda, cuda_attention, x86, x86_attention
+from ._tir import inline_output_view
 from .cuda import CudaSoftmaxKnobs
 from .cuda_attention import CudaAttentionKnobs
 from .x86 import X86SoftmaxKnobs
@@ -45,6 +46,7 @@ def schedule_attention(func, spec, kind: str, knobs):
 
 def schedule_softmax(func, spec, knobs):
     """Schedule one softmax PrimFunc for the target of `spec`."""
+    func = inline_output_view(func)
     if spec.name == "cuda":
         return cuda.schedule_softmax(func, knobs)
     return x86.schedule_softmax(func, knobs)
