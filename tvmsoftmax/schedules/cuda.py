@@ -75,7 +75,12 @@ def choose(requested: str, log: bool, view: list[int | None]) -> tuple[str, Cuda
 
     if length is None or length >= 2048:
         splits = _splits(algorithm, view, vector(256))
-        return algorithm, CudaSoftmaxKnobs(threads=256, vector=vector(256), splits=splits)
+        if splits > 1 or vector(256) == 4:
+            return algorithm, CudaSoftmaxKnobs(threads=256, vector=vector(256), splits=splits)
+        # Enough rows for the GPU: fewer threads per row where that makes whole steps of 16-byte
+        # loads (32000 = 125 x 64 x 4), else 4-byte loads by 256 threads.
+        threads = next((t for t in (128, 64) if vector(t) == 4), 256)
+        return algorithm, CudaSoftmaxKnobs(threads=threads, vector=vector(threads))
     if length >= 1024:
         return algorithm, CudaSoftmaxKnobs(threads=128, vector=vector(128))
     # Several rows per block only when they divide the rows: a partial last block would put the
