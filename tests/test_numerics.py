@@ -1,7 +1,9 @@
 """The rest of the model (what TVM lowers, not our sites) computes as onnxruntime does where TVM
 0.27's default legalization differs (`tvmsoftmax/lowering/numerics.py`): float ReduceMax/ReduceMin
 of rows of -inf/+inf, the fully-masked-row guard of ONNX's own Attention function body, and
-float16 MatMul accumulated in float32.
+float16 MatMul accumulated in float32; where its importer falls short (LayerNormalization's Mean
+and InvStdDev outputs: the node runs its ONNX function body, `lowering/function_body.py`); and
+rank-0 inputs (the onnx conformance cases for these, against their expected outputs).
 
 Tolerances: reductions are exact (a max picks an input); float16 MatMul within one float16 ulp of
 the float64 product rounded to float16 (float32 accumulation of 2048 terms is ~1e-7 relative)."""
@@ -9,6 +11,7 @@ the float64 product rounded to float16 (float32 accumulation of 2048 terms is ~1
 import re
 
 import numpy as np
+import onnx.backend.test.case.node as node_cases
 import pytest
 from onnx import TensorProto, helper
 
@@ -125,3 +128,52 @@ def test_cuda_keeps_the_float32_accumulator_and_the_inf_identity():
         initializers=[helper.make_tensor("axes", TensorProto.INT64, [1], [1])],
     )
     assert "= -CUDART_INF_F;" in _cuda_source(reduce_max)
+
+
+# collect_testcases fills one module-global list on first import: collect once, filter.
+PLAIN_CASES = [
+    c for c in node_cases.collect_testcases(None)
+    if c.name.startswith(("test_layer_normalization", "test_gemm_default_scalar_bias", "test_pow_bcast_scalar"))
+]
+
+
+def test_plain_cases_found():
+    names = {c.name for c in PLAIN_CASES}
+    assert len(names) >= 40 and "test_layer_normalization_4d_axis1" in names and "test_gemm_default_scalar_bias" in names
+
+
+@pytest.mark.parametrize("case", PLAIN_CASES, ids=[c.name for c in PLAIN_CASES])
+def test_plain_op_conformance(case):
+    """Every output, Mean and InvStdDev of LayerNormalization included; a 0-d input stays 0-d."""
+    names = [i.name for i in case.model.graph.input]
+    compiled = tvmsoftmax.compile(case.model)
+    for inputs, outputs in case.data_sets:
+        got = compiled.run(dict(zip(names, inputs)))
+        assert len(got) == len(outputs)
+        for (name, value), want in zip(got.items(), outputs):
+            assert value.shape == want.shape, name
+            np.testing.assert_allclose(value, want, rtol=case.rtol, atol=case.atol, err_msg=f"{case.name} {name}")
+
+
+def test_layer_normalization_body_only_when_its_statistics_are_asked_for():
+    """Y alone: TVM's own LayerNormalization (one fused op); Mean/InvStdDev too: the ONNX body."""
+    from tvmsoftmax.lowering.function_body import expand_nodes, falls_short
+
+    def model(outputs):
+        f32 = TensorProto.FLOAT
+        node = helper.make_node("LayerNormalization", ["x", "scale", "bias"], outputs, axis=-1, name="ln")
+        values = [helper.make_tensor_value_info(n, f32, [3, 1] if n != "Y" else [3, 4]) for n in outputs]
+        inits = [helper.make_tensor("scale", f32, [4], [1.0] * 4), helper.make_tensor("bias", f32, [4], [0.0] * 4)]
+        return _model([node], [helper.make_tensor_value_info("x", f32, [3, 4])], values, opset=17, initializers=inits)
+
+    assert falls_short(model(["Y"])) == set()
+    full = model(["Y", "Mean", "InvStdDev"])
+    assert falls_short(full) == {"ln"}
+    body = expand_nodes(full, {"ln"})
+    assert "LayerNormalization" not in {n.op_type for n in body.graph.node} and len(body.graph.node) > 5
+    x = np.random.default_rng(4).standard_normal((3, 4)).astype(np.float32)
+    got = tvmsoftmax.compile(full).run({"x": x})
+    np.testing.assert_allclose(got["Mean"], x.mean(-1, keepdims=True), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got["InvStdDev"], 1 / np.sqrt(x.var(-1, keepdims=True) + 1e-5), rtol=1e-5)
+    for want, value in zip(run_ort(full, {"x": x}), got.values()):
+        np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-6)

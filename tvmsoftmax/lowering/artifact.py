@@ -117,7 +117,7 @@ class CompiledModel:
                         )
                     else:
                         bound[want] = got
-            args.append(self._device_tensor(np.ascontiguousarray(value)))
+            args.append(self._device_tensor(np.require(value, requirements="C")))  # keeps 0-d arrays 0-d
         return args
 
     def _device_tensor(self, value: np.ndarray):

@@ -598,7 +598,7 @@ FUNCTION_BODY = "onnx-function-body"
 def _plan_function_body(graph: _Graph, node, site: AttentionSite, opset: int) -> None:
     """An ONNX Attention we do not fuse is to become the spec's own function body (plain ops
     that TVM imports; its Softmax becomes one of our sites): slower than fused, but it compiles
-    and computes what the spec defines (`expand_function_bodies`, before normalisation, so the
+    and computes what the spec defines (`function_body.expand_nodes`, before normalisation, so the
     body's shape subgraphs fold). Left as is (and refused later) if onnx has no body for it."""
     from .function_body import NoFunctionBody, expand
 
@@ -609,24 +609,6 @@ def _plan_function_body(graph: _Graph, node, site: AttentionSite, opset: int) ->
         return
     site.nodes = [node.name]
     site.lowered = {"strategy": FUNCTION_BODY, "nodes": len(body)}
-
-
-def expand_function_bodies(model: onnx.ModelProto, names: set) -> onnx.ModelProto:
-    """`model` with the nodes named in `names` replaced by their ONNX function bodies."""
-    from .function_body import expand
-
-    model = copy.deepcopy(model)
-    infos = value_infos(model)
-    opset = default_opset(model)
-    nodes = []
-    for node in model.graph.node:
-        if node.name in names:
-            nodes.extend(expand(node, opset, [infos[i].type if i in infos else None for i in node.input]))
-        else:
-            nodes.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    return model
 
 
 def _splice(model: onnx.ModelProto, graph: _Graph) -> None:

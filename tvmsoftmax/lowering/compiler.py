@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from .. import __version__
 from .artifact import FORMAT, FORMAT_VERSION, CompiledModel
 from .frontend import bind_shapes, dims_of, elem_dtype, graph_inputs, load_model, normalize
-from .attention import FUNCTION_BODY, AttentionSite, expand_function_bodies, rewrite_attention
+from .attention import FUNCTION_BODY, AttentionSite, rewrite_attention
+from .function_body import expand_nodes, falls_short
 from .rewrite import DTYPES_BY_TARGET, rewrite
 from .targets import TargetSpec, resolve
 
@@ -36,10 +37,12 @@ def prepare(model, *, algorithm: str = "auto", shapes: dict | None = None, atten
     loaded = load_model(model)
     bound = bind_shapes(loaded.proto, shapes)
     normalized = normalize(bound)
+    if falls_short(normalized):  # nodes TVM's importer gets wrong: their ONNX function bodies
+        normalized = normalize(expand_nodes(normalized, falls_short(normalized)))
     fused, attention_sites, not_attention = rewrite_attention(normalized, attention, algorithm)
     fallback = [s for s in attention_sites if s.lowered.get("strategy") == FUNCTION_BODY]
     if fallback:  # Attention nodes we do not fuse: their ONNX function bodies, normalised again
-        normalized = normalize(expand_function_bodies(normalized, {s.node for s in fallback}))
+        normalized = normalize(expand_nodes(normalized, {s.node for s in fallback}))
         fused, attention_sites, not_attention = rewrite_attention(normalized, attention, algorithm)
         for index, site in enumerate(fallback, start=len(attention_sites)):
             site.id = f"attention{index}"

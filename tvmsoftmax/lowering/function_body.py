@@ -1,16 +1,26 @@
 """A node replaced by its ONNX function body (the definition the ONNX spec gives as plain ops).
 
-Used where a node has no lowering of its own but its schema defines it as a function: ONNX
-`Attention` with what we do not fuse (``qk_matmul_output``, sliding windows) becomes the spec's
-own MatMul/Softmax/... body, which TVM imports, with our Softmax sites inside. The body is the one
-onnx builds for this node (context-dependent functions depend on the node's attributes and input
-types), for the newest function version not above the model's opset.
+Used where a node has no lowering of its own, or TVM 0.27's importer gets it wrong, but its schema
+defines it as a function: ONNX `Attention` with what we do not fuse (``qk_matmul_output``, sliding
+windows) becomes the spec's own MatMul/Softmax/... body, which TVM imports, with our Softmax
+sites inside; the nodes `TVM_FALLS_SHORT` names likewise. The body is the one onnx builds for
+this node (context-dependent functions depend on the node's attributes and input types), for the
+newest function version not above the model's opset.
 """
 
 from __future__ import annotations
 
+import copy
+
 import onnx
 from onnx import AttributeProto, FunctionProto, NodeProto, TypeProto
+
+
+# op type -> which of its nodes TVM 0.27's ONNX importer computes wrongly (each has a body).
+TVM_FALLS_SHORT = {
+    # TVM computes Y only: its Mean and InvStdDev outputs are scalar placeholders.
+    "LayerNormalization": lambda node: any(node.output[1:]),
+}
 
 
 class NoFunctionBody(Exception):
@@ -78,3 +88,26 @@ def _function(schema, opset: int, node: NodeProto, input_types) -> FunctionProto
     if not function.node:
         raise NoFunctionBody(f"onnx built no {node.op_type} body for this node")
     return function
+
+
+def expand_nodes(model: onnx.ModelProto, names: set) -> onnx.ModelProto:
+    """`model` (a copy) with the nodes named in `names` replaced by their ONNX function bodies."""
+    from .frontend import default_opset, value_infos
+
+    model = copy.deepcopy(model)
+    infos = value_infos(model)
+    opset = default_opset(model)
+    nodes = []
+    for node in model.graph.node:
+        if node.name in names:
+            nodes.extend(expand(node, opset, [infos[i].type if i in infos else None for i in node.input]))
+        else:
+            nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
+def falls_short(model: onnx.ModelProto) -> set:
+    """Names of the nodes `TVM_FALLS_SHORT` says to replace by their function bodies."""
+    return {n.name for n in model.graph.node if n.domain in ("", "ai.onnx") and TVM_FALLS_SHORT.get(n.op_type, lambda _: False)(n)}
