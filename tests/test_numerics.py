@@ -2,8 +2,8 @@
 0.27's default legalization differs (`tvmsoftmax/lowering/numerics.py`): float ReduceMax/ReduceMin
 of rows of -inf/+inf, the fully-masked-row guard of ONNX's own Attention function body, and
 float16 MatMul accumulated in float32; where its importer falls short (LayerNormalization's Mean
-and InvStdDev outputs: the node runs its ONNX function body, `lowering/function_body.py`); and
-rank-0 inputs (the onnx conformance cases for these, against their expected outputs).
+and InvStdDev outputs: the node runs its ONNX function body, `lowering/function_body.py`; IsInf's
+detect_negative/detect_positive); and rank-0 inputs (the onnx conformance cases for these, against their expected outputs).
 
 Tolerances: reductions are exact (a max picks an input); float16 MatMul within one float16 ulp of
 the float64 product rounded to float16 (float32 accumulation of 2048 terms is ~1e-7 relative)."""
@@ -133,7 +133,8 @@ def test_cuda_keeps_the_float32_accumulator_and_the_inf_identity():
 # collect_testcases fills one module-global list on first import: collect once, filter.
 PLAIN_CASES = [
     c for c in node_cases.collect_testcases(None)
-    if c.name.startswith(("test_layer_normalization", "test_gemm_default_scalar_bias", "test_pow_bcast_scalar"))
+    if c.name.startswith(("test_layer_normalization", "test_gemm_default_scalar_bias", "test_pow_bcast_scalar",
+                          "test_isinf"))
 ]
 
 
@@ -144,7 +145,8 @@ def test_plain_cases_found():
 
 @pytest.mark.parametrize("case", PLAIN_CASES, ids=[c.name for c in PLAIN_CASES])
 def test_plain_op_conformance(case):
-    """Every output, Mean and InvStdDev of LayerNormalization included; a 0-d input stays 0-d."""
+    """Every output, Mean and InvStdDev of LayerNormalization included; a 0-d input stays 0-d;
+    IsInf with detect_negative/detect_positive (our converter; TVM's ignores them)."""
     names = [i.name for i in case.model.graph.input]
     compiled = tvmsoftmax.compile(case.model)
     for inputs, outputs in case.data_sets:

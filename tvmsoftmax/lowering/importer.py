@@ -135,6 +135,28 @@ def _writes_in_shape(compute3, view, dims, axis: int, coerce_2d: bool, dtype) ->
     return True
 
 
+def _make_isinf_converter():
+    from tvm import relax
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    class IsInfConverter(OnnxOpConverter):
+        """IsInf with its detect_negative / detect_positive attributes (TVM 0.27's converter
+        ignores them and flags both infinities)."""
+
+        @classmethod
+        def _impl_v10(cls, bb, inputs, attr, params):
+            x = inputs[0]
+            flags = relax.op.isinf(x)
+            zero = relax.const(0, x.ty.dtype)
+            if not attr.get("detect_negative", 1):
+                flags = relax.op.logical_and(flags, relax.op.greater(x, zero))
+            if not attr.get("detect_positive", 1):
+                flags = relax.op.logical_and(flags, relax.op.less(x, zero))
+            return flags
+
+    return IsInfConverter
+
+
 @contextlib.contextmanager
 def _our_converters():
     from tvm.relax.frontend.onnx import onnx_frontend
@@ -144,11 +166,13 @@ def _our_converters():
     original = onnx_frontend._get_convert_map
     converter = _make_site_converter()
     attention = make_attention_converter(_CONTEXT)
+    isinf = _make_isinf_converter()
 
     def extended():
         table = dict(original())
         table[SITE_OP] = converter
         table[ATTENTION_OP] = attention
+        table["IsInf"] = isinf
         return table
 
     onnx_frontend._get_convert_map = extended
