@@ -141,3 +141,14 @@ def test_cli_compile_run_check_inspect(tmp_path):
     assert result.returncode in (0, 1)  # exit 1 is the failure status, never a crash
     result = _cli("inspect", str(model_path))
     assert result.returncode == 0 and "LogSoftmax" in result.stdout and "three-pass-recompute" in result.stdout
+
+
+def test_sequence_input_refused_by_name():
+    """Compiled models take and return tensors: a sequence-typed input is named, not a KeyError."""
+    seq = helper.make_tensor_sequence_value_info("xs", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    node = helper.make_node("SequenceAt", ["xs", "i"], ["y"])
+    graph = helper.make_graph([node], "g", [seq], [y], initializer=[helper.make_tensor("i", TensorProto.INT64, [], [0])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(tvmsoftmax.ModelError, match="graph input 'xs' has sequence_type, not a typed tensor"):
+        tvmsoftmax.compile(model)

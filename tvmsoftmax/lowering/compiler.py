@@ -37,8 +37,14 @@ def prepare(model, *, algorithm: str = "auto", shapes: dict | None = None, atten
     loaded = load_model(model)
     bound = bind_shapes(loaded.proto, shapes)
     normalized = normalize(bound)
-    if falls_short(normalized):  # nodes TVM's importer gets wrong: their ONNX function bodies
-        normalized = normalize(expand_nodes(normalized, falls_short(normalized)))
+    kept: set = set()  # nodes whose body cannot be built (the importer refuses them by name)
+    for _ in range(4):  # nodes TVM's importer gets wrong or lacks: their ONNX function bodies
+        replace = falls_short(normalized) - kept  # (a body may use an op with a body of its own)
+        if not replace:
+            break
+        expanded = expand_nodes(normalized, replace)
+        kept |= replace & {n.name for n in expanded.graph.node}
+        normalized = normalize(expanded)
     fused, attention_sites, not_attention = rewrite_attention(normalized, attention, algorithm)
     fallback = [s for s in attention_sites if s.lowered.get("strategy") == FUNCTION_BODY]
     if fallback:  # Attention nodes we do not fuse: their ONNX function bodies, normalised again

@@ -63,6 +63,16 @@ def load_model(model) -> LoadedModel:
     except (onnx.checker.ValidationError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"{source}: not a valid ONNX model: {first}") from None
+    initialized = {t.name for t in proto.graph.initializer}
+    for kind, values in (("input", [v for v in proto.graph.input if v.name not in initialized]),
+                         ("output", proto.graph.output)):
+        for value in values:
+            which = value.type.WhichOneof("value")
+            if which != "tensor_type" or value.type.tensor_type.elem_type == onnx.TensorProto.UNDEFINED:
+                raise ModelError(
+                    f"{source}: graph {kind} {value.name!r} has {which or 'no type'}, not a typed tensor: "
+                    "compiled models take and return tensors"
+                )
     _name_nodes(proto.graph)
     return LoadedModel(proto, source, hashlib.sha256(raw).hexdigest())
 

@@ -3,7 +3,8 @@
 Used where a node has no lowering of its own, or TVM 0.27's importer gets it wrong, but its schema
 defines it as a function: ONNX `Attention` with what we do not fuse (``qk_matmul_output``, sliding
 windows) becomes the spec's own MatMul/Softmax/... body, which TVM imports, with our Softmax
-sites inside; the nodes `TVM_FALLS_SHORT` names likewise. The body is the one onnx builds for
+sites inside; the nodes `TVM_FALLS_SHORT` names and ONNX ops TVM does not know (`falls_short`)
+likewise. The body is the one onnx builds for
 this node (context-dependent functions depend on the node's attributes and input types), for the
 newest function version not above the model's opset.
 """
@@ -91,7 +92,8 @@ def _function(schema, opset: int, node: NodeProto, input_types) -> FunctionProto
 
 
 def expand_nodes(model: onnx.ModelProto, names: set) -> onnx.ModelProto:
-    """`model` (a copy) with the nodes named in `names` replaced by their ONNX function bodies."""
+    """`model` (a copy) with the nodes named in `names` replaced by their ONNX function bodies
+    (a node whose body cannot be built, e.g. one with subgraphs, is kept)."""
     from .frontend import default_opset, value_infos
 
     model = copy.deepcopy(model)
@@ -99,15 +101,44 @@ def expand_nodes(model: onnx.ModelProto, names: set) -> onnx.ModelProto:
     opset = default_opset(model)
     nodes = []
     for node in model.graph.node:
-        if node.name in names:
+        try:
+            if node.name not in names:
+                raise NoFunctionBody("not asked for")
             nodes.extend(expand(node, opset, [infos[i].type if i in infos else None for i in node.input]))
-        else:
+        except NoFunctionBody:  # kept: the importer refuses it, naming the node, if TVM cannot
             nodes.append(node)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     return model
 
 
+# ONNX ops with a lowering of their own here (never replaced by their bodies up front).
+OURS = {"Attention"}
+
+
 def falls_short(model: onnx.ModelProto) -> set:
-    """Names of the nodes `TVM_FALLS_SHORT` says to replace by their function bodies."""
-    return {n.name for n in model.graph.node if n.domain in ("", "ai.onnx") and TVM_FALLS_SHORT.get(n.op_type, lambda _: False)(n)}
+    """Names of the nodes to replace by their function bodies: those `TVM_FALLS_SHORT` names, and
+    those of an ONNX op TVM's importer does not know at all but whose schema defines a body at
+    the model's opset (RotaryEmbedding, SoftmaxCrossEntropyLoss, CenterCropPad, ...)."""
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    from .frontend import default_opset
+
+    known = set(onnx_frontend._get_convert_map())
+    opset = default_opset(model)
+    out = set()
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx") or node.op_type in OURS:
+            continue
+        if TVM_FALLS_SHORT.get(node.op_type, lambda _: False)(node) or (
+                node.op_type not in known and _has_body(node.op_type, opset)):
+            out.add(node.name)
+    return out
+
+
+def _has_body(op_type: str, opset: int) -> bool:
+    try:
+        schema = onnx.defs.get_schema(op_type, opset)
+    except onnx.defs.SchemaError:
+        return False
+    return any(v <= opset for v in [*schema.function_opset_versions, *schema.context_dependent_function_opset_versions])
