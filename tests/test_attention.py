@@ -269,14 +269,20 @@ def test_attention23_dynamic_lengths_both_strategies(strategy):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def _masked_feeds(seed: int, keep: float, masked_row: int) -> dict:
+    """Q [1,2,4,8], K/V [1,2,6,8] and a bool mask [4,6] keeping ~`keep` of the keys, with one
+    query row fully masked."""
+    rng = np.random.default_rng(seed)
+    mask = rng.random((4, 6)) < keep
+    mask[masked_row] = False
+    return {"Q": rng.standard_normal((1, 2, 4, 8)).astype("float32"),
+            "K": rng.standard_normal((1, 2, 6, 8)).astype("float32"),
+            "V": rng.standard_normal((1, 2, 6, 8)).astype("float32"), "M": mask}
+
+
 def test_attention23_bool_mask_fully_masked_row_is_zero():
     model = _attention23([1, 2, 4, 8], [1, 2, 6, 8], mask=[4, 6])
-    rng = np.random.default_rng(2)
-    mask = rng.random((4, 6)) < 0.6
-    mask[1] = False
-    feeds = {"Q": rng.standard_normal((1, 2, 4, 8)).astype("float32"),
-             "K": rng.standard_normal((1, 2, 6, 8)).astype("float32"),
-             "V": rng.standard_normal((1, 2, 6, 8)).astype("float32"), "M": mask}
+    feeds = _masked_feeds(seed=2, keep=0.6, masked_row=1)
     for strategy in ("flash", "materialized"):
         got = tvmsoftmax.compile(model, attention=strategy).run(feeds)["Y"]
         assert np.all(got[:, :, 1] == 0)
@@ -288,12 +294,7 @@ def test_attention23_unfused_runs_its_function_body():
     function body (plain ops, our Softmax site inside), not an error; a fully masked row stays
     zero as Attention-23 defines. com.microsoft MultiHeadAttention has no body: refused, saying why."""
     model = _attention23([1, 2, 4, 8], [1, 2, 6, 8], causal=1, mask=[4, 6])
-    rng = np.random.default_rng(3)
-    mask = rng.random((4, 6)) < 0.7
-    mask[2] = False
-    feeds = {"Q": rng.standard_normal((1, 2, 4, 8)).astype("float32"),
-             "K": rng.standard_normal((1, 2, 6, 8)).astype("float32"),
-             "V": rng.standard_normal((1, 2, 6, 8)).astype("float32"), "M": mask}
+    feeds = _masked_feeds(seed=3, keep=0.7, masked_row=2)
     compiled = tvmsoftmax.compile(model, attention="none")
     attention, *softmax_sites = compiled.sites
     assert not attention["rewritten"] and attention["lowered"]["strategy"] == "onnx-function-body"
