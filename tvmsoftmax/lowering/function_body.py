@@ -4,8 +4,7 @@ Used where a node has no lowering of its own, or TVM 0.27's importer gets it wro
 defines it as a function: ONNX `Attention` with what we do not fuse (``qk_matmul_output``, sliding
 windows) becomes the spec's own MatMul/Softmax/... body, which TVM imports, with our Softmax
 sites inside; the nodes `TVM_FALLS_SHORT` names and ONNX ops TVM does not know (`falls_short`)
-likewise. The body is the one onnx builds for
-this node (context-dependent functions depend on the node's attributes and input types), for the
+likewise. The body is the one onnx builds for this node (context-dependent functions depend on the node's attributes and input types), for the
 newest function version not above the model's opset.
 """
 
@@ -74,9 +73,14 @@ def expand(node: NodeProto, opset: int, input_types: list[TypeProto | None]) -> 
     return nodes
 
 
+def _versions(schema, opset: int) -> tuple[list, list]:
+    """(static, context-dependent) function versions of `schema` not above `opset`."""
+    return ([v for v in schema.function_opset_versions if v <= opset],
+            [v for v in schema.context_dependent_function_opset_versions if v <= opset])
+
+
 def _function(schema, opset: int, node: NodeProto, input_types) -> FunctionProto:
-    static = [v for v in schema.function_opset_versions if v <= opset]
-    dependent = [v for v in schema.context_dependent_function_opset_versions if v <= opset]
+    static, dependent = _versions(schema, opset)
     if not static and not dependent:
         raise NoFunctionBody(f"{node.op_type} has no function body at opset {opset}")
     function = FunctionProto()
@@ -141,4 +145,4 @@ def _has_body(op_type: str, opset: int) -> bool:
         schema = onnx.defs.get_schema(op_type, opset)
     except onnx.defs.SchemaError:
         return False
-    return any(v <= opset for v in [*schema.function_opset_versions, *schema.context_dependent_function_opset_versions])
+    return any(_versions(schema, opset))
