@@ -60,6 +60,29 @@ def test_run_on_aligned_and_unaligned_inputs(compiled):
     np.testing.assert_array_equal(compiled.run({"x": readonly})["y"], want)
 
 
+def test_staged_inputs_are_reused_safely(compiled):
+    # Unaligned inputs are copied into one staging buffer per input, reused across calls: a later
+    # call (other values, other shape) must not change an earlier result, and calls from several
+    # threads at once (serialised) each get their own answer.
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(2)
+    feeds = [rng.standard_normal(shape).astype(np.float32) for shape in ((3, 50), (3, 50), (6, 20), (3, 50))]
+    want = [_softmax64(x) for x in feeds]
+    got = [compiled.run({"x": _at_offset(x, 16)})["y"] for x in feeds]
+    for result, expected in zip(got, want):
+        np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-7)
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(lambda x: compiled.run({"x": _at_offset(x, 16)})["y"], feeds * 4))
+    for result, expected in zip(threaded, want * 4):
+        np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-7)
+
+
+def _softmax64(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x.astype(np.float64) - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
 def test_save_is_atomic(compiled, tmp_path, monkeypatch):
     path = compiled.save(tmp_path / "m.tvmsm")
     before = path.read_bytes()

@@ -4,6 +4,7 @@ Relax import (our PrimFuncs at the sites) -> build."""
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -162,6 +163,7 @@ class _CrossCompiled(CompiledModel):
         self.manifest = manifest
         self._executable = executable
         self._fatbins = fatbins
+        self._staging, self._lock = {}, threading.Lock()
 
     def _invoke(self, args):
         from ..errors import TvmSoftmaxError
