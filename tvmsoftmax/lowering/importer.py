@@ -157,6 +157,66 @@ def _make_isinf_converter():
     return IsInfConverter
 
 
+def _make_mish_converter():
+    from tvm import relax
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    class MishConverter(OnnxOpConverter):
+        """Mish without cancellation. TVM 0.27 computes x * tanh(log(1 + e^x)), whose 1 + e^x
+        rounds away e^x for negative x (1e-3 relative error at x = -10, worse below). Here
+        tanh(softplus(x)) = n / (n + 2) with n = e^x (e^x + 2), exact in form for every x; for
+        x > 20 (where that ratio is 1 in float32, and before n overflows) the result is x.
+        float16/bfloat16 are computed in float32 (e^x overflows float16 at x = 11)."""
+
+        @classmethod
+        def _impl_v18(cls, bb, inputs, attr, params):
+            x = inputs[0]
+            dtype = x.ty.dtype
+            work = dtype if dtype in ("float32", "float64") else "float32"
+            wide = x if work == dtype else relax.op.astype(x, work)
+            t = relax.op.exp(wide)
+            n = relax.op.multiply(t, relax.op.add(t, relax.const(2.0, work)))
+            ratio = relax.op.divide(n, relax.op.add(n, relax.const(2.0, work)))
+            y = relax.op.where(relax.op.greater(wide, relax.const(20.0, work)), wide,
+                               relax.op.multiply(wide, ratio))
+            return y if work == dtype else relax.op.astype(y, dtype)
+
+    return MishConverter
+
+
+def _log1p(u, dtype: str):
+    """log(1 + u) for u >= 0 without losing u where 1 + u rounds (Goldberg: with w = 1 + u
+    rounded, log(w) * u / (w - 1) is accurate to a few ulps; w == 1 means log1p(u) = u)."""
+    from tvm import relax
+
+    one = relax.const(1.0, dtype)
+    w = relax.op.add(one, u)
+    scaled = relax.op.divide(relax.op.multiply(relax.op.log(w), u), relax.op.subtract(w, one))
+    return relax.op.where(relax.op.equal(w, one), u, scaled)
+
+
+def _make_softplus_converter():
+    from tvm import relax
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    class SoftplusConverter(OnnxOpConverter):
+        """Softplus = max(x, 0) + log1p(e^-|x|), with a log1p that keeps small terms (TVM 0.27's
+        log(1 + e^-|x|) is 1e-3 relative off at x = -10 and 0 below x = -17, where the result
+        is e^x). float16/bfloat16 in float32."""
+
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            x = inputs[0]
+            dtype = x.ty.dtype
+            work = dtype if dtype in ("float32", "float64") else "float32"
+            wide = x if work == dtype else relax.op.astype(x, work)
+            tail = _log1p(relax.op.exp(relax.op.negative(relax.op.abs(wide))), work)
+            y = relax.op.add(relax.op.maximum(wide, relax.const(0.0, work)), tail)
+            return y if work == dtype else relax.op.astype(y, dtype)
+
+    return SoftplusConverter
+
+
 @contextlib.contextmanager
 def _our_converters():
     from tvm.relax.frontend.onnx import onnx_frontend
@@ -167,12 +227,16 @@ def _our_converters():
     converter = _make_site_converter()
     attention = make_attention_converter(_CONTEXT)
     isinf = _make_isinf_converter()
+    mish = _make_mish_converter()
+    softplus = _make_softplus_converter()
 
     def extended():
         table = dict(original())
         table[SITE_OP] = converter
         table[ATTENTION_OP] = attention
         table["IsInf"] = isinf
+        table["Mish"] = mish
+        table["Softplus"] = softplus
         return table
 
     onnx_frontend._get_convert_map = extended
