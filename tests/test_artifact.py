@@ -78,6 +78,42 @@ def test_staged_inputs_are_reused_safely(compiled):
         np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-7)
 
 
+def test_outputs_never_alias_inputs_constants_or_each_other():
+    # An output the call allocates for itself alone is handed over without a copy; the others
+    # (the input itself, a view of it, a constant, two views of one tensor) are copied, read off
+    # the VM bytecode at compile time (manifest "owned_outputs"). Results survive later calls.
+    from onnx import TensorProto, helper, numpy_helper
+
+    f32 = TensorProto.FLOAT
+    nodes = [helper.make_node("Identity", ["x"], ["a"]), helper.make_node("Reshape", ["x", "shape"], ["b"]),
+             helper.make_node("Identity", ["c"], ["cc"]), helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("Reshape", ["r", "shape"], ["rr"]), helper.make_node("Softmax", ["x"], ["s"])]
+    dims = {"a": [2, 3], "b": [3, 2], "cc": [2, 2], "r": [2, 3], "rr": [3, 2], "s": [2, 3]}
+    graph = helper.make_graph(
+        nodes, "aliases", [helper.make_tensor_value_info("x", f32, [2, 3])],
+        [helper.make_tensor_value_info(n, f32, d) for n, d in dims.items()],
+        initializer=[numpy_helper.from_array(np.array([3, 2], np.int64), "shape"),
+                     numpy_helper.from_array(np.ones((2, 2), np.float32), "c")])
+    model = tvmsoftmax.compile(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert model.manifest["owned_outputs"] == [False, False, False, False, False, True]
+    x = _at_offset(np.arange(6, dtype=np.float32).reshape(2, 3) - 2, 0)  # zero-copy input
+    first = model.run({"x": x})
+    assert not first["s"].flags.owndata  # handed over, not copied
+    for name, value in first.items():
+        assert not np.shares_memory(value, x), name
+        for other_name, other in first.items():
+            assert other_name == name or not np.shares_memory(value, other), (name, other_name)
+    kept = {name: value.copy() for name, value in first.items()}
+    for value in first.values():
+        value[...] = 7  # writing into one result changes nothing else
+    again = model.run({"x": x})
+    for name, value in again.items():
+        np.testing.assert_array_equal(value, kept[name], err_msg=name)
+    later = model.run({"x": x * 3})
+    np.testing.assert_array_equal(later["r"], np.maximum(x * 3, 0))
+    np.testing.assert_array_equal(again["s"], kept["s"])  # an earlier result is not reused
+
+
 def _softmax64(x: np.ndarray) -> np.ndarray:
     e = np.exp(x.astype(np.float64) - x.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)

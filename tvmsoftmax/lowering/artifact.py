@@ -153,12 +153,30 @@ class CompiledModel:
         return self._vm["main"](*args)
 
     @staticmethod
-    def _to_numpy(result) -> list[np.ndarray]:
+    def _flatten(result) -> list:
         if hasattr(result, "numpy"):
-            return [result.numpy()]
+            return [result]
         out = []
         for item in result:
-            out.extend(CompiledModel._to_numpy(item))
+            out.extend(CompiledModel._flatten(item))
+        return out
+
+    def _to_numpy(self, result) -> list[np.ndarray]:
+        """The outputs as numpy arrays. On the CPU an output the manifest marks as owned (a
+        tensor this call allocated that no other output, input or constant shares, see
+        `owned_outputs`) is handed over without a copy (DLPack: the array keeps the tensor alive,
+        as onnxruntime's outputs do); every other one is copied."""
+        owned = self.manifest.get("owned_outputs") if self._on_cpu else None
+        values = self._flatten(result)
+        out = []
+        for index, tensor in enumerate(values):
+            if owned is not None and len(owned) == len(values) and owned[index]:
+                try:
+                    out.append(np.from_dlpack(tensor))
+                    continue
+                except (BufferError, RuntimeError, TypeError, ValueError):  # e.g. bfloat16
+                    pass
+            out.append(tensor.numpy())
         return out
 
     def run(self, feeds: dict) -> dict[str, np.ndarray]:
@@ -216,6 +234,45 @@ class CompiledModel:
                 raise
         self.manifest = manifest
         return path
+
+
+def owned_outputs(bytecode: str, count: int) -> list[bool] | None:
+    """Which of `main`'s `count` outputs are tensors the call allocates for that output alone,
+    read off the VM bytecode (`Executable.as_text()`): an output is owned when, through
+    `vm.builtin.reshape` views, it comes from a `vm.builtin.alloc_tensor` that no other output
+    comes from. Inputs, constants, anything else, and any control flow: not owned (None when the
+    bytecode is not understood at all)."""
+    import re
+
+    lines = bytecode.split("@main:", 1)[-1].split("\n@", 1)[0].strip().splitlines()
+    root: dict[str, str | None] = {}
+    returned = None
+    call = re.compile(r"call\s+(\S+)\s+in:\s*(.*?)\s*dst:\s*(%\S+)$")
+    for line in lines:
+        line = line.strip()
+        match = call.match(line)
+        if match:
+            name, args, dst = match.group(1), match.group(2).split(", "), match.group(3)
+            args = [a.strip() for a in args if a.strip()]
+            if name == "vm.builtin.alloc_tensor":
+                root[dst] = dst
+            elif name == "vm.builtin.reshape" and args:
+                root[dst] = root.get(args[0])
+            elif name == "vm.builtin.make_tuple":
+                root[dst] = None
+                root[dst + "#tuple"] = [root.get(a) for a in args]  # type: ignore[assignment]
+            else:
+                root[dst] = None  # null_value, packed calls returning tensors, ...
+            continue
+        if line.startswith("ret"):
+            register = line.split()[-1]
+            returned = root.get(register + "#tuple", [root.get(register)])
+            break
+        if line:
+            return None  # control flow (If), or a form this reader does not know
+    if returned is None or len(returned) != count:
+        return None
+    return [r is not None and returned.count(r) == 1 for r in returned]
 
 
 def _aligned_empty(shape, dtype) -> np.ndarray:

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from .. import __version__
-from .artifact import FORMAT, FORMAT_VERSION, CompiledModel
+from .artifact import FORMAT, FORMAT_VERSION, CompiledModel, owned_outputs
 from .frontend import bind_shapes, dims_of, elem_dtype, graph_inputs, load_model, normalize
 from .attention import FUNCTION_BODY, AttentionSite, rewrite_attention
 from .function_body import expand_nodes, falls_short
@@ -130,6 +130,7 @@ def compile_model(
         "inputs": _io(graph_inputs(prepared.normalized)),
         "outputs": _io(prepared.normalized.graph.output),
         "sites": [s.to_json() for s in prepared.sites],
+        "owned_outputs": owned_outputs(executable.as_text(), len(prepared.normalized.graph.output)),
         "timings": dict(prepared.timings, compile_s=time.perf_counter() - started),
     }
     if fatbins:
