@@ -3,7 +3,8 @@
 of rows of -inf/+inf, the fully-masked-row guard of ONNX's own Attention function body, and
 float16 MatMul accumulated in float32; where its importer falls short (LayerNormalization's Mean
 and InvStdDev outputs: the node runs its ONNX function body, `lowering/function_body.py`; IsInf's
-detect_negative/detect_positive; Mish and Softplus, whose log(1 + e^x) lost e^x); and rank-0 inputs (the onnx conformance cases for these, against their expected outputs).
+detect_negative/detect_positive; Mish and Softplus, whose log(1 + e^x) lost e^x; Elu, Selu,
+ThresholdedRelu in half types); and rank-0 and bfloat16 inputs (the onnx conformance cases for these, against their expected outputs).
 
 Tolerances: reductions are exact (a max picks an input); float16 MatMul within one float16 ulp of
 the float64 product rounded to float16 (float32 accumulation of 2048 terms is ~1e-7 relative)."""
@@ -134,7 +135,8 @@ def test_cuda_keeps_the_float32_accumulator_and_the_inf_identity():
 PLAIN_CASES = [
     c for c in node_cases.collect_testcases(None)
     if c.name.startswith(("test_layer_normalization", "test_gemm_default_scalar_bias", "test_pow_bcast_scalar",
-                          "test_isinf", "test_mish", "test_softplus", "test_rotary_embedding", "test_sce_mean_weight", "test_nllloss_NCd1_mean"))
+                          "test_isinf", "test_mish", "test_softplus", "test_elu", "test_selu", "test_celu", "test_thresholdedrelu",
+                          "test_compress_bfloat16", "test_rotary_embedding", "test_sce_mean_weight", "test_nllloss_NCd1_mean"))
 ]
 
 
@@ -147,7 +149,9 @@ def test_plain_cases_found():
 @pytest.mark.parametrize("case", PLAIN_CASES, ids=[c.name for c in PLAIN_CASES])
 def test_plain_op_conformance(case):
     """Every output, Mean and InvStdDev of LayerNormalization included; a 0-d input stays 0-d;
-    IsInf with detect_negative/detect_positive (our converter; TVM's ignores them); ops TVM's
+    IsInf with detect_negative/detect_positive (our converter; TVM's ignores them); Elu, Selu,
+    ThresholdedRelu and Celu's body in float16/bfloat16 (TVM's converters mix in float32); a
+    bfloat16 input (not DLPack-importable: copied in); ops TVM's
     importer lacks, through their ONNX function bodies (RotaryEmbedding, SoftmaxCrossEntropyLoss
     with its LogSoftmax as our site, NegativeLogLikelihoodLoss)."""
     names = [i.name for i in case.model.graph.input]

@@ -135,7 +135,8 @@ class CompiledModel:
         for 4.7 MB of attention inputs)."""
         import tvm
 
-        if not self._on_cpu or value.dtype == np.bool_ or not value.size:
+        if not self._on_cpu or value.dtype.kind not in "iuf" or not value.size:
+            # bool, and ml_dtypes' bfloat16/float8 (numpy kind "V"), are not DLPack-importable
             return tvm.runtime.tensor(np.require(value, requirements="C"), self.device)  # 0-d stays 0-d
         if value.flags.c_contiguous and value.flags.writeable and value.ctypes.data % 64 == 0:
             try:

@@ -217,6 +217,44 @@ def _make_softplus_converter():
     return SoftplusConverter
 
 
+def _make_dtype_exact_converters() -> dict:
+    """Elu, Selu and ThresholdedRelu in the input's own float type (TVM 0.27 builds them with
+    float32 constants or a float32 cast, which fails to import for float16/bfloat16, and so does
+    every function body using them, Celu's). Formulas as onnxruntime computes them."""
+    from tvm import relax
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    def converter(name: str, formula, default_attrs: dict):
+        def impl(cls, bb, inputs, attr, params):
+            x = inputs[0]
+            dtype = x.ty.dtype
+
+            def const(value):
+                return relax.const(float(value), dtype)
+
+            values = {key: float(attr.get(key, default)) for key, default in default_attrs.items()}
+            return formula(x, const, **values)
+
+        return type(f"{name}Converter", (OnnxOpConverter,), {"_impl_v1": classmethod(impl)})
+
+    def elu(x, const, alpha):
+        negative = relax.op.multiply(const(alpha), relax.op.subtract(relax.op.exp(x), const(1.0)))
+        return relax.op.where(relax.op.greater(x, const(0.0)), x, negative)
+
+    def selu(x, const, alpha, gamma):
+        negative = relax.op.subtract(relax.op.multiply(const(alpha), relax.op.exp(x)), const(alpha))
+        return relax.op.multiply(const(gamma), relax.op.where(relax.op.greater(x, const(0.0)), x, negative))
+
+    def thresholded_relu(x, const, alpha):
+        return relax.op.where(relax.op.greater(x, const(alpha)), x, const(0.0))
+
+    return {
+        "Elu": converter("Elu", elu, {"alpha": 1.0}),
+        "Selu": converter("Selu", selu, {"alpha": 1.67326319217681884765625, "gamma": 1.05070102214813232421875}),
+        "ThresholdedRelu": converter("ThresholdedRelu", thresholded_relu, {"alpha": 1.0}),
+    }
+
+
 @contextlib.contextmanager
 def _our_converters():
     from tvm.relax.frontend.onnx import onnx_frontend
@@ -229,6 +267,7 @@ def _our_converters():
     isinf = _make_isinf_converter()
     mish = _make_mish_converter()
     softplus = _make_softplus_converter()
+    exact = _make_dtype_exact_converters()
 
     def extended():
         table = dict(original())
@@ -237,6 +276,7 @@ def _our_converters():
         table["IsInf"] = isinf
         table["Mish"] = mish
         table["Softplus"] = softplus
+        table.update(exact)
         return table
 
     onnx_frontend._get_convert_map = extended
