@@ -136,7 +136,7 @@ PLAIN_CASES = [
     c for c in node_cases.collect_testcases(None)
     if c.name.startswith(("test_layer_normalization", "test_gemm_default_scalar_bias", "test_pow_bcast_scalar",
                           "test_isinf", "test_mish", "test_softplus", "test_elu", "test_selu", "test_celu", "test_thresholdedrelu",
-                          "test_compress_bfloat16", "test_rotary_embedding", "test_sce_mean_weight", "test_nllloss_NCd1_mean"))
+                          "test_compress_bfloat16", "test_shape", "test_size", "test_rotary_embedding", "test_sce_mean_weight", "test_nllloss_NCd1_mean"))
 ]
 
 
@@ -225,3 +225,22 @@ def test_mish_and_softplus_without_cancellation(op, dtype):
     specials = compiled.run({"x": special})["y"]
     assert np.isnan(specials[0]) and specials[1] == np.inf
     np.testing.assert_array_equal(specials, run_ort(model, {"x": special})[0])  # -inf: NaN (Mish), 0
+
+
+def test_constant_attribute_forms():
+    """Constant's value_float/value_floats/value_int/value_ints forms (TVM reads only `value`;
+    a folded Shape becomes value_ints), as graph outputs and as operands."""
+    forms = {"f": ("value_float", 1.5), "fs": ("value_floats", [1.0, -2.0]), "i": ("value_int", 7),
+             "is": ("value_ints", [3, 4])}
+    nodes = [helper.make_node("Constant", [], [name], **{attr: value}) for name, (attr, value) in forms.items()]
+    nodes.append(helper.make_node("Add", ["x", "fs"], ["y"]))
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    outputs = [helper.make_tensor_value_info("f", f32, []), helper.make_tensor_value_info("fs", f32, [2]),
+               helper.make_tensor_value_info("i", i64, []), helper.make_tensor_value_info("is", i64, [2]),
+               helper.make_tensor_value_info("y", f32, [2])]
+    model = _model(nodes, [helper.make_tensor_value_info("x", f32, [2])], outputs, opset=17)
+    got = tvmsoftmax.compile(model).run({"x": np.array([10.0, 20.0], np.float32)})
+    assert got["f"].shape == () and got["f"] == np.float32(1.5) and got["i"].dtype == np.int64 and got["i"] == 7
+    np.testing.assert_array_equal(got["fs"], [1.0, -2.0])
+    np.testing.assert_array_equal(got["is"], [3, 4])
+    np.testing.assert_array_equal(got["y"], [11.0, 18.0])

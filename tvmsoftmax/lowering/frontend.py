@@ -246,8 +246,37 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
         model = _constant_shapes(model)
     except Exception as err:  # noqa: BLE001
         warnings.warn(f"ONNX shape inference failed ({err}); continuing without it", stacklevel=2)
+    _constant_tensors(model.graph)
     _name_nodes(model.graph)
     return model
+
+
+_CONSTANT_FORMS = {
+    "value_float": lambda a: np.array(a.f, np.float32),
+    "value_floats": lambda a: np.array(list(a.floats), np.float32),
+    "value_int": lambda a: np.array(a.i, np.int64),
+    "value_ints": lambda a: np.array(list(a.ints), np.int64),
+}
+
+
+def _constant_tensors(graph: onnx.GraphProto) -> None:
+    """Constant nodes in the `value_float(s)` / `value_int(s)` forms (exporters write them, and
+    the constant folding above writes `value_ints` for a folded Shape) become the `value` tensor
+    form, the only one TVM 0.27's importer reads ("no value in Constant"). Subgraphs included."""
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1:
+            attribute = node.attribute[0]
+            make = _CONSTANT_FORMS.get(attribute.name)
+            if make is not None:
+                value = onnx.numpy_helper.from_array(make(attribute), node.output[0])
+                del node.attribute[:]
+                node.attribute.append(onnx.helper.make_attribute("value", value))
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                _constant_tensors(attribute.g)
+            elif attribute.type == onnx.AttributeProto.GRAPHS:
+                for sub in attribute.graphs:
+                    _constant_tensors(sub)
 
 
 def _constant_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
