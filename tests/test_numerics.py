@@ -244,3 +244,36 @@ def test_constant_attribute_forms():
     np.testing.assert_array_equal(got["fs"], [1.0, -2.0])
     np.testing.assert_array_equal(got["is"], [3, 4])
     np.testing.assert_array_equal(got["y"], [11.0, 18.0])
+
+
+def test_non_max_suppression_parameters():
+    """TVM read NMS's parameters at import and silently used 0 / 0.5 / 0.0 for any it could not
+    read: an absent score_threshold now means none (ONNX), checked against onnxruntime; a run-time
+    parameter, and an IoU threshold of 0 (for which TVM returns no boxes), are refused by name."""
+    from tvmsoftmax.errors import ModelError
+
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    boxes = np.array([[[0, 0, 1, 1], [0, 0.1, 1, 1.1], [0, 0.9, 1, 1.9], [0, 10, 1, 11], [0, 10.1, 1, 11.1],
+                       [0, 100, 1, 101]]], np.float32)
+    scores = np.array([[[0.9, 0.75, 0.6, 0.95, 0.5, 0.0]]], np.float32)  # 0.0: kept without a threshold
+    io = [helper.make_tensor_value_info("boxes", f32, [1, 6, 4]), helper.make_tensor_value_info("scores", f32, [1, 1, 6])]
+    out = [helper.make_tensor_value_info("selected", i64, [None, 3])]
+    params = [helper.make_tensor("limit", i64, [1], [5]), helper.make_tensor("iou", f32, [1], [0.5]),
+              helper.make_tensor("zero", f32, [1], [0.0])]
+
+    def model(inputs, extra=()):
+        return _model([helper.make_node("NonMaxSuppression", inputs, ["selected"])], io + list(extra), out,
+                      opset=11, initializers=[p for p in params if p.name in inputs and p.name not in
+                                              {e.name for e in extra}])
+
+    for inputs in (["boxes", "scores", "limit", "iou"], ["boxes", "scores", "limit", "iou", ""]):
+        graph = model(inputs)
+        got = tvmsoftmax.compile(graph).run({"boxes": boxes, "scores": scores})["selected"]
+        want = run_ort(graph, {"boxes": boxes, "scores": scores})[0]
+        np.testing.assert_array_equal(got, want)
+        assert [0, 0, 5] in want.tolist()  # the zero-score box: no threshold
+    with pytest.raises(ModelError, match="max_output_boxes_per_class.*run time"):
+        tvmsoftmax.compile(model(["boxes", "scores", "limit", "iou"], [helper.make_tensor_value_info("limit", i64, [1])]))
+    for inputs in (["boxes", "scores", "limit"], ["boxes", "scores", "limit", "zero"]):
+        with pytest.raises(ModelError, match="iou_threshold of 0"):
+            tvmsoftmax.compile(model(inputs))

@@ -255,6 +255,46 @@ def _make_dtype_exact_converters() -> dict:
     }
 
 
+def _make_nms_converter():
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    base = onnx_frontend._get_convert_map()["NonMaxSuppression"]
+    lowest = -3.4028234663852886e38
+
+    class NonMaxSuppressionConverter(base):
+        """TVM 0.27 reads max_output_boxes_per_class, iou_threshold and score_threshold at import
+        time and silently substitutes 0 / 0.5 / 0.0 for any it cannot read. Here a run-time value
+        is refused by name; an absent score_threshold means no threshold (ONNX) and becomes the
+        lowest float; an absent or non-positive iou_threshold (ONNX's default is 0) is refused,
+        since TVM's NMS then returns no boxes at all."""
+
+        @classmethod
+        def _impl_v10(cls, bb, inputs, attr, params):
+            names = ("max_output_boxes_per_class", "iou_threshold", "score_threshold")
+            defaults = (relax.const(0, "int64"), None, relax.const(lowest, "float32"))
+            fixed = list(inputs[:2])
+            for index, (name, default) in enumerate(zip(names, defaults), start=2):
+                value = inputs[index] if len(inputs) > index else None
+                if value is None:
+                    value = default
+                elif isinstance(value, relax.Var) and value.name in params[1]:
+                    value = relax.const(params[1][value.name][1].numpy())
+                elif not isinstance(value, tvm.ir.GenericConst):
+                    raise ValueError(
+                        f"NonMaxSuppression input {name!r} is computed at run time; TVM's "
+                        "NonMaxSuppression needs it as a constant (an initializer)")
+                if name == "iou_threshold" and (value is None or float(value.value.numpy().max()) <= 0):
+                    raise ValueError(
+                        "NonMaxSuppression with an iou_threshold of 0 (or none: ONNX's default is 0) "
+                        "is not supported: TVM's NonMaxSuppression returns no boxes for it")
+                fixed.append(value)
+            return super()._impl_v10(bb, fixed, attr, params)
+
+    return NonMaxSuppressionConverter
+
+
 @contextlib.contextmanager
 def _our_converters():
     from tvm.relax.frontend.onnx import onnx_frontend
@@ -268,6 +308,7 @@ def _our_converters():
     mish = _make_mish_converter()
     softplus = _make_softplus_converter()
     exact = _make_dtype_exact_converters()
+    nms = _make_nms_converter()
 
     def extended():
         table = dict(original())
@@ -277,6 +318,7 @@ def _our_converters():
         table["Mish"] = mish
         table["Softplus"] = softplus
         table.update(exact)
+        table["NonMaxSuppression"] = nms
         return table
 
     onnx_frontend._get_convert_map = extended
