@@ -171,7 +171,7 @@ def _make_mish_converter():
         @classmethod
         def _impl_v18(cls, bb, inputs, attr, params):
             x = inputs[0]
-            dtype = x.ty.dtype
+            dtype = str(x.ty.dtype)
             work = dtype if dtype in ("float32", "float64") else "float32"
             wide = x if work == dtype else relax.op.astype(x, work)
             t = relax.op.exp(wide)
@@ -207,7 +207,7 @@ def _make_softplus_converter():
         @classmethod
         def _impl_v1(cls, bb, inputs, attr, params):
             x = inputs[0]
-            dtype = x.ty.dtype
+            dtype = str(x.ty.dtype)
             work = dtype if dtype in ("float32", "float64") else "float32"
             wide = x if work == dtype else relax.op.astype(x, work)
             tail = _log1p(relax.op.exp(relax.op.negative(relax.op.abs(wide))), work)
@@ -227,7 +227,7 @@ def _make_dtype_exact_converters() -> dict:
     def converter(name: str, formula, default_attrs: dict):
         def impl(cls, bb, inputs, attr, params):
             x = inputs[0]
-            dtype = x.ty.dtype
+            dtype = str(x.ty.dtype)
 
             def const(value):
                 return relax.const(float(value), dtype)
@@ -253,6 +253,82 @@ def _make_dtype_exact_converters() -> dict:
         "Selu": converter("Selu", selu, {"alpha": 1.67326319217681884765625, "gamma": 1.05070102214813232421875}),
         "ThresholdedRelu": converter("ThresholdedRelu", thresholded_relu, {"alpha": 1.0}),
     }
+
+
+def _make_math_converters() -> dict:
+    """Ops TVM 0.27 lacks or lowers wrongly, as onnxruntime computes them:
+
+    * LpNormalization (absent): x / ||x||_p along `axis` (p = 1 or 2), 0 where the norm is 0;
+    * Sinh, Cosh (TVM's tirx.sinh/cosh have no LLVM lowering): from e^x and e^-x, and for
+      |x| < 0.5 sinh by its Taylor series (e^x - e^-x cancels there), to x^9 for float32 (error
+      below 3e-11 relative) and x^17 for float64 (below 1e-22);
+    * Pow with operands of different types, or integer ones (TVM requires one float type):
+      ONNX's result has the base's type; an integer base is computed in float64 and truncated.
+    """
+    import math
+
+    from tvm import relax
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    def const(value, dtype):
+        return relax.const(value, dtype)
+
+    class LpNormalizationConverter(OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            x = inputs[0]
+            dtype = str(x.ty.dtype)
+            axis, p = int(attr.get("axis", -1)), int(attr.get("p", 2))
+            if p not in (1, 2):
+                raise ValueError(f"LpNormalization: p must be 1 or 2, got {p}")
+            if p == 2:
+                norm = relax.op.sqrt(relax.op.sum(relax.op.multiply(x, x), axis=[axis], keepdims=True))
+            else:
+                norm = relax.op.sum(relax.op.abs(x), axis=[axis], keepdims=True)
+            zero = const(0.0, dtype)
+            return relax.op.where(relax.op.equal(norm, zero), zero, relax.op.divide(x, norm))
+
+        _impl_v22 = _impl_v1
+
+    def exps(x):
+        return relax.op.exp(x), relax.op.exp(relax.op.negative(x))
+
+    class CoshConverter(OnnxOpConverter):
+        @classmethod
+        def _impl_v9(cls, bb, inputs, attr, params):
+            x = inputs[0]
+            up, down = exps(x)
+            return relax.op.multiply(const(0.5, str(x.ty.dtype)), relax.op.add(up, down))
+
+    class SinhConverter(OnnxOpConverter):
+        @classmethod
+        def _impl_v9(cls, bb, inputs, attr, params):
+            x = inputs[0]
+            dtype = str(x.ty.dtype)
+            up, down = exps(x)
+            wide = relax.op.multiply(const(0.5, dtype), relax.op.subtract(up, down))
+            square = relax.op.multiply(x, x)
+            terms = 9 if dtype == "float64" else 5  # x^17 / 17! or x^9 / 9!
+            series = const(1.0 / math.factorial(2 * terms - 1), dtype)
+            for k in range(terms - 2, -1, -1):
+                series = relax.op.add(relax.op.multiply(series, square), const(1.0 / math.factorial(2 * k + 1), dtype))
+            small = relax.op.less(relax.op.abs(x), const(0.5, dtype))
+            return relax.op.where(small, relax.op.multiply(x, series), wide)
+
+    class PowConverter(OnnxOpConverter):
+        @classmethod
+        def _impl_v7(cls, bb, inputs, attr, params):
+            base, exponent = inputs
+            base_type, exponent_type = str(base.ty.dtype), str(exponent.ty.dtype)
+            if base_type.startswith("float"):
+                if exponent_type != base_type:
+                    exponent = relax.op.astype(exponent, base_type)
+                return relax.op.power(base, exponent)
+            result = relax.op.power(relax.op.astype(base, "float64"), relax.op.astype(exponent, "float64"))
+            return relax.op.astype(result, base_type)
+
+    return {"LpNormalization": LpNormalizationConverter, "Cosh": CoshConverter, "Sinh": SinhConverter,
+            "Pow": PowConverter}
 
 
 def _make_nms_converter():
@@ -295,31 +371,31 @@ def _make_nms_converter():
     return NonMaxSuppressionConverter
 
 
+def _our_table() -> dict:
+    """Our converters by ONNX op type: they replace or extend TVM's for one import."""
+    from .attention_import import make_attention_converter
+
+    return {
+        SITE_OP: _make_site_converter(),
+        ATTENTION_OP: make_attention_converter(_CONTEXT),
+        "IsInf": _make_isinf_converter(),
+        "Mish": _make_mish_converter(),
+        "Softplus": _make_softplus_converter(),
+        "NonMaxSuppression": _make_nms_converter(),
+        **_make_dtype_exact_converters(),
+        **_make_math_converters(),
+    }
+
+
 @contextlib.contextmanager
 def _our_converters():
     from tvm.relax.frontend.onnx import onnx_frontend
 
-    from .attention_import import make_attention_converter
-
     original = onnx_frontend._get_convert_map
-    converter = _make_site_converter()
-    attention = make_attention_converter(_CONTEXT)
-    isinf = _make_isinf_converter()
-    mish = _make_mish_converter()
-    softplus = _make_softplus_converter()
-    exact = _make_dtype_exact_converters()
-    nms = _make_nms_converter()
+    ours = _our_table()
 
     def extended():
-        table = dict(original())
-        table[SITE_OP] = converter
-        table[ATTENTION_OP] = attention
-        table["IsInf"] = isinf
-        table["Mish"] = mish
-        table["Softplus"] = softplus
-        table.update(exact)
-        table["NonMaxSuppression"] = nms
-        return table
+        return {**original(), **ours}
 
     onnx_frontend._get_convert_map = extended
     try:
@@ -337,7 +413,7 @@ def check_supported(model: onnx.ModelProto) -> None:
     """Raise UnsupportedOperatorError naming the first node whose op nobody can lower."""
     from tvm.relax.frontend.onnx import onnx_frontend
 
-    known = set(onnx_frontend._get_convert_map()) | {SITE_OP, ATTENTION_OP, "If", "Constant"}
+    known = set(onnx_frontend._get_convert_map()) | set(_our_table()) | {"If", "Constant"}
     for node in model.graph.node:
         if node.op_type not in known:
             domain = node.domain or "ai.onnx"
