@@ -107,6 +107,9 @@ def _worker(config: dict) -> None:
                 options.intra_op_num_threads = threads
                 options.inter_op_num_threads = 1
                 options.log_severity_level = 3
+                # As every pool here: no spin-waiting (a spinning pool keeps the cores busy after its
+                # call and slows whatever is timed next on this shared 2-core machine).
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
                 model, feeds = {"ort-unfused": (unfused, feeds4), "ort-mha": (mha, feeds3),
                                 "ort-attention23": (attention, feeds4)}[name]
                 session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
