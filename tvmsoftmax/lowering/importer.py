@@ -157,6 +157,17 @@ def _make_isinf_converter():
     return IsInfConverter
 
 
+def _widened(x, body):
+    """body(x, dtype) computed in float32 for half types (float16/bfloat16), in x's own type for
+    float32/float64, and cast back to x's type."""
+    from tvm import relax
+
+    dtype = str(x.ty.dtype)
+    work = dtype if dtype in ("float32", "float64") else "float32"
+    y = body(x if work == dtype else relax.op.astype(x, work), work)
+    return y if work == dtype else relax.op.astype(y, dtype)
+
+
 def _make_mish_converter():
     from tvm import relax
     from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
@@ -170,16 +181,14 @@ def _make_mish_converter():
 
         @classmethod
         def _impl_v18(cls, bb, inputs, attr, params):
-            x = inputs[0]
-            dtype = str(x.ty.dtype)
-            work = dtype if dtype in ("float32", "float64") else "float32"
-            wide = x if work == dtype else relax.op.astype(x, work)
-            t = relax.op.exp(wide)
-            n = relax.op.multiply(t, relax.op.add(t, relax.const(2.0, work)))
-            ratio = relax.op.divide(n, relax.op.add(n, relax.const(2.0, work)))
-            y = relax.op.where(relax.op.greater(wide, relax.const(20.0, work)), wide,
-                               relax.op.multiply(wide, ratio))
-            return y if work == dtype else relax.op.astype(y, dtype)
+            def mish(x, dtype):
+                t = relax.op.exp(x)
+                n = relax.op.multiply(t, relax.op.add(t, relax.const(2.0, dtype)))
+                ratio = relax.op.divide(n, relax.op.add(n, relax.const(2.0, dtype)))
+                return relax.op.where(relax.op.greater(x, relax.const(20.0, dtype)), x,
+                                      relax.op.multiply(x, ratio))
+
+            return _widened(inputs[0], mish)
 
     return MishConverter
 
@@ -206,13 +215,11 @@ def _make_softplus_converter():
 
         @classmethod
         def _impl_v1(cls, bb, inputs, attr, params):
-            x = inputs[0]
-            dtype = str(x.ty.dtype)
-            work = dtype if dtype in ("float32", "float64") else "float32"
-            wide = x if work == dtype else relax.op.astype(x, work)
-            tail = _log1p(relax.op.exp(relax.op.negative(relax.op.abs(wide))), work)
-            y = relax.op.add(relax.op.maximum(wide, relax.const(0.0, work)), tail)
-            return y if work == dtype else relax.op.astype(y, dtype)
+            def softplus(x, dtype):
+                tail = _log1p(relax.op.exp(relax.op.negative(relax.op.abs(x))), dtype)
+                return relax.op.add(relax.op.maximum(x, relax.const(0.0, dtype)), tail)
+
+            return _widened(inputs[0], softplus)
 
     return SoftplusConverter
 
