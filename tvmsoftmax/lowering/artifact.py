@@ -246,28 +246,29 @@ def owned_outputs(bytecode: str, count: int) -> list[bool] | None:
     import re
 
     lines = bytecode.split("@main:", 1)[-1].split("\n@", 1)[0].strip().splitlines()
-    root: dict[str, str | None] = {}
+    root: dict[str, str | None] = {}  # register -> the alloc_tensor register it views, if any
+    tuples: dict[str, list] = {}  # register -> roots of a make_tuple's elements
     returned = None
     call = re.compile(r"call\s+(\S+)\s+in:\s*(.*?)\s*dst:\s*(%\S+)$")
     for line in lines:
         line = line.strip()
         match = call.match(line)
         if match:
-            name, args, dst = match.group(1), match.group(2).split(", "), match.group(3)
-            args = [a.strip() for a in args if a.strip()]
+            name, dst = match.group(1), match.group(3)
+            args = [a.strip() for a in match.group(2).split(",") if a.strip()]
+            tuples.pop(dst, None)
             if name == "vm.builtin.alloc_tensor":
                 root[dst] = dst
             elif name == "vm.builtin.reshape" and args:
                 root[dst] = root.get(args[0])
-            elif name == "vm.builtin.make_tuple":
-                root[dst] = None
-                root[dst + "#tuple"] = [root.get(a) for a in args]  # type: ignore[assignment]
             else:
                 root[dst] = None  # null_value, packed calls returning tensors, ...
+                if name == "vm.builtin.make_tuple":
+                    tuples[dst] = [root.get(a) for a in args]
             continue
         if line.startswith("ret"):
             register = line.split()[-1]
-            returned = root.get(register + "#tuple", [root.get(register)])
+            returned = tuples.get(register, [root.get(register)])
             break
         if line:
             return None  # control flow (If), or a form this reader does not know
