@@ -58,6 +58,27 @@ def _parse_shapes(values: tuple[str, ...]) -> dict[str, list[int]] | None:
     return shapes or None
 
 
+def _parse_constants(values: tuple[str, ...]) -> dict[str, np.ndarray] | None:
+    """--constant NAME=V1,V2,... (integers, else floats; empty for an empty tensor) or NAME=FILE.npy."""
+    constants = {}
+    for item in values:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise InputError(f"--constant {item!r}: expected NAME=V1,V2,... or NAME=FILE.npy (e.g. axes=1)")
+        if text.endswith(".npy"):
+            constants[name] = _parse_inputs((item,))[name]
+            continue
+        parts = [p for p in text.split(",") if p.strip()]
+        try:
+            constants[name] = np.array([int(p) for p in parts], np.int64)
+        except ValueError:
+            try:
+                constants[name] = np.array([float(p) for p in parts], np.float64)
+            except ValueError:
+                raise InputError(f"--constant {item!r}: values must be numbers") from None
+    return constants or None
+
+
 def _parse_inputs(values: tuple[str, ...]) -> dict[str, np.ndarray]:
     feeds = {}
     for item in values:
@@ -80,6 +101,9 @@ def _target_options(fn):
                       help="fused attention strategy (none: leave attention as MatMul/Softmax/MatMul)")(fn)
     fn = click.option("--shape", "shapes", multiple=True, metavar="NAME=D1,D2",
                       help="bind an input's dims (repeatable)")(fn)
+    fn = click.option("--constant", "constants", multiple=True, metavar="NAME=V1,V2",
+                      help="make an input a constant with these values, e.g. axes=1 (repeatable): "
+                           "for inputs TVM needs at compile time (reduction axes, TopK's k, Pad's pads)")(fn)
     return fn
 
 
@@ -139,13 +163,14 @@ def main():
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="artifact path (.tvmsm)")
 @_target_options
 @_fail_cleanly
-def compile_command(model, output, target, arch, mcpu, algorithm, attention, shapes):
+def compile_command(model, output, target, arch, mcpu, algorithm, attention, shapes, constants):
     """Compile MODEL.onnx into a deployable artifact."""
     import tvmsoftmax
 
     with console.status(f"compiling {model} for {target}..."):
         compiled = tvmsoftmax.compile(model, target=target, algorithm=algorithm, attention=attention,
-                                      shapes=_parse_shapes(shapes), arch=arch, mcpu=mcpu)
+                                      shapes=_parse_shapes(shapes), arch=arch, mcpu=mcpu,
+                                      constants=_parse_constants(constants))
         path = compiled.save(output)
     _print_sites(compiled.sites, str(model))
     console.print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB, target {compiled.target['name']} "
@@ -215,7 +240,7 @@ def _print_report(report, timings: bool) -> None:
 @click.option("--time", "time_runs", type=int, default=0, help="also time both, N runs each")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the report as JSON")
 @_fail_cleanly
-def check_command(model, target, arch, mcpu, algorithm, attention, shapes, rtol, atol, inputs, seed, time_runs,
+def check_command(model, target, arch, mcpu, algorithm, attention, shapes, constants, rtol, atol, inputs, seed, time_runs,
                   json_path):
     """Compile MODEL.onnx, run it and onnxruntime on the same inputs, compare (exit 1 on failure)."""
     import tvmsoftmax
@@ -224,7 +249,8 @@ def check_command(model, target, arch, mcpu, algorithm, attention, shapes, rtol,
         report = tvmsoftmax.check(model, target=target, algorithm=algorithm, attention=attention,
                                   shapes=_parse_shapes(shapes),
                                   inputs=_parse_inputs(inputs) or None, rtol=rtol, atol=atol, seed=seed,
-                                  time_runs=time_runs, arch=arch, mcpu=mcpu)
+                                  time_runs=time_runs, arch=arch, mcpu=mcpu,
+                                  constants=_parse_constants(constants))
     _print_sites(report.sites, str(model))
     _print_report(report, bool(time_runs))
     if json_path:
@@ -236,13 +262,14 @@ def check_command(model, target, arch, mcpu, algorithm, attention, shapes, rtol,
 @click.argument("model", type=click.Path(dir_okay=False))
 @_target_options
 @_fail_cleanly
-def inspect_command(model, target, arch, mcpu, algorithm, attention, shapes):
+def inspect_command(model, target, arch, mcpu, algorithm, attention, shapes, constants):
     """List every attention and Softmax/LogSoftmax site of MODEL.onnx, its form and what it becomes
     (or why it was not fused)."""
     import tvmsoftmax
 
     sites = tvmsoftmax.inspect(model, target=target, algorithm=algorithm, attention=attention,
-                               shapes=_parse_shapes(shapes), arch=arch, mcpu=mcpu)
+                               shapes=_parse_shapes(shapes), arch=arch, mcpu=mcpu,
+                               constants=_parse_constants(constants))
     _print_sites([site.to_json() for site in sites], f"{model} (target {target})")
 
 

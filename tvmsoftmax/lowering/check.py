@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from ..errors import InputError
-from .frontend import bind_shapes, dims_of, elem_dtype, graph_inputs, load_model
+from .frontend import bind_constants, bind_shapes, dims_of, elem_dtype, graph_inputs, load_model
 
 DEFAULT_TOLERANCES = {
     "float32": (1e-5, 1e-5),  # (rtol, atol)
@@ -193,7 +193,7 @@ def check(
     from .compiler import compile_model
 
     source = load_model(model).proto
-    bound = bind_shapes(source, shapes)
+    bound = bind_constants(bind_shapes(source, shapes), options.pop("constants", None))
     compiled = compiled or compile_model(bound, target, algorithm, None, **options)
     if compiled.target["name"] == "cuda":
         raise InputError("check runs the model here: use target x86, or run the CUDA artifact on a GPU host")

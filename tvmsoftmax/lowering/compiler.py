@@ -9,8 +9,9 @@ import time
 from dataclasses import dataclass, field
 
 from .. import __version__
+from ..errors import ArtifactError, InputError, UnsupportedOperatorError
 from .artifact import FORMAT, FORMAT_VERSION, CompiledModel, owned_outputs
-from .frontend import bind_shapes, dims_of, elem_dtype, graph_inputs, load_model, normalize
+from .frontend import bind_constants, bind_shapes, dims_of, elem_dtype, graph_inputs, load_model, normalize, value_inputs
 from .attention import FUNCTION_BODY, AttentionSite, rewrite_attention
 from .function_body import expand_nodes, falls_short
 from .rewrite import DTYPES_BY_TARGET, rewrite
@@ -30,13 +31,13 @@ class Prepared:
 
 
 def prepare(model, *, algorithm: str = "auto", shapes: dict | None = None, attention: str = "auto",
-            target: str = "x86") -> Prepared:
+            target: str = "x86", constants: dict | None = None) -> Prepared:
     """Load, validate, bind shapes, normalise and rewrite (no TVM compile yet).
 
     Attention first (its softmax becomes part of the fused site), then every other softmax."""
     started = time.perf_counter()
     loaded = load_model(model)
-    bound = bind_shapes(loaded.proto, shapes)
+    bound = bind_constants(bind_shapes(loaded.proto, shapes), constants)
     normalized = normalize(bound)
     kept: set = set()  # nodes whose body cannot be built (the importer refuses them by name)
     for _ in range(4):  # nodes TVM's importer gets wrong or lacks: their ONNX function bodies
@@ -65,12 +66,14 @@ def prepare(model, *, algorithm: str = "auto", shapes: dict | None = None, atten
 
 
 def inspect_sites(model, *, target: str | TargetSpec = "x86", algorithm: str = "auto",
-                  shapes: dict | None = None, attention: str = "auto", **target_options) -> list:
+                  shapes: dict | None = None, attention: str = "auto", constants: dict | None = None,
+                  **target_options) -> list:
     """Every site of `model` with what it will be lowered to on `target` (no TVM compile)."""
     from .rewrite import plan
 
     spec = target if isinstance(target, TargetSpec) else resolve(target, **target_options)
-    sites = prepare(model, algorithm=algorithm, shapes=shapes, attention=attention, target=spec.name).sites
+    sites = prepare(model, algorithm=algorithm, shapes=shapes, attention=attention, target=spec.name,
+                    constants=constants).sites
     for site in sites:
         if isinstance(site, AttentionSite):
             if site.rewritten:
@@ -97,15 +100,30 @@ def compile_model(
     arch: str | None = None,
     mcpu: str | None = None,
     attention: str = "auto",
+    constants: dict | None = None,
 ) -> CompiledModel:
     """See `tvmsoftmax.compile`."""
+    spec = target if isinstance(target, TargetSpec) else resolve(target, arch=arch, mcpu=mcpu)
+    try:
+        return _compile(model, spec, algorithm, shapes, attention, constants)
+    except (UnsupportedOperatorError, InputError, ArtifactError):
+        raise  # not about values: an op nobody lowers, a bad argument
+    except Exception as err:  # noqa: BLE001 - decided below: specialise, or raise as it was
+        source = bind_constants(bind_shapes(load_model(model).proto, shapes), constants)
+        deferred = value_inputs(source)
+        if not deferred or spec.name != "x86":
+            raise
+        return SpecializingModel(model, spec, algorithm, shapes, attention, constants or {}, deferred, source, err)
+
+
+def _compile(model, spec, algorithm, shapes, attention, constants) -> CompiledModel:
     import tvm
 
     from .importer import import_model
     from .pipeline import build
 
-    spec = target if isinstance(target, TargetSpec) else resolve(target, arch=arch, mcpu=mcpu)
-    prepared = prepare(model, algorithm=algorithm, shapes=shapes, attention=attention, target=spec.name)
+    prepared = prepare(model, algorithm=algorithm, shapes=shapes, attention=attention, target=spec.name,
+                       constants=constants)
     _refuse_unlowerable(prepared.sites)
     started = time.perf_counter()
     mod = import_model(prepared.model, prepared.sites, spec)
@@ -127,6 +145,7 @@ def compile_model(
         "algorithm": algorithm,
         "attention": attention,
         "shapes": {k: list(v) for k, v in (shapes or {}).items()},
+        "constants": sorted(constants or ()),
         "inputs": _io(graph_inputs(prepared.normalized)),
         "outputs": _io(prepared.normalized.graph.output),
         "sites": [s.to_json() for s in prepared.sites],
@@ -173,3 +192,75 @@ class _CrossCompiled(CompiledModel):
 
     def _prepare(self, feeds):
         return self._invoke(None)
+
+
+class SpecializingModel:
+    """A model TVM can only compile once some inputs are known (`frontend.VALUE_INPUTS`: reduction
+    axes, TopK's k, Pad's pads, Resize's sizes, ... fed as graph inputs), as onnxruntime runs it:
+    each `run` compiles (once per distinct value of those inputs, the last 8 kept) a model with
+    them bound as constants, then runs it on the other inputs. Compiling with `constants=`
+    instead gives an ordinary model that can be saved."""
+
+    CACHE = 8
+
+    def __init__(self, model, spec, algorithm, shapes, attention, constants, deferred, source, error):
+        self._model, self._spec, self._algorithm = model, spec, algorithm
+        self._shapes, self._attention, self._constants = shapes, attention, constants
+        self.deferred = list(deferred)
+        self._compiled: dict = {}
+        self._lock = threading.Lock()
+        self.manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "tvmsoftmax_version": __version__,
+            "target": spec.to_json(), "algorithm": algorithm, "attention": attention,
+            "inputs": _io(graph_inputs(source)), "outputs": _io(source.graph.output), "sites": [],
+            "specialized_on": self.deferred,
+            "compile_error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+        }
+
+    inputs = CompiledModel.inputs
+    outputs = CompiledModel.outputs
+    sites = CompiledModel.sites
+    target = CompiledModel.target
+    executable = None
+
+    def specialize(self, feeds: dict) -> CompiledModel:
+        """The model compiled for the values `feeds` gives the deferred inputs."""
+        import numpy as np
+
+        from ..errors import InputError
+
+        if not isinstance(feeds, dict):
+            raise InputError(f"feeds must be a dict of input name -> array, got {type(feeds).__name__}")
+        missing = [n for n in self.deferred if n not in feeds]
+        if missing:
+            raise InputError(f"missing input(s) {', '.join(map(repr, missing))}; the model's inputs are: "
+                             f"{', '.join(i['name'] for i in self.inputs)}")
+        values = {n: np.asarray(feeds[n]) for n in self.deferred}
+        key = tuple((n, v.dtype.str, v.shape, v.tobytes()) for n, v in values.items())
+        with self._lock:
+            compiled = self._compiled.pop(key, None)
+            if compiled is None:
+                compiled = _compile(self._model, self._spec, self._algorithm, self._shapes, self._attention,
+                                    {**self._constants, **values})
+            self._compiled[key] = compiled  # most recent last
+            while len(self._compiled) > self.CACHE:
+                self._compiled.pop(next(iter(self._compiled)))
+        return compiled
+
+    def _rest(self, feeds: dict) -> dict:
+        return {k: v for k, v in feeds.items() if k not in self.deferred}
+
+    def run(self, feeds: dict) -> dict:
+        """As `CompiledModel.run` (compiling first for new values of the deferred inputs)."""
+        return self.specialize(feeds).run(self._rest(feeds))
+
+    def time(self, feeds: dict, **options) -> list[float]:
+        return self.specialize(feeds).time(self._rest(feeds), **options)
+
+    def save(self, path):
+        from ..errors import ArtifactError
+
+        raise ArtifactError(
+            "this model can only be compiled once the values of input(s) "
+            f"{', '.join(map(repr, self.deferred))} are known ({self.manifest['compile_error']}): compile "
+            "it with constants={...} (CLI: --constant NAME=V1,V2) to get an artifact")

@@ -166,6 +166,66 @@ def bind_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]] | None) -> 
     return model
 
 
+def bind_constants(model: onnx.ModelProto, constants: dict | None) -> onnx.ModelProto:
+    """Make the named graph inputs constants (initializers) with the given values: for inputs
+    that TVM needs at compile time (reduction axes, TopK's k, Pad's pads, Resize's sizes, ...).
+    A value must have the input's dtype (converted when numpy can do it without loss) and fit
+    its declared dims."""
+    if not constants:
+        return model
+    model = copy.deepcopy(model)
+    inputs = {i.name: i for i in graph_inputs(model)}
+    for name, value in constants.items():
+        if name not in inputs:
+            raise InputError(
+                f"a constant is given for {name!r}, but the model's inputs are: {', '.join(inputs)}"
+            )
+        info = inputs[name]
+        dtype = np.dtype(elem_dtype(info))
+        array = np.asarray(value)
+        if array.dtype != dtype:
+            if array.size and not np.can_cast(array.dtype, dtype, casting="same_kind"):
+                raise InputError(f"constant for input {name!r}: expected dtype {dtype}, got {array.dtype}")
+            converted = array.astype(dtype)
+            # integers must survive exactly (axes, counts); floats round to the input's precision
+            if array.size and dtype.kind in "iub" and not np.array_equal(converted, array):
+                raise InputError(f"constant for input {name!r}: {array.dtype} values do not fit {dtype}")
+            array = converted
+        dims = dims_of(info)
+        if dims is not None and not dims and array.size == 1:
+            array = array.reshape(())  # a scalar input given as one value
+        if dims is not None and (len(dims) != array.ndim or any(
+                isinstance(d, int) and d != n for d, n in zip(dims, array.shape))):
+            raise InputError(f"constant for input {name!r}: expected shape {dims}, got {list(array.shape)}")
+        model.graph.input.remove(info)
+        model.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
+    return model
+
+
+# Inputs of these ops (by position) that TVM 0.27's importer needs as constants: a graph input
+# feeding one of them is a candidate for specialisation at run time (`compiler.compile_model`).
+VALUE_INPUTS = {
+    **{op: {1} for op in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
+                          "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare", "TopK",
+                          "OneHot", "Split", "Upsample", "CumSum", "Squeeze", "Unsqueeze", "Tile",
+                          "Expand", "Reshape", "Trilu", "CenterCropPad")},
+    "Pad": {1, 2, 3}, "Resize": {1, 2, 3}, "Slice": {1, 2, 3, 4}, "NonMaxSuppression": {2, 3, 4},
+    "ConstantOfShape": {0}, "Range": {0, 1, 2},
+}
+
+
+def value_inputs(model: onnx.ModelProto) -> list[str]:
+    """Graph inputs that some node reads where TVM's importer needs a constant (VALUE_INPUTS)."""
+    fed = {i.name for i in graph_inputs(model)}
+    found: list[str] = []
+    for node in model.graph.node:
+        for index in sorted(VALUE_INPUTS.get(node.op_type, ())):
+            if node.domain in ("", "ai.onnx") and index < len(node.input) and node.input[index] in fed \
+                    and node.input[index] not in found:
+                found.append(node.input[index])
+    return found
+
+
 # Ops never folded: random ones, and those with subgraphs (the folder evaluates single nodes).
 _NOT_FOLDED = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
                "Bernoulli", "If", "Loop", "Scan", "SequenceMap"}
