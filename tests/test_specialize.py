@@ -77,7 +77,7 @@ def test_specializations_are_bounded():
 
 def test_specializing_model_is_not_an_artifact(tmp_path):
     compiled = tvmsoftmax.compile(_reduce_model())
-    with pytest.raises(tvmsoftmax.ArtifactError, match=r"'axes'.*constants="):
+    with pytest.raises(tvmsoftmax.ArtifactError, match=r"values of input\(s\) 'axes'.*constants="):
         compiled.save(tmp_path / "m.tvmsm")
     assert not list(tmp_path.iterdir())
     with pytest.raises(tvmsoftmax.InputError, match="missing input.*'axes'"):
@@ -127,3 +127,29 @@ def test_cli_constant(tmp_path):
     assert checked.returncode == 0 and "pass" in checked.stdout, checked.stdout + checked.stderr
     bad = cli("compile", str(path), "-o", str(artifact), "--constant", "axes=x")
     assert bad.returncode == 2 and "values must be numbers" in bad.stderr
+
+
+def test_symbolic_transformer_compiles_per_shape(tmp_path):
+    """TVM 0.27 cannot import a whole exported transformer with symbolic dims; run compiles it for the
+    shapes it is given, every attention site still fused."""
+    from tvmsoftmax.lowering.check import make_inputs
+    from tvmsoftmax.models.transformers import build
+
+    model = build("gpt2")
+    compiled = tvmsoftmax.compile(model)
+    assert isinstance(compiled, SpecializingModel)
+    assert compiled.shaped == ["input_ids", "attention_mask"] and compiled.deferred == []
+    assert compiled.sites == []  # nothing compiled yet
+    for batch, sequence in ((1, 7), (2, 16)):
+        feeds = make_inputs(model, seed=batch, dims={"batch": batch, "sequence": sequence})
+        got, want = compiled.run(feeds), _onnxruntime(model, feeds)
+        for name, value in want.items():
+            assert got[name].shape == value.shape == (batch, sequence, 100)
+            np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-5)
+        fused = [s for s in compiled.sites if s.get("kind") == "attention" and s.get("rewritten")]
+        assert len(fused) == 2, compiled.sites
+    assert len(compiled._compiled) == 2
+    with pytest.raises(tvmsoftmax.InputError, match=r"'input_ids': expected rank 2"):
+        compiled.run({"input_ids": np.zeros((4,), np.int64), "attention_mask": np.ones((1, 4), np.int64)})
+    with pytest.raises(tvmsoftmax.ArtifactError, match=r"shapes of input\(s\) 'input_ids', 'attention_mask'.*--shape"):
+        compiled.save(tmp_path / "m.tvmsm")

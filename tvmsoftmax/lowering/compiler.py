@@ -111,9 +111,12 @@ def compile_model(
     except Exception as err:  # noqa: BLE001 - decided below: specialise, or raise as it was
         source = bind_constants(bind_shapes(load_model(model).proto, shapes), constants)
         deferred = value_inputs(source)
-        if not deferred or spec.name != "x86":
+        shaped = [i.name for i in graph_inputs(source)
+                  if i.name not in deferred and any(not isinstance(d, int) for d in dims_of(i) or [None])]
+        if not (deferred or shaped) or spec.name != "x86":
             raise
-        return SpecializingModel(model, spec, algorithm, shapes, attention, constants or {}, deferred, source, err)
+        return SpecializingModel(model, spec, algorithm, shapes, attention, constants or {}, deferred, shaped,
+                                 source, err)
 
 
 def _compile(model, spec, algorithm, shapes, attention, constants) -> CompiledModel:
@@ -195,53 +198,69 @@ class _CrossCompiled(CompiledModel):
 
 
 class SpecializingModel:
-    """A model TVM can only compile once some inputs are known (`frontend.VALUE_INPUTS`: reduction
-    axes, TopK's k, Pad's pads, Resize's sizes, ... fed as graph inputs), as onnxruntime runs it:
-    each `run` compiles (once per distinct value of those inputs, the last 8 kept) a model with
-    them bound as constants, then runs it on the other inputs. Compiling with `constants=`
-    instead gives an ordinary model that can be saved."""
+    """A model TVM can only compile once some inputs are known, run as onnxruntime runs it.
+
+    Two kinds of inputs are deferred to run time: those TVM needs as constants
+    (`frontend.VALUE_INPUTS`: reduction axes, TopK's k, Pad's pads, Resize's sizes, ... fed as graph
+    inputs), by value, and those with symbolic dims, by shape (whole exported transformers: TVM
+    0.27's importer loses their shape computations). Each `run` compiles (once per distinct
+    values/shapes, the last `CACHE` kept) the model with those bound, then runs it. Compiling with
+    `constants=` and `shapes=` instead gives an ordinary model that can be saved."""
 
     CACHE = 8
 
-    def __init__(self, model, spec, algorithm, shapes, attention, constants, deferred, source, error):
+    def __init__(self, model, spec, algorithm, shapes, attention, constants, deferred, shaped, source, error):
         self._model, self._spec, self._algorithm = model, spec, algorithm
-        self._shapes, self._attention, self._constants = shapes, attention, constants
-        self.deferred = list(deferred)
+        self._shapes, self._attention, self._constants = dict(shapes or {}), attention, constants
+        self.deferred, self.shaped = list(deferred), list(shaped)
         self._compiled: dict = {}
         self._lock = threading.Lock()
         self.manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "tvmsoftmax_version": __version__,
             "target": spec.to_json(), "algorithm": algorithm, "attention": attention,
             "inputs": _io(graph_inputs(source)), "outputs": _io(source.graph.output), "sites": [],
-            "specialized_on": self.deferred,
+            "specialized_on": {"values": self.deferred, "shapes": self.shaped},
             "compile_error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
         }
 
     inputs = CompiledModel.inputs
     outputs = CompiledModel.outputs
-    sites = CompiledModel.sites
     target = CompiledModel.target
     executable = None
 
-    def specialize(self, feeds: dict) -> CompiledModel:
-        """The model compiled for the values `feeds` gives the deferred inputs."""
-        import numpy as np
+    @property
+    def sites(self) -> list[dict]:
+        """The sites of the model as last specialised (none before the first run)."""
+        with self._lock:
+            last = next(reversed(self._compiled.values()), None)
+        return last.sites if last is not None else []
 
-        from ..errors import InputError
+    def specialize(self, feeds: dict) -> CompiledModel:
+        """The model compiled for the values and shapes `feeds` gives the deferred inputs."""
+        import numpy as np
 
         if not isinstance(feeds, dict):
             raise InputError(f"feeds must be a dict of input name -> array, got {type(feeds).__name__}")
-        missing = [n for n in self.deferred if n not in feeds]
+        missing = [n for n in (*self.deferred, *self.shaped) if n not in feeds]
         if missing:
             raise InputError(f"missing input(s) {', '.join(map(repr, missing))}; the model's inputs are: "
                              f"{', '.join(i['name'] for i in self.inputs)}")
         values = {n: np.asarray(feeds[n]) for n in self.deferred}
-        key = tuple((n, v.dtype.str, v.shape, v.tobytes()) for n, v in values.items())
+        declared = {i["name"]: i["shape"] for i in self.inputs}
+        shapes = {}
+        for name in self.shaped:
+            shape = list(np.shape(feeds[name]))
+            if declared[name] is not None and len(shape) != len(declared[name]):
+                raise InputError(f"input {name!r}: expected rank {len(declared[name])} {declared[name]}, "
+                                 f"got shape {shape}")
+            shapes[name] = shape
+        key = (tuple((n, v.dtype.str, v.shape, v.tobytes()) for n, v in values.items()),
+               tuple((n, tuple(s)) for n, s in shapes.items()))
         with self._lock:
             compiled = self._compiled.pop(key, None)
             if compiled is None:
-                compiled = _compile(self._model, self._spec, self._algorithm, self._shapes, self._attention,
-                                    {**self._constants, **values})
+                compiled = _compile(self._model, self._spec, self._algorithm, {**self._shapes, **shapes},
+                                    self._attention, {**self._constants, **values})
             self._compiled[key] = compiled  # most recent last
             while len(self._compiled) > self.CACHE:
                 self._compiled.pop(next(iter(self._compiled)))
@@ -251,16 +270,20 @@ class SpecializingModel:
         return {k: v for k, v in feeds.items() if k not in self.deferred}
 
     def run(self, feeds: dict) -> dict:
-        """As `CompiledModel.run` (compiling first for new values of the deferred inputs)."""
+        """As `CompiledModel.run` (compiling first for new values/shapes of the deferred inputs)."""
         return self.specialize(feeds).run(self._rest(feeds))
 
     def time(self, feeds: dict, **options) -> list[float]:
         return self.specialize(feeds).time(self._rest(feeds), **options)
 
     def save(self, path):
-        from ..errors import ArtifactError
-
+        bind = []
+        if self.deferred:
+            bind.append(f"the values of input(s) {', '.join(map(repr, self.deferred))} (constants={{...}}, "
+                        "CLI --constant NAME=V1,V2)")
+        if self.shaped:
+            bind.append(f"the shapes of input(s) {', '.join(map(repr, self.shaped))} (shapes={{...}}, "
+                        "CLI --shape NAME=D1,D2)")
         raise ArtifactError(
-            "this model can only be compiled once the values of input(s) "
-            f"{', '.join(map(repr, self.deferred))} are known ({self.manifest['compile_error']}): compile "
-            "it with constants={...} (CLI: --constant NAME=V1,V2) to get an artifact")
+            f"this model compiles only once {' and '.join(bind)} are known: bind them to get an artifact "
+            f"(the general model failed: {self.manifest['compile_error']})")

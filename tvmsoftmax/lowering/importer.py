@@ -11,6 +11,7 @@ reshapes back. The schedule is applied later by `pipeline.schedule_sites`.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import re
 import warnings
@@ -436,8 +437,9 @@ def import_model(model: onnx.ModelProto, sites: list[Site], spec: TargetSpec):
 
     check_supported(model)
     _CONTEXT.append(_ImportContext(spec, {s.id: s for s in sites}))
+    printed = io.StringIO()  # TVM's importer prints "Error converting operator X, with inputs: <IR>"
     try:
-        with _our_converters(), warnings.catch_warnings():
+        with _our_converters(), warnings.catch_warnings(), contextlib.redirect_stdout(printed):
             warnings.simplefilter("ignore")
             return from_onnx(model, keep_params_in_input=False, sanitize_input_names=False)
     except (UnsupportedOperatorError, ModelError):
@@ -445,11 +447,13 @@ def import_model(model: onnx.ModelProto, sites: list[Site], spec: TargetSpec):
     except Exception as err:  # noqa: BLE001 - TVM raises many kinds; report one clear line
         message = str(err).strip().splitlines()
         text = message[-1] if message else type(err).__name__
+        failed = re.search(r"Error converting operator (\w+)", printed.getvalue())
+        where = f" (its {failed.group(1)} converter failed)" if failed else ""
         hint = ""
         symbolic = sorted({d for v in model.graph.input for d in (_symbolic_dims(v))})
         if symbolic:
             hint = (f" (the model keeps symbolic dims {', '.join(symbolic)}: bind them with "
                     "shapes={...} / --shape NAME=D1,D2 so its shape computations fold)")
-        raise ModelError(f"TVM could not import the model: {type(err).__name__}: {text}{hint}") from err
+        raise ModelError(f"TVM could not import the model{where}: {type(err).__name__}: {text}{hint}") from err
     finally:
         _CONTEXT.pop()
