@@ -252,7 +252,8 @@ def test_constant_attribute_forms():
 def test_non_max_suppression_parameters():
     """TVM read NMS's parameters at import and silently used 0 / 0.5 / 0.0 for any it could not
     read: an absent score_threshold now means none (ONNX), checked against onnxruntime; a run-time
-    parameter, and an IoU threshold of 0 (for which TVM returns no boxes), are refused by name."""
+    parameter, and an IoU threshold of 0 (for which TVM returns no boxes), are refused by name (a
+    run-time parameter fed as a graph input then compiles per value at run: `SpecializingModel`)."""
     from tvmsoftmax.errors import ModelError
 
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
@@ -275,8 +276,13 @@ def test_non_max_suppression_parameters():
         want = run_ort(graph, {"boxes": boxes, "scores": scores})[0]
         np.testing.assert_array_equal(got, want)
         assert [0, 0, 5] in want.tolist()  # the zero-score box: no threshold
-    with pytest.raises(ModelError, match="max_output_boxes_per_class.*run time"):
-        tvmsoftmax.compile(model(["boxes", "scores", "limit", "iou"], [helper.make_tensor_value_info("limit", i64, [1])]))
+    # A run-time parameter: the general model is refused by name, and the model compiles per value at run.
+    graph = model(["boxes", "scores", "limit", "iou"], [helper.make_tensor_value_info("limit", i64, [1])])
+    compiled = tvmsoftmax.compile(graph)
+    assert re.search("max_output_boxes_per_class.*run time", compiled.manifest["compile_error"])
+    for limit in (1, 5):
+        feeds = {"boxes": boxes, "scores": scores, "limit": np.array([limit], np.int64)}
+        np.testing.assert_array_equal(compiled.run(feeds)["selected"], run_ort(graph, feeds)[0])
     for inputs in (["boxes", "scores", "limit"], ["boxes", "scores", "limit", "zero"]):
         with pytest.raises(ModelError, match="iou_threshold of 0"):
             tvmsoftmax.compile(model(inputs))
@@ -299,3 +305,47 @@ def test_sinh_cosh_precision(dtype):
         assert rel.max() <= bound, (name, rel.max(), x[nonzero][rel.argmax()])
         np.testing.assert_array_equal(got[name][~nonzero], want[~nonzero])
     assert np.signbit(got["s"][x == 0]).tolist() == np.signbit(x[x == 0]).tolist()
+
+
+_REDUCTIONS = ["ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+               "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"]
+
+
+@pytest.mark.parametrize("op, dtype", [(op, "float32") for op in _REDUCTIONS] + [
+    (op, "int32") for op in ("ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceSumSquare")])
+def test_reduction_over_an_empty_axis_is_its_identity(op, dtype):
+    """TVM never writes a reduction's output when it reduces no elements (it initialises in the first
+    iteration): the output was whatever memory held. Now the identity, as onnxruntime gives it
+    (int32: only the ops onnxruntime has int32 kernels for)."""
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    axes = helper.make_tensor("axes", TensorProto.INT64, [2], [1, -1])
+    model = _model([helper.make_node(op, ["x", "axes"], ["y"], keepdims=0)],
+                   [helper.make_tensor_value_info("x", elem, [2, 0, 3, 4])],
+                   [helper.make_tensor_value_info("y", elem, [2, 3])], initializers=[axes])
+    x = np.zeros((2, 0, 3, 4), dtype)
+    (want,) = run_ort(model, {"x": x})
+    got = tvmsoftmax.compile(model).run({"x": x})["y"]
+    assert got.shape == want.shape == (2, 3) and got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+
+
+def test_resize_refuses_what_tvm_samples_wrongly():
+    """TVM's Resize ignores antialias and samples with out/in instead of ONNX's scale: both gave wrong
+    pixels silently, now refused by name. Whole-pixel scales still run (checked against onnxruntime)."""
+    from tvmsoftmax.errors import ModelError
+
+    def model(scales, **attrs):
+        return _model([helper.make_node("Resize", ["x", "", "scales"], ["y"], mode="linear", **attrs)],
+                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "c", "h", "w"])],
+                      initializers=[helper.make_tensor("scales", TensorProto.FLOAT, [4], scales)])
+
+    x = np.random.default_rng(0).standard_normal((1, 1, 4, 4)).astype(np.float32)
+    for scales in ([1, 1, 2, 2], [1, 1, 0.5, 1.5]):
+        graph = model(scales)
+        np.testing.assert_allclose(tvmsoftmax.compile(graph).run({"x": x})["y"], run_ort(graph, {"x": x})[0],
+                                   rtol=1e-5, atol=1e-6)
+    with pytest.raises(ModelError, match=r"Resize.*4 x 0.6.* not a whole number"):
+        tvmsoftmax.compile(model([1, 1, 0.6, 0.6]))
+    with pytest.raises(ModelError, match="antialias"):
+        tvmsoftmax.compile(model([1, 1, 0.5, 0.5], antialias=1))

@@ -306,6 +306,7 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
         model = _constant_shapes(model)
     except Exception as err:  # noqa: BLE001
         warnings.warn(f"ONNX shape inference failed ({err}); continuing without it", stacklevel=2)
+    _empty_reductions(model)
     _constant_tensors(model.graph)
     _name_nodes(model.graph)
     return model
@@ -372,6 +373,52 @@ def _constant_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     if changed:
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     return model
+
+
+# The value of a reduction over no elements, as onnxruntime gives it (ReduceMean: 0).
+_EMPTY_REDUCTION = {"ReduceSum": 0, "ReduceMean": 0, "ReduceL1": 0, "ReduceL2": 0, "ReduceSumSquare": 0,
+                    "ReduceProd": 1, "ReduceMax": "lowest", "ReduceMin": "highest",
+                    "ReduceLogSum": -np.inf, "ReduceLogSumExp": -np.inf}
+
+
+def _empty_reductions(model: onnx.ModelProto) -> None:
+    """Reductions over an axis of length 0 become constants of the reduction's identity.
+
+    TVM initialises a reduction in its first iteration, so over no elements the output is never
+    written: it came back as whatever memory held (seen: -3.6e9, NaN). Needs static dims."""
+    infos = value_infos(model)
+    constants = {t.name: t for t in model.graph.initializer}
+    for index, node in enumerate(model.graph.node):
+        if node.op_type not in _EMPTY_REDUCTION or node.domain not in ("", "ai.onnx"):
+            continue
+        source, result = infos.get(node.input[0]), infos.get(node.output[0])
+        in_dims = dims_of(source) if source is not None else None
+        out_dims = dims_of(result) if result is not None else None
+        if not in_dims or out_dims is None or not all(isinstance(d, int) for d in out_dims):
+            continue
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if len(node.input) > 1 and node.input[1]:
+            if node.input[1] not in constants:
+                continue
+            axes = onnx.numpy_helper.to_array(constants[node.input[1]]).tolist()
+        else:
+            axes = list(attributes.get("axes", []))
+        if not axes:
+            if attributes.get("noop_with_empty_axes", 0):
+                continue
+            axes = list(range(len(in_dims)))
+        if not any(in_dims[a % len(in_dims)] == 0 for a in axes):
+            continue
+        dtype = np.dtype(elem_dtype(result))
+        fill = _EMPTY_REDUCTION[node.op_type]
+        if fill in ("lowest", "highest"):
+            limits = np.finfo(dtype) if dtype.kind == "f" else np.iinfo(dtype)
+            fill = (-np.inf if fill == "lowest" else np.inf) if dtype.kind == "f" else getattr(
+                limits, "min" if fill == "lowest" else "max")
+        value = onnx.numpy_helper.from_array(np.full(out_dims, fill, dtype), node.output[0])
+        constant = onnx.helper.make_node("Constant", [], [node.output[0]], name=node.name, value=value)
+        model.graph.node.remove(node)
+        model.graph.node.insert(index, constant)
 
 
 def _reshape_target(in_dims: list, out_dims: list) -> list[int] | None:

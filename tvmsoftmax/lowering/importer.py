@@ -379,6 +379,41 @@ def _make_nms_converter():
     return NonMaxSuppressionConverter
 
 
+def _make_resize_converter():
+    import tvm
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    base = onnx_frontend._get_convert_map()["Resize"]
+
+    class ResizeConverter(base):
+        """TVM 0.27's Resize ignores `antialias` and derives its coordinate transform from the
+        output size (in / out), where ONNX uses the given scale: they differ when in x scale is not
+        an integer (e.g. 4 x 0.6 -> 2 pixels sampled as if by 0.5). Both gave wrong pixels
+        silently; now refused by name (align_corners and tf_crop_and_resize do not use the
+        scale, so they stay)."""
+
+        @classmethod
+        def _impl_v18(cls, bb, inputs, attr, params):
+            scales = onnx_frontend.get_constant(inputs[2], params) if len(inputs) > 2 and inputs[2] is not None \
+                else None
+            values = scales.value.numpy() if isinstance(scales, tvm.ir.GenericConst) else None
+            dims = [int(d) if isinstance(d, tvm.tirx.IntImm) else None for d in inputs[0].ty.shape]
+            if attr.get("antialias", 0) and (values is None or (values < 1).any()):
+                raise ValueError("Resize with antialias=1 is not supported: TVM's Resize ignores antialias")
+            mode = attr.get("coordinate_transformation_mode", b"half_pixel").decode("ascii")
+            if values is not None and values.size and mode not in ("align_corners", "tf_crop_and_resize"):
+                for dim, scale in zip(dims, values.tolist()):
+                    if dim is None or float(dim * scale).is_integer():
+                        continue
+                    raise ValueError(
+                        f"Resize by scales {values.tolist()} of dims {dims} is not supported: {dim} x {scale} "
+                        "is not a whole number of pixels and TVM's Resize then samples with out/in "
+                        "instead of the scale (ONNX); give sizes, or scales that divide evenly")
+            return super()._impl_v18(bb, inputs, attr, params)
+
+    return ResizeConverter
+
+
 def _our_table() -> dict:
     """Our converters by ONNX op type: they replace or extend TVM's for one import."""
     from .attention_import import make_attention_converter
@@ -390,6 +425,7 @@ def _our_table() -> dict:
         "Mish": _make_mish_converter(),
         "Softplus": _make_softplus_converter(),
         "NonMaxSuppression": _make_nms_converter(),
+        "Resize": _make_resize_converter(),
         **_make_dtype_exact_converters(),
         **_make_math_converters(),
     }
