@@ -372,3 +372,45 @@ def test_decomposed_form_guard_and_reason():
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])])
     plain = tvmsoftmax.inspect(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     assert len(plain) == 1 and plain[0].rewritten and "rank 2" in plain[0].not_attention
+
+
+@pytest.mark.parametrize("widened_v", [False, True], ids=["P-cast-back", "V-widened"])
+def test_half_graph_with_float32_softmax_is_fused(widened_v):
+    """Half models that run the softmax in float32: HF's eager form (Cast(scores, float32) ->
+    Softmax -> Cast(P, float16) -> MatMul(P, V)) and torch's SDPA export (P @ Cast(V, float32),
+    float32 out). Both fused; checked against the float64 reference and onnxruntime."""
+    h16, f32 = TensorProto.FLOAT16, TensorProto.FLOAT
+    b, h, s, d = 1, 2, 24, 8
+    nodes = [
+        helper.make_node("Transpose", ["K"], ["Kt"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["Q", "Kt"], ["S"]),
+        helper.make_node("Mul", ["S", "scale"], ["Ss"]),
+        helper.make_node("Cast", ["Ss"], ["S32"], to=f32),
+        helper.make_node("Add", ["S32", "mask"], ["Sm"]),
+        helper.make_node("Softmax", ["Sm"], ["P"], axis=-1),
+    ]
+    if widened_v:
+        nodes += [helper.make_node("Cast", ["V"], ["V32"], to=f32), helper.make_node("MatMul", ["P", "V32"], ["Y"])]
+    else:
+        nodes += [helper.make_node("Cast", ["P"], ["P16"], to=h16), helper.make_node("MatMul", ["P16", "V"], ["Y"])]
+    io = [helper.make_tensor_value_info(n, h16, [b, h, s, d]) for n in "QKV"]
+    io.append(helper.make_tensor_value_info("mask", f32, [b, 1, s, s]))
+    out = [helper.make_tensor_value_info("Y", f32 if widened_v else h16, [b, h, s, d])]
+    graph = helper.make_graph(nodes, "half_softmax_f32", io, out,
+                              [helper.make_tensor("scale", h16, [], [d ** -0.5])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    rng = np.random.default_rng(3)
+    feeds = {n: rng.standard_normal((b, h, s, d)).astype(np.float16) for n in "QKV"}
+    mask = np.where(np.tril(np.ones((s, s), bool)), 0.0, LOWEST).astype(np.float32)[None, None]
+    feeds["mask"] = mask
+    compiled = tvmsoftmax.compile(model)
+    fused = [x for x in compiled.sites if x.get("kind") == "attention" and x["rewritten"]]
+    assert len(fused) == 1, compiled.sites
+    got = compiled.run(feeds)["Y"]
+    assert got.dtype == (np.float32 if widened_v else np.float16)
+    q, k, v = (feeds[n].astype(np.float64) for n in "QKV")
+    scores = (q @ k.transpose(0, 1, 3, 2)) * np.float16(d ** -0.5) + mask
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    want = (p / p.sum(-1, keepdims=True)) @ v
+    _close(got, want, "float16", "fused vs float64")
+    np.testing.assert_allclose(got.astype(np.float32), _ort(model, feeds)[0].astype(np.float32), rtol=2e-3, atol=2e-3)

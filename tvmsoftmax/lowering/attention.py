@@ -380,22 +380,48 @@ def _rewrite_decomposed(graph: _Graph, softmax, site: AttentionSite, opset: int)
             raise NoMatch("IsNaN guard of an unexpected form")
         consumed += [isnan, where]
         p, users, empty_row = where.output[0], graph.consumers.get(where.output[0], []), "zero_if_nan"
+    if len(users) == 1 and _widening_cast(graph, users[0], narrowing=True):
+        # Half models that run the softmax in float32 (HF's softmax(..., dtype=float32).to(q.dtype)):
+        # P is cast back to V's type. The fused op keeps P in float32 (one rounding fewer).
+        consumed.append(users[0])
+        p = users[0].output[0]
+        users = graph.consumers.get(p, [])
     if len(users) != 1 or users[0].op_type != "MatMul" or users[0].input[0] != p or p in graph.outputs:
         raise NoMatch("the probabilities do not feed exactly one MatMul(p, V)")
     pv = users[0]
     consumed.append(pv)
     v = pv.input[1]
+    # torch's SDPA export of a half model widens V to float32 too: P @ float32(V), float32 out.
+    widened_v = graph.producer.get(v)
+    if widened_v is not None and _widening_cast(graph, widened_v, narrowing=False) and graph.only_consumer(v, pv):
+        consumed.append(widened_v)
+        v = widened_v.input[0]
+    else:
+        widened_v = None
 
     # Score side, from the softmax back: [Add(bias)]* -> [Where(keep, s, fill)] -> [scale] -> MatMul.
+    # A Cast of half scores to float32 may sit anywhere in that chain (the softmax in float32).
     biases, keep, fill, scale = [], None, float(-np.finfo(np.float32).max), 1.0
     s = x
     node = _single_producer(graph, s, consumed[0])
+    cast = [False]
+
+    def uncast(node, s):
+        if node is not None and not cast[0] and _widening_cast(graph, node, narrowing=False):
+            cast[0] = True
+            consumed.append(node)
+            s = node.input[0]
+            node = _single_producer(graph, s, node)
+        return node, s
+
+    node, s = uncast(node, s)
     while node is not None and node.op_type == "Add":
         chain, other = _chain_operand(graph, node, s)
         biases.append(other)
         consumed.append(node)
         s = chain
         node = _single_producer(graph, s, node)
+        node, s = uncast(node, s)
     if node is not None and node.op_type == "Where":
         fill_value = graph.scalar(node.input[2])
         if fill_value is None or graph.dtype(node.input[0]) != "bool":
@@ -404,6 +430,7 @@ def _rewrite_decomposed(graph: _Graph, softmax, site: AttentionSite, opset: int)
         consumed.append(node)
         s = node.input[1]
         node = _single_producer(graph, s, node)
+        node, s = uncast(node, s)
     if node is not None and node.op_type in ("Mul", "Div"):
         chain, other = _chain_operand(graph, node, s)
         value = graph.scalar(other)
@@ -413,6 +440,7 @@ def _rewrite_decomposed(graph: _Graph, softmax, site: AttentionSite, opset: int)
         consumed.append(node)
         s = chain
         node = _single_producer(graph, s, node)
+        node, s = uncast(node, s)
     if node is None or node.op_type != "MatMul":
         raise NoMatch("the softmax input is not built from MatMul(Q, K^T) [scale] [mask]")
     qk = node
@@ -423,6 +451,9 @@ def _rewrite_decomposed(graph: _Graph, softmax, site: AttentionSite, opset: int)
     k_source, v_source = _unrepeat(graph, k), _unrepeat(graph, v)
     if (k_source == k) != (v_source == v):  # only one side's repeat recognised: keep both repeated
         k_source, v_source = k, v
+    types = {graph.dtype(name) for name in (qk.input[0], qk.input[1], v)} - {None}
+    if len(types) != 1 or not types <= set(FLOAT_TYPES):
+        raise NoMatch(f"Q, K and V have types {sorted(map(str, types))} (one of {', '.join(FLOAT_TYPES)} for all)")
     q4, k4, v4 = (graph.to_rank4(name) for name in (q, k_source, v_source))
     bias = None
     for term in biases:
@@ -431,16 +462,30 @@ def _rewrite_decomposed(graph: _Graph, softmax, site: AttentionSite, opset: int)
     if keep is not None:
         keep = graph.to_rank4(keep)
     out = pv.output[0]
-    y4 = out if rank == 4 else graph.fresh("attention_y")
+    target = graph.fresh("attention_half") if widened_v is not None else out
+    y4 = target if rank == 4 else graph.fresh("attention_y")
     site.nodes = [n.name for n in consumed]
     _site_node(
         graph, site, q4, k4, v4, bias, keep, None, y4,
         scale=float(scale), softcap=0.0, causal=0, fill=float(fill), empty_row=empty_row,
     )
     if rank == 3:
-        graph.add("Squeeze", [y4, graph.constant(np.array([0], np.int64), "axes")], [out])
+        graph.add("Squeeze", [y4, graph.constant(np.array([0], np.int64), "axes")], [target])
+    if widened_v is not None:
+        graph.add("Cast", [target], [out], to=onnx.TensorProto.FLOAT)
     for n in consumed:
         graph.removed.add(id(n))
+
+
+def _widening_cast(graph: _Graph, node, narrowing: bool) -> bool:
+    """A Cast from a half type to float32 (narrowing: from float32 to a half type)."""
+    if node.op_type != "Cast":
+        return False
+    half = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}
+    to, source = _attrs(node).get("to"), graph.dtype(node.input[0])
+    if narrowing:
+        return source == "float32" and to in half
+    return to == onnx.TensorProto.FLOAT and source in half.values()
 
 
 def _single_producer(graph: _Graph, name: str, user):
@@ -469,6 +514,8 @@ def _leads_to_matmul(graph: _Graph, name: str, depth: int = 6) -> bool:
         return False
     if node.op_type == "MatMul":
         return True
+    if node.op_type == "Cast":
+        return _leads_to_matmul(graph, node.input[0], depth - 1)
     if node.op_type in ("Add", "Mul", "Div", "Where"):
         operands = node.input[1:] if node.op_type == "Where" else node.input
         return any(_leads_to_matmul(graph, i, depth - 1) for i in operands)
