@@ -388,3 +388,38 @@ def test_half_accumulating_ops_in_float32(op):
     ours_err = np.abs(ours.astype(np.float64) - truth).max()
     half_ulp = float(np.spacing(np.float16(np.abs(truth).max()))) / 2
     assert ours_err <= ort_err + half_ulp, (ours_err, ort_err)
+
+
+def test_prelu_before_opset_7_is_per_channel():
+    """PRelu-6 applies a 1-D slope of C values along axis 1 (PyTorch's multi-parameter PReLU);
+    TVM applied it along the last axis and failed. Opset 7+ broadcasts as numpy (TVM's own)."""
+    x = np.random.default_rng(0).standard_normal((2, 3, 4, 5)).astype(np.float32)
+    slope = np.array([0.1, -0.2, 0.3], np.float32)
+    model = _model([helper.make_node("PRelu", ["x", "slope"], ["y"])],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(x.shape))], opset=6,
+                   initializers=[helper.make_tensor("slope", TensorProto.FLOAT, [3], slope)])
+    got = tvmsoftmax.compile(model).run({"x": x})["y"]
+    np.testing.assert_array_equal(got, np.where(x < 0, x * slope[:, None, None], x))
+    broadcast = _model([helper.make_node("PRelu", ["x", "slope"], ["y"])],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(x.shape))], opset=16,
+                       initializers=[helper.make_tensor("slope", TensorProto.FLOAT, [5], np.arange(5) - 2.0)])
+    np.testing.assert_array_equal(tvmsoftmax.compile(broadcast).run({"x": x})["y"], run_ort(broadcast, {"x": x})[0])
+
+
+def test_weights_listed_as_inputs_are_not_feeds():
+    """IR version 3 lists initializers among the graph inputs: they are weights, even when constant
+    folding replaces them (here W is folded into Transpose(W)), as onnxruntime runs the model."""
+    w = np.random.default_rng(1).standard_normal((8, 10)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]), helper.make_node("MatMul", ["x", "wt"], ["y"])],
+        "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 10]),
+                   helper.make_tensor_value_info("w", TensorProto.FLOAT, [8, 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
+        initializer=[helper.make_tensor("w", TensorProto.FLOAT, [8, 10], w.ravel())])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 6)], ir_version=3)
+    compiled = tvmsoftmax.compile(model)
+    assert [i["name"] for i in compiled.inputs] == ["x"]
+    x = np.random.default_rng(2).standard_normal((4, 10)).astype(np.float32)
+    np.testing.assert_allclose(compiled.run({"x": x})["y"], x @ w.T, rtol=1e-5, atol=1e-5)

@@ -297,6 +297,7 @@ def _onnxscript_optimize(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     """Shape inference and constant folding (shape subgraphs included) for TVM's importer."""
+    model = _weights_not_inputs(model)
     model = _onnxscript_optimize(model)
     model, folded = fold_constants(model)
     if folded:  # what our folder settled may unlock more of onnxscript's
@@ -309,6 +310,22 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     _empty_reductions(model)
     _constant_tensors(model.graph)
     _name_nodes(model.graph)
+    return model
+
+
+def _weights_not_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Initializers listed as graph inputs (IR version 3 requires it; exporters of opset <= 8 wrote
+    them so) are weights here (`graph_inputs`): they leave the input list and the model becomes
+    IR version 4, where that is valid. Else a weight that constant folding replaced (e.g. folded
+    into a Transpose) stayed behind as an input the caller would have to feed."""
+    weights = {t.name for t in model.graph.initializer}
+    if not any(i.name in weights for i in model.graph.input):
+        return model
+    model = copy.deepcopy(model)
+    kept = [i for i in model.graph.input if i.name not in weights]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    model.ir_version = max(model.ir_version, 4)
     return model
 
 

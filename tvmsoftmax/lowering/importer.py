@@ -414,6 +414,32 @@ def _make_resize_converter():
     return ResizeConverter
 
 
+def _make_prelu_converter():
+    from tvm import relax
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    base = onnx_frontend._get_convert_map()["PRelu"]
+
+    class PReluConverter(base):
+        """PRelu before opset 7 applies a 1-D slope of C values along the channel axis (axis 1;
+        PyTorch's multi-parameter PReLU exports so); TVM applied every 1-D slope along the last
+        axis and failed on them. Opset 7+ (numpy broadcasting) is TVM's."""
+
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            x, slope = inputs[0], inputs[1]
+            shape, slope_shape = list(x.ty.shape), list(slope.ty.shape)
+            if len(shape) > 2 and len(slope_shape) == 1 and int(slope_shape[0]) != 1:
+                return relax.op.nn.prelu(x, slope, 1)
+            return base._impl_v1(bb, inputs, attr, params)
+
+        @classmethod
+        def _impl_v7(cls, bb, inputs, attr, params):
+            return base._impl_v1(bb, inputs, attr, params)
+
+    return PReluConverter
+
+
 def _our_table() -> dict:
     """Our converters by ONNX op type: they replace or extend TVM's for one import."""
     from .attention_import import make_attention_converter
@@ -426,6 +452,7 @@ def _our_table() -> dict:
         "Softplus": _make_softplus_converter(),
         "NonMaxSuppression": _make_nms_converter(),
         "Resize": _make_resize_converter(),
+        "PRelu": _make_prelu_converter(),
         **_make_dtype_exact_converters(),
         **_make_math_converters(),
     }
