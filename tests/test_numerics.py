@@ -423,3 +423,50 @@ def test_weights_listed_as_inputs_are_not_feeds():
     assert [i["name"] for i in compiled.inputs] == ["x"]
     x = np.random.default_rng(2).standard_normal((4, 10)).astype(np.float32)
     np.testing.assert_allclose(compiled.run({"x": x})["y"], x @ w.T, rtol=1e-5, atol=1e-5)
+
+
+def _q(rng, shape, dtype):
+    info = np.iinfo(dtype)
+    return rng.integers(info.min, info.max + 1, size=shape).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int8"])
+def test_qlinear_conv_and_matmul_match_onnxruntime(dtype):
+    """QLinearConv (per-output-channel weight scales and zero points, bias, padding, stride, groups)
+    and QLinearMatMul (per-column scales and zero points of b; onnxruntime takes scalar ones for a),
+    absent in TVM: int32 accumulation and
+    requantisation as onnxruntime does them, so the integer outputs are identical."""
+    rng = np.random.default_rng(7)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    f32, i32 = TensorProto.FLOAT, TensorProto.INT32
+    x = _q(rng, (2, 4, 9, 9), dtype)
+    w = _q(rng, (6, 2, 3, 3), dtype)
+    inits = [
+        helper.make_tensor("xs", f32, [], [0.02]), helper.make_tensor("xz", elem, [], [_q(rng, (), dtype)]),
+        helper.make_tensor("w", elem, w.shape, w.ravel()),
+        helper.make_tensor("ws", f32, [6], rng.uniform(0.001, 0.01, 6)),
+        helper.make_tensor("wz", elem, [6], np.zeros(6, dtype) if dtype == "int8" else _q(rng, 6, dtype)),
+        helper.make_tensor("ys", f32, [], [0.5]), helper.make_tensor("yz", elem, [], [_q(rng, (), dtype) // 2]),
+        helper.make_tensor("bias", i32, [6], rng.integers(-2000, 2000, 6)),
+    ]
+    node = helper.make_node("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz", "bias"], ["y"],
+                            pads=[1, 1, 1, 1], strides=[2, 2], group=2)
+    model = _model([node], [helper.make_tensor_value_info("x", elem, x.shape)],
+                   [helper.make_tensor_value_info("y", elem, [2, 6, 5, 5])], opset=10, initializers=inits)
+    got, (want,) = tvmsoftmax.compile(model).run({"x": x})["y"], run_ort(model, {"x": x})
+    assert got.dtype == want.dtype and len(np.unique(want)) > 10
+    np.testing.assert_array_equal(got, want)
+
+    a, b = _q(rng, (3, 5, 16), dtype), _q(rng, (16, 7), dtype)
+    inits = [
+        helper.make_tensor("as", f32, [], [0.03]), helper.make_tensor("az", elem, [], [_q(rng, (), dtype)]),
+        helper.make_tensor("b", elem, b.shape, b.ravel()),
+        helper.make_tensor("bs", f32, [7], rng.uniform(0.01, 0.05, 7)), helper.make_tensor("bz", elem, [7], _q(rng, 7, dtype)),
+        helper.make_tensor("ys", f32, [], [2.0]), helper.make_tensor("yz", elem, [], [_q(rng, (), dtype) // 2]),
+    ]
+    node = helper.make_node("QLinearMatMul", ["a", "as", "az", "b", "bs", "bz", "ys", "yz"], ["y"])
+    model = _model([node], [helper.make_tensor_value_info("a", elem, a.shape)],
+                   [helper.make_tensor_value_info("y", elem, [3, 5, 7])], opset=10, initializers=inits)
+    got, (want,) = tvmsoftmax.compile(model).run({"a": a})["y"], run_ort(model, {"a": a})
+    assert len(np.unique(want)) > 10
+    np.testing.assert_array_equal(got, want)

@@ -440,6 +440,89 @@ def _make_prelu_converter():
     return PReluConverter
 
 
+def _make_integer_converters() -> dict:
+    """ConvInteger, QLinearConv and QLinearMatMul (absent in TVM 0.27), as onnxruntime computes
+    them: int32 accumulation of (x - x_zero_point) (w - w_zero_point) (exact), then for the QLinear
+    ops the real-valued result acc * (x_scale * w_scale / y_scale) (per-channel / per-row /
+    per-column scales and zero points broadcast) rounded half to even, plus y_zero_point,
+    saturated (TVM's own quantize, which passes ONNX's QuantizeLinear cases). Padding is zero in
+    the (x - x_zero_point) domain, i.e. the zero point, as onnxruntime pads."""
+    from tvm import relax
+    from tvm.relax.frontend.onnx import onnx_frontend
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    conv = onnx_frontend._get_convert_map()["Conv"]
+
+    def present(inputs, index):
+        return inputs[index] if len(inputs) > index and inputs[index] is not None else None
+
+    def along(t, source, axis, ndim):
+        """`t` (computed from the input `source`): when `source` is 1-D (per axis), shaped to
+        broadcast along `axis` of an `ndim`-D result."""
+        if axis is None or len(source.ty.shape) != 1 or ndim < 2:
+            return t
+        shape = [1] * ndim
+        shape[axis] = int(source.ty.shape[0])
+        return relax.op.reshape(t, shape)
+
+    def centred(x, zero_point, axis=None, ndim=None):
+        wide = relax.op.astype(x, "int32")
+        if zero_point is None:
+            return wide
+        return relax.op.subtract(wide, along(relax.op.astype(zero_point, "int32"), zero_point, axis, ndim))
+
+    def f32(t, axis=None, ndim=None):
+        return along(relax.op.astype(t, "float32"), t, axis, ndim)
+
+    def requantize(acc, multiplier, y_zero_point):
+        scaled = relax.op.multiply(relax.op.astype(acc, "float32"), multiplier)
+        zero = y_zero_point if y_zero_point is not None else relax.const(0, "uint8")
+        dtype = str(zero.ty.dtype)
+        if len(zero.ty.shape):
+            zero = relax.op.reshape(zero, ())
+        return relax.op.quantize(scaled, relax.const(1.0, "float32"), zero, axis=-1, out_dtype=dtype)
+
+    def convolve(bb, x, w, attr, params):
+        return bb.normalize(conv._impl_v11(bb, [bb.normalize(x), bb.normalize(w), None], dict(attr), params))
+
+    class ConvIntegerConverter(OnnxOpConverter):
+        @classmethod
+        def _impl_v10(cls, bb, inputs, attr, params):
+            ndim = len(inputs[1].ty.shape)
+            x = centred(inputs[0], present(inputs, 2))
+            w = centred(inputs[1], present(inputs, 3), 0, ndim)  # per output channel
+            return convolve(bb, x, w, attr, params)
+
+    class QLinearConvConverter(OnnxOpConverter):
+        @classmethod
+        def _impl_v10(cls, bb, inputs, attr, params):
+            ndim = len(inputs[3].ty.shape)
+            x = centred(inputs[0], present(inputs, 2))
+            w = centred(inputs[3], present(inputs, 5), 0, ndim)
+            acc = convolve(bb, x, w, attr, params)
+            bias = present(inputs, 8)
+            if bias is not None:
+                acc = relax.op.add(acc, along(relax.op.astype(bias, "int32"), bias, 1, ndim))
+            multiplier = relax.op.divide(relax.op.multiply(f32(inputs[1]), f32(inputs[4], 1, ndim)), f32(inputs[6]))
+            return requantize(acc, multiplier, present(inputs, 7))
+
+    class QLinearMatMulConverter(OnnxOpConverter):
+        @classmethod
+        def _impl_v10(cls, bb, inputs, attr, params):
+            a, b = inputs[0], inputs[3]
+            rank = len(a.ty.shape)
+            a32 = centred(a, present(inputs, 2), rank - 2, rank)  # per row of a
+            b32 = centred(b, present(inputs, 5))  # per column of b: broadcasts along the last axis
+            acc = relax.op.matmul(a32, b32, out_dtype="int32")
+            out_rank = max(rank, len(b.ty.shape))
+            multiplier = relax.op.divide(
+                relax.op.multiply(f32(inputs[1], out_rank - 2, out_rank), f32(inputs[4])), f32(inputs[6]))
+            return requantize(acc, multiplier, present(inputs, 7))
+
+    return {"ConvInteger": ConvIntegerConverter, "QLinearConv": QLinearConvConverter,
+            "QLinearMatMul": QLinearMatMulConverter}
+
+
 def _our_table() -> dict:
     """Our converters by ONNX op type: they replace or extend TVM's for one import."""
     from .attention_import import make_attention_converter
@@ -453,6 +536,7 @@ def _our_table() -> dict:
         "NonMaxSuppression": _make_nms_converter(),
         "Resize": _make_resize_converter(),
         "PRelu": _make_prelu_converter(),
+        **_make_integer_converters(),
         **_make_dtype_exact_converters(),
         **_make_math_converters(),
     }
