@@ -207,10 +207,10 @@ def bind_constants(model: onnx.ModelProto, constants: dict | None) -> onnx.Model
 VALUE_INPUTS = {
     **{op: {1} for op in ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1",
                           "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare", "TopK",
-                          "OneHot", "Split", "Upsample", "CumSum", "Squeeze", "Unsqueeze", "Tile",
+                          "Split", "Upsample", "CumSum", "CumProd", "Squeeze", "Unsqueeze", "Tile",
                           "Expand", "Reshape", "Trilu", "CenterCropPad")},
     "Pad": {1, 2, 3}, "Resize": {1, 2, 3}, "Slice": {1, 2, 3, 4}, "NonMaxSuppression": {2, 3, 4},
-    "ConstantOfShape": {0}, "Range": {0, 1, 2},
+    "ConstantOfShape": {0}, "Range": {0, 1, 2}, "Dropout": {1, 2}, "OneHot": {1, 2},
 }
 
 
@@ -429,9 +429,12 @@ def _empty_reductions(model: onnx.ModelProto) -> None:
         dtype = np.dtype(elem_dtype(result))
         fill = _EMPTY_REDUCTION[node.op_type]
         if fill in ("lowest", "highest"):
-            limits = np.finfo(dtype) if dtype.kind == "f" else np.iinfo(dtype)
-            fill = (-np.inf if fill == "lowest" else np.inf) if dtype.kind == "f" else getattr(
-                limits, "min" if fill == "lowest" else "max")
+            if dtype.kind == "f":
+                fill = -np.inf if fill == "lowest" else np.inf
+            elif dtype.kind == "b":
+                fill = fill == "highest"
+            else:
+                fill = getattr(np.iinfo(dtype), "min" if fill == "lowest" else "max")
         value = onnx.numpy_helper.from_array(np.full(out_dims, fill, dtype), node.output[0])
         constant = onnx.helper.make_node("Constant", [], [node.output[0]], name=node.name, value=value)
         model.graph.node.remove(node)

@@ -523,6 +523,102 @@ def _make_integer_converters() -> dict:
             "QLinearMatMul": QLinearMatMulConverter}
 
 
+def _make_cumprod_converter():
+    import tvm
+    from tvm import relax, topi
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter, get_constant
+
+    class CumProdConverter(OnnxOpConverter):
+        """CumProd (opset 26, absent in TVM 0.27): TVM's CumSum converter with cumprod; the axis
+        must be a constant (a graph input is specialised per value at run)."""
+
+        @classmethod
+        def _impl_v26(cls, bb, inputs, attr, params):
+            axis = get_constant(inputs[1], params)
+            if not isinstance(axis, tvm.ir.GenericConst) or axis.value.numpy().size != 1:
+                raise ValueError("CumProd needs its axis as a constant scalar")
+            axis = int(axis.value.numpy().reshape(()))
+            data, reverse = inputs[0], attr.get("reverse", 0) != 0
+            if reverse:
+                data = bb.emit_te(topi.flip, data, axis=axis)
+            data = bb.normalize(relax.op.cumprod(data, axis, exclusive=attr.get("exclusive", 0) != 0))
+            return bb.emit_te(topi.flip, data, axis=axis) if reverse else data
+
+    return CumProdConverter
+
+
+def _make_inference_only_converters() -> dict:
+    """Converters TVM 0.27 gets wrong, refused or fixed by name: SpaceToDepth's CRD mode (opset 28;
+    TVM always used DCR's order), BatchNormalization with training_mode=1 and Dropout in training
+    mode (TVM computed the inference forms: wrong statistics, no dropping), OneHot with a float
+    depth (TVM failed)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    table = onnx_frontend._get_convert_map()
+
+    class SpaceToDepthConverter(table["SpaceToDepth"]):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            if attr.get("mode", b"DCR").decode("ascii") != "CRD":
+                return super()._impl_v1(bb, inputs, attr, params)
+            block = int(attr["blocksize"])
+            b, c, h, w = inputs[0].ty.shape
+            x = relax.op.reshape(inputs[0], (b, c, h // block, block, w // block, block))
+            x = relax.op.permute_dims(x, [0, 1, 3, 5, 2, 4])  # channel-major: c, then the block offsets
+            return relax.op.reshape(x, (b, c * block * block, h // block, w // block))
+
+    class BatchNormalizationConverter(table["BatchNormalization"]):
+        @classmethod
+        def _impl_v15(cls, bb, inputs, attr, params):
+            if attr.get("training_mode", 0):
+                raise ValueError("BatchNormalization with training_mode=1 is not supported (inference only: "
+                                 "TVM would normalise with the running statistics)")
+            return super()._impl_v15(bb, inputs, attr, params)
+
+    class DropoutConverter(table["Dropout"]):
+        @classmethod
+        def _impl_v12(cls, bb, inputs, attr, params):
+            training = inputs[2] if len(inputs) > 2 else None
+            ratio = onnx_frontend.get_constant(inputs[1], params) if len(inputs) > 1 and inputs[1] is not None \
+                else None
+            keeps_all = isinstance(ratio, tvm.ir.GenericConst) and not ratio.value.numpy().any()
+            if training is not None and not keeps_all:
+                value = onnx_frontend.get_constant(training, params)
+                if not isinstance(value, tvm.ir.GenericConst) or bool(value.value.numpy().any()):
+                    raise ValueError("Dropout in training mode (or with a run-time training_mode) is not "
+                                     "supported (inference only: TVM would not drop anything)")
+            return super()._impl_v12(bb, inputs, attr, params)
+
+    class OneHotConverter(table["OneHot"]):
+        """Depth of any numeric type, scalar or [1] (ONNX casts it to int64; TVM failed on a
+        float one), and on/off values of the values input's own type."""
+
+        @classmethod
+        def _impl_v11(cls, bb, inputs, attr, params):
+            depth = onnx_frontend.get_constant(inputs[1], params)
+            values = onnx_frontend.get_constant(inputs[2], params)
+            if not isinstance(depth, tvm.ir.GenericConst) or not isinstance(values, tvm.ir.GenericConst):
+                raise ValueError("OneHot needs its depth and values as constants")
+            depth = int(depth.value.numpy().reshape(-1)[0])
+            array = values.value.numpy().reshape(-1)
+            dtype = str(array.dtype)
+            off, on = (relax.prim_value(tvm.tirx.const(v.item(), dtype)) for v in array[:2])
+            indices = inputs[0]
+            if not str(indices.ty.dtype).startswith(("int", "uint")):  # ONNX: cast to int64 first
+                indices = bb.normalize(relax.op.astype(indices, "int64"))
+            extent = relax.const(depth, str(indices.ty.dtype))
+            indices = onnx_frontend._normalize_negative_indices(bb, indices, extent)
+            axis = attr.get("axis", -1)
+            if axis < 0:  # of the output, one rank more than the indices
+                axis += len(indices.ty.shape) + 1
+            return relax.op.one_hot(indices, on, off, depth, axis)
+
+    return {"SpaceToDepth": SpaceToDepthConverter, "BatchNormalization": BatchNormalizationConverter,
+            "Dropout": DropoutConverter, "OneHot": OneHotConverter}
+
+
 def _our_table() -> dict:
     """Our converters by ONNX op type: they replace or extend TVM's for one import."""
     from .attention_import import make_attention_converter
@@ -537,6 +633,8 @@ def _our_table() -> dict:
         "Resize": _make_resize_converter(),
         "PRelu": _make_prelu_converter(),
         **_make_integer_converters(),
+        "CumProd": _make_cumprod_converter(),
+        **_make_inference_only_converters(),
         **_make_dtype_exact_converters(),
         **_make_math_converters(),
     }
