@@ -17,6 +17,7 @@ import re
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 
 from ..errors import ModelError, UnsupportedOperatorError
@@ -352,7 +353,8 @@ def _make_nms_converter():
         time and silently substitutes 0 / 0.5 / 0.0 for any it cannot read. Here a run-time value
         is refused by name; an absent score_threshold means no threshold (ONNX) and becomes the
         lowest float; an absent or non-positive iou_threshold (ONNX's default is 0) is refused,
-        since TVM's NMS then returns no boxes at all."""
+        since TVM's NMS then returns no boxes at all; a box whose IoU equals the threshold is kept
+        (ONNX suppresses above it; TVM at it: its threshold is moved up one float32 ulp)."""
 
         @classmethod
         def _impl_v10(cls, bb, inputs, attr, params):
@@ -373,6 +375,9 @@ def _make_nms_converter():
                     raise ValueError(
                         "NonMaxSuppression with an iou_threshold of 0 (or none: ONNX's default is 0) "
                         "is not supported: TVM's NonMaxSuppression returns no boxes for it")
+                if name == "iou_threshold":  # ONNX suppresses iou > threshold, TVM iou >= threshold
+                    threshold = value.value.numpy().astype("float32")
+                    value = relax.const(np.nextafter(threshold, np.float32(np.inf)))
                 fixed.append(value)
             return super()._impl_v10(bb, fixed, attr, params)
 
@@ -551,7 +556,7 @@ def _make_inference_only_converters() -> dict:
     """Converters TVM 0.27 gets wrong, refused or fixed by name: SpaceToDepth's CRD mode (opset 28;
     TVM always used DCR's order), BatchNormalization with training_mode=1 and Dropout in training
     mode (TVM computed the inference forms: wrong statistics, no dropping), OneHot with a float
-    depth (TVM failed)."""
+    depth (TVM failed), float Mod with fmod=0, ConvTranspose's output_shape, RoiAlign's max mode."""
     import tvm
     from tvm import relax
     from tvm.relax.frontend.onnx import onnx_frontend
@@ -615,8 +620,84 @@ def _make_inference_only_converters() -> dict:
                 axis += len(indices.ty.shape) + 1
             return relax.op.one_hot(indices, on, off, depth, axis)
 
+    class ModConverter(table["Mod"]):
+        """Float Mod with fmod=0 (the result takes the divisor's sign, as Python's %): from the
+        truncated remainder, plus the divisor where the signs differ, a zero signed as the
+        divisor. TVM's x - floor(x / y) * y gave NaN for x mod +-inf (ONNX: x, or +-inf) and lost
+        the sign of zero results."""
+
+        @classmethod
+        def _impl_v10(cls, bb, inputs, attr, params):
+            x, y = inputs[0], inputs[1]
+            dtype = str(x.ty.dtype)
+            if attr.get("fmod", 0) != 0 or not dtype.startswith(("float", "bfloat")):
+                return super()._impl_v10(bb, inputs, attr, params)
+            # Comparisons straight into where (no boolean arithmetic: TVM 0.27's LLVM codegen
+            # fails on vectors of booleans combined).
+            zero = relax.const(0.0, dtype)
+            r = bb.normalize(relax.op.mod(x, y))  # truncated: fmod
+            shifted = relax.op.add(r, y)
+            signed_zero = relax.op.where(relax.op.less(y, zero), relax.const(-0.0, dtype), zero)
+            return relax.op.where(
+                relax.op.less(r, zero), relax.op.where(relax.op.greater(y, zero), shifted, r),
+                relax.op.where(relax.op.greater(r, zero), relax.op.where(relax.op.less(y, zero), shifted, r),
+                               relax.op.where(relax.op.equal(r, zero), signed_zero, r)))
+
+    class ConvTransposeConverter(table["ConvTranspose"]):
+        """`output_shape` sets the pads (ONNX's formula; TVM ignored it and returned the shape of
+        the given pads)."""
+
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            if "output_shape" not in attr:
+                return super()._impl_v1(bb, inputs, attr, params)
+            attr = dict(attr)
+            sizes = [d.value if isinstance(d, tvm.tirx.IntImm) else None for d in list(inputs[0].ty.shape)[2:]]
+            spatial = len(sizes)
+            wanted = list(attr.pop("output_shape"))[-spatial:]
+            if None in sizes:
+                raise ValueError("ConvTranspose with output_shape needs static spatial input dims")
+            strides = attr.get("strides", [1] * spatial)
+            dilations = attr.get("dilations", [1] * spatial)
+            output_padding = attr.get("output_padding", [0] * spatial)
+            kernel = list(attr.get("kernel_shape", [int(k) for k in inputs[1].ty.shape.values[2:]]))
+            mode = attr.pop("auto_pad", b"NOTSET")
+            mode = mode.decode("utf-8") if isinstance(mode, bytes) else mode
+            begin, end = [], []
+            for i in range(spatial):
+                total = strides[i] * (sizes[i] - 1) + output_padding[i] + (kernel[i] - 1) * dilations[i] + 1 - wanted[i]
+                if total < 0:
+                    raise ValueError(f"ConvTranspose output_shape {wanted} is larger than its inputs can give")
+                first = total // 2 if mode == "SAME_UPPER" else total - total // 2
+                begin.append(first)
+                end.append(total - first)
+            attr["pads"] = begin + end
+            return super()._impl_v1(bb, inputs, attr, params)
+
+    class RoiAlignConverter(table["RoiAlign"]):
+        """mode=max refused by name: TVM's max pooling of the samples differs from onnxruntime's
+        (which takes the max of the bilinear terms; 0.4 off on ONNX's own case)."""
+
+        @classmethod
+        def _refuse_max(cls, attr):
+            mode = attr.get("mode", b"avg")
+            if (mode.decode("ascii") if isinstance(mode, bytes) else mode) == "max":
+                raise ValueError("RoiAlign with mode=max is not supported: TVM computes it differently "
+                                 "from onnxruntime")
+
+        @classmethod
+        def _impl_v10(cls, bb, inputs, attr, params):
+            cls._refuse_max(attr)
+            return super()._impl_v10(bb, inputs, attr, params)
+
+        @classmethod
+        def _impl_v16(cls, bb, inputs, attr, params):
+            cls._refuse_max(attr)
+            return super()._impl_v16(bb, inputs, attr, params)
+
     return {"SpaceToDepth": SpaceToDepthConverter, "BatchNormalization": BatchNormalizationConverter,
-            "Dropout": DropoutConverter, "OneHot": OneHotConverter}
+            "Dropout": DropoutConverter, "OneHot": OneHotConverter, "Mod": ModConverter,
+            "ConvTranspose": ConvTransposeConverter, "RoiAlign": RoiAlignConverter}
 
 
 def _our_table() -> dict:
