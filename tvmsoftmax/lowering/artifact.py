@@ -81,7 +81,6 @@ class CompiledModel:
 
     # ---- running -----------------------------------------------------------------------------
     def _prepare(self, feeds: dict) -> list:
-        import tvm
 
         if not isinstance(feeds, dict):
             raise InputError(f"feeds must be a dict of input name -> array, got {type(feeds).__name__}")

@@ -1,0 +1,589 @@
+"""Converters for ONNX ops that TVM 0.27's importer lacks or computes differently from
+onnxruntime (each says what TVM did): they replace or extend TVM's for one import
+(`importer._our_converters`). Semantics are onnxruntime's; a case TVM would get silently wrong
+and we cannot express is refused by name (a ValueError the importer reports as a ModelError
+naming the converter)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def converters() -> dict:
+    """Our converters by ONNX op type."""
+    return {
+        "IsInf": _make_isinf_converter(),
+        "Mish": _make_mish_converter(),
+        "Softplus": _make_softplus_converter(),
+        "NonMaxSuppression": _make_nms_converter(),
+        "Resize": _make_resize_converter(),
+        "PRelu": _make_prelu_converter(),
+        **_make_integer_converters(),
+        "CumProd": _make_cumprod_converter(),
+        **_make_inference_only_converters(),
+        **_make_dtype_exact_converters(),
+        **_make_math_converters(),
+    }
+
+
+def _make_isinf_converter():
+    from tvm import relax
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    class IsInfConverter(OnnxOpConverter):
+        """IsInf with its detect_negative / detect_positive attributes (TVM 0.27's converter
+        ignores them and flags both infinities)."""
+
+        @classmethod
+        def _impl_v10(cls, bb, inputs, attr, params):
+            x = inputs[0]
+            flags = relax.op.isinf(x)
+            zero = relax.const(0, x.ty.dtype)
+            if not attr.get("detect_negative", 1):
+                flags = relax.op.logical_and(flags, relax.op.greater(x, zero))
+            if not attr.get("detect_positive", 1):
+                flags = relax.op.logical_and(flags, relax.op.less(x, zero))
+            return flags
+
+    return IsInfConverter
+
+
+def _widened(x, body):
+    """body(x, dtype) computed in float32 for half types (float16/bfloat16), in x's own type for
+    float32/float64, and cast back to x's type."""
+    from tvm import relax
+
+    dtype = str(x.ty.dtype)
+    work = dtype if dtype in ("float32", "float64") else "float32"
+    y = body(x if work == dtype else relax.op.astype(x, work), work)
+    return y if work == dtype else relax.op.astype(y, dtype)
+
+
+def _make_mish_converter():
+    from tvm import relax
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    class MishConverter(OnnxOpConverter):
+        """Mish without cancellation. TVM 0.27 computes x * tanh(log(1 + e^x)), whose 1 + e^x
+        rounds away e^x for negative x (1e-3 relative error at x = -10, worse below). Here
+        tanh(softplus(x)) = n / (n + 2) with n = e^x (e^x + 2), exact in form for every x; for
+        x > 20 (where that ratio is 1 in float32, and before n overflows) the result is x.
+        float16/bfloat16 are computed in float32 (e^x overflows float16 at x = 11)."""
+
+        @classmethod
+        def _impl_v18(cls, bb, inputs, attr, params):
+            def mish(x, dtype):
+                t = relax.op.exp(x)
+                n = relax.op.multiply(t, relax.op.add(t, relax.const(2.0, dtype)))
+                ratio = relax.op.divide(n, relax.op.add(n, relax.const(2.0, dtype)))
+                return relax.op.where(relax.op.greater(x, relax.const(20.0, dtype)), x,
+                                      relax.op.multiply(x, ratio))
+
+            return _widened(inputs[0], mish)
+
+    return MishConverter
+
+
+def _log1p(u, dtype: str):
+    """log(1 + u) for u >= 0 without losing u where 1 + u rounds (Goldberg: with w = 1 + u
+    rounded, log(w) * u / (w - 1) is accurate to a few ulps; w == 1 means log1p(u) = u)."""
+    from tvm import relax
+
+    one = relax.const(1.0, dtype)
+    w = relax.op.add(one, u)
+    scaled = relax.op.divide(relax.op.multiply(relax.op.log(w), u), relax.op.subtract(w, one))
+    return relax.op.where(relax.op.equal(w, one), u, scaled)
+
+
+def _make_softplus_converter():
+    from tvm import relax
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    class SoftplusConverter(OnnxOpConverter):
+        """Softplus = max(x, 0) + log1p(e^-|x|), with a log1p that keeps small terms (TVM 0.27's
+        log(1 + e^-|x|) is 1e-3 relative off at x = -10 and 0 below x = -17, where the result
+        is e^x). float16/bfloat16 in float32."""
+
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            def softplus(x, dtype):
+                tail = _log1p(relax.op.exp(relax.op.negative(relax.op.abs(x))), dtype)
+                return relax.op.add(relax.op.maximum(x, relax.const(0.0, dtype)), tail)
+
+            return _widened(inputs[0], softplus)
+
+    return SoftplusConverter
+
+
+def _make_dtype_exact_converters() -> dict:
+    """Elu, Selu and ThresholdedRelu in the input's own float type (TVM 0.27 builds them with
+    float32 constants or a float32 cast, which fails to import for float16/bfloat16, and so does
+    every function body using them, Celu's). Formulas as onnxruntime computes them."""
+    from tvm import relax
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    def converter(name: str, formula, default_attrs: dict):
+        def impl(cls, bb, inputs, attr, params):
+            x = inputs[0]
+            dtype = str(x.ty.dtype)
+
+            def const(value):
+                return relax.const(float(value), dtype)
+
+            values = {key: float(attr.get(key, default)) for key, default in default_attrs.items()}
+            return formula(x, const, **values)
+
+        return type(f"{name}Converter", (OnnxOpConverter,), {"_impl_v1": classmethod(impl)})
+
+    def elu(x, const, alpha):
+        negative = relax.op.multiply(const(alpha), relax.op.subtract(relax.op.exp(x), const(1.0)))
+        return relax.op.where(relax.op.greater(x, const(0.0)), x, negative)
+
+    def selu(x, const, alpha, gamma):
+        negative = relax.op.subtract(relax.op.multiply(const(alpha), relax.op.exp(x)), const(alpha))
+        return relax.op.multiply(const(gamma), relax.op.where(relax.op.greater(x, const(0.0)), x, negative))
+
+    def thresholded_relu(x, const, alpha):
+        return relax.op.where(relax.op.greater(x, const(alpha)), x, const(0.0))
+
+    return {
+        "Elu": converter("Elu", elu, {"alpha": 1.0}),
+        "Selu": converter("Selu", selu, {"alpha": 1.67326319217681884765625, "gamma": 1.05070102214813232421875}),
+        "ThresholdedRelu": converter("ThresholdedRelu", thresholded_relu, {"alpha": 1.0}),
+    }
+
+
+def _make_math_converters() -> dict:
+    """Ops TVM 0.27 lacks or lowers wrongly, as onnxruntime computes them:
+
+    * LpNormalization (absent): x / ||x||_p along `axis` (p = 1 or 2), 0 where the norm is 0;
+    * Sinh, Cosh (TVM's tirx.sinh/cosh have no LLVM lowering): from e^x and e^-x, and for
+      |x| < 0.5 sinh by its Taylor series (e^x - e^-x cancels there), to x^9 for float32 (error
+      below 3e-11 relative) and x^17 for float64 (below 1e-22);
+    * Pow with operands of different types, or integer ones (TVM requires one float type):
+      ONNX's result has the base's type; an integer base is computed in float64 and truncated.
+    """
+    import math
+
+    from tvm import relax
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    def const(value, dtype):
+        return relax.const(value, dtype)
+
+    class LpNormalizationConverter(OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            x = inputs[0]
+            dtype = str(x.ty.dtype)
+            axis, p = int(attr.get("axis", -1)), int(attr.get("p", 2))
+            if p not in (1, 2):
+                raise ValueError(f"LpNormalization: p must be 1 or 2, got {p}")
+            if p == 2:
+                norm = relax.op.sqrt(relax.op.sum(relax.op.multiply(x, x), axis=[axis], keepdims=True))
+            else:
+                norm = relax.op.sum(relax.op.abs(x), axis=[axis], keepdims=True)
+            zero = const(0.0, dtype)
+            return relax.op.where(relax.op.equal(norm, zero), zero, relax.op.divide(x, norm))
+
+        _impl_v22 = _impl_v1
+
+    def exps(x):
+        return relax.op.exp(x), relax.op.exp(relax.op.negative(x))
+
+    class CoshConverter(OnnxOpConverter):
+        @classmethod
+        def _impl_v9(cls, bb, inputs, attr, params):
+            x = inputs[0]
+            up, down = exps(x)
+            return relax.op.multiply(const(0.5, str(x.ty.dtype)), relax.op.add(up, down))
+
+    class SinhConverter(OnnxOpConverter):
+        @classmethod
+        def _impl_v9(cls, bb, inputs, attr, params):
+            x = inputs[0]
+            dtype = str(x.ty.dtype)
+            up, down = exps(x)
+            wide = relax.op.multiply(const(0.5, dtype), relax.op.subtract(up, down))
+            square = relax.op.multiply(x, x)
+            terms = 9 if dtype == "float64" else 5  # x^17 / 17! or x^9 / 9!
+            series = const(1.0 / math.factorial(2 * terms - 1), dtype)
+            for k in range(terms - 2, -1, -1):
+                series = relax.op.add(relax.op.multiply(series, square), const(1.0 / math.factorial(2 * k + 1), dtype))
+            small = relax.op.less(relax.op.abs(x), const(0.5, dtype))
+            return relax.op.where(small, relax.op.multiply(x, series), wide)
+
+    class PowConverter(OnnxOpConverter):
+        @classmethod
+        def _impl_v7(cls, bb, inputs, attr, params):
+            base, exponent = inputs
+            base_type, exponent_type = str(base.ty.dtype), str(exponent.ty.dtype)
+            if base_type.startswith("float"):
+                if exponent_type != base_type:
+                    exponent = relax.op.astype(exponent, base_type)
+                return relax.op.power(base, exponent)
+            result = relax.op.power(relax.op.astype(base, "float64"), relax.op.astype(exponent, "float64"))
+            return relax.op.astype(result, base_type)
+
+    return {"LpNormalization": LpNormalizationConverter, "Cosh": CoshConverter, "Sinh": SinhConverter,
+            "Pow": PowConverter}
+
+
+def _make_nms_converter():
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    base = onnx_frontend._get_convert_map()["NonMaxSuppression"]
+    lowest = -3.4028234663852886e38
+
+    class NonMaxSuppressionConverter(base):
+        """TVM 0.27 reads max_output_boxes_per_class, iou_threshold and score_threshold at import
+        time and silently substitutes 0 / 0.5 / 0.0 for any it cannot read. Here a run-time value
+        is refused by name; an absent score_threshold means no threshold (ONNX) and becomes the
+        lowest float; an absent or non-positive iou_threshold (ONNX's default is 0) is refused,
+        since TVM's NMS then returns no boxes at all; a box whose IoU equals the threshold is kept
+        (ONNX suppresses above it; TVM at it: its threshold is moved up one float32 ulp)."""
+
+        @classmethod
+        def _impl_v10(cls, bb, inputs, attr, params):
+            names = ("max_output_boxes_per_class", "iou_threshold", "score_threshold")
+            defaults = (relax.const(0, "int64"), None, relax.const(lowest, "float32"))
+            fixed = list(inputs[:2])
+            for index, (name, default) in enumerate(zip(names, defaults), start=2):
+                value = inputs[index] if len(inputs) > index else None
+                if value is None:
+                    value = default
+                elif isinstance(value, relax.Var) and value.name in params[1]:
+                    value = relax.const(params[1][value.name][1].numpy())
+                elif not isinstance(value, tvm.ir.GenericConst):
+                    raise ValueError(
+                        f"NonMaxSuppression input {name!r} is computed at run time; TVM's "
+                        "NonMaxSuppression needs it as a constant (an initializer)")
+                if name == "iou_threshold" and (value is None or float(value.value.numpy().max()) <= 0):
+                    raise ValueError(
+                        "NonMaxSuppression with an iou_threshold of 0 (or none: ONNX's default is 0) "
+                        "is not supported: TVM's NonMaxSuppression returns no boxes for it")
+                if name == "iou_threshold":  # ONNX suppresses iou > threshold, TVM iou >= threshold
+                    threshold = value.value.numpy().astype("float32")
+                    value = relax.const(np.nextafter(threshold, np.float32(np.inf)))
+                fixed.append(value)
+            return super()._impl_v10(bb, fixed, attr, params)
+
+    return NonMaxSuppressionConverter
+
+
+def _make_resize_converter():
+    import tvm
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    base = onnx_frontend._get_convert_map()["Resize"]
+
+    class ResizeConverter(base):
+        """TVM 0.27's Resize ignores `antialias` and derives its coordinate transform from the
+        output size (in / out), where ONNX uses the given scale: they differ when in x scale is not
+        an integer (e.g. 4 x 0.6 -> 2 pixels sampled as if by 0.5). Both gave wrong pixels
+        silently; now refused by name (align_corners and tf_crop_and_resize do not use the
+        scale, so they stay)."""
+
+        @classmethod
+        def _impl_v18(cls, bb, inputs, attr, params):
+            scales = onnx_frontend.get_constant(inputs[2], params) if len(inputs) > 2 and inputs[2] is not None \
+                else None
+            values = scales.value.numpy() if isinstance(scales, tvm.ir.GenericConst) else None
+            dims = [int(d) if isinstance(d, tvm.tirx.IntImm) else None for d in inputs[0].ty.shape]
+            if attr.get("antialias", 0) and (values is None or (values < 1).any()):
+                raise ValueError("Resize with antialias=1 is not supported: TVM's Resize ignores antialias")
+            mode = attr.get("coordinate_transformation_mode", b"half_pixel").decode("ascii")
+            if values is not None and values.size and mode not in ("align_corners", "tf_crop_and_resize"):
+                for dim, scale in zip(dims, values.tolist()):
+                    if dim is None or float(dim * scale).is_integer():
+                        continue
+                    raise ValueError(
+                        f"Resize by scales {values.tolist()} of dims {dims} is not supported: {dim} x {scale} "
+                        "is not a whole number of pixels and TVM's Resize then samples with out/in "
+                        "instead of the scale (ONNX); give sizes, or scales that divide evenly")
+            return super()._impl_v18(bb, inputs, attr, params)
+
+    return ResizeConverter
+
+
+def _make_prelu_converter():
+    from tvm import relax
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    base = onnx_frontend._get_convert_map()["PRelu"]
+
+    class PReluConverter(base):
+        """PRelu before opset 7 applies a 1-D slope of C values along the channel axis (axis 1;
+        PyTorch's multi-parameter PReLU exports so); TVM applied every 1-D slope along the last
+        axis and failed on them. Opset 7+ (numpy broadcasting) is TVM's."""
+
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            x, slope = inputs[0], inputs[1]
+            shape, slope_shape = list(x.ty.shape), list(slope.ty.shape)
+            if len(shape) > 2 and len(slope_shape) == 1 and int(slope_shape[0]) != 1:
+                return relax.op.nn.prelu(x, slope, 1)
+            return base._impl_v1(bb, inputs, attr, params)
+
+        @classmethod
+        def _impl_v7(cls, bb, inputs, attr, params):
+            return base._impl_v1(bb, inputs, attr, params)
+
+    return PReluConverter
+
+
+def _make_integer_converters() -> dict:
+    """ConvInteger, QLinearConv and QLinearMatMul (absent in TVM 0.27), as onnxruntime computes
+    them: int32 accumulation of (x - x_zero_point) (w - w_zero_point) (exact), then for the QLinear
+    ops the real-valued result acc * (x_scale * w_scale / y_scale) (per-channel / per-row /
+    per-column scales and zero points broadcast) rounded half to even, plus y_zero_point,
+    saturated (TVM's own quantize, which passes ONNX's QuantizeLinear cases). Padding is zero in
+    the (x - x_zero_point) domain, i.e. the zero point, as onnxruntime pads."""
+    from tvm import relax
+    from tvm.relax.frontend.onnx import onnx_frontend
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    conv = onnx_frontend._get_convert_map()["Conv"]
+
+    def present(inputs, index):
+        return inputs[index] if len(inputs) > index and inputs[index] is not None else None
+
+    def along(t, source, axis, ndim):
+        """`t` (computed from the input `source`): when `source` is 1-D (per axis), shaped to
+        broadcast along `axis` of an `ndim`-D result."""
+        if axis is None or len(source.ty.shape) != 1 or ndim < 2:
+            return t
+        shape = [1] * ndim
+        shape[axis] = int(source.ty.shape[0])
+        return relax.op.reshape(t, shape)
+
+    def centred(x, zero_point, axis=None, ndim=None):
+        wide = relax.op.astype(x, "int32")
+        if zero_point is None:
+            return wide
+        return relax.op.subtract(wide, along(relax.op.astype(zero_point, "int32"), zero_point, axis, ndim))
+
+    def f32(t, axis=None, ndim=None):
+        return along(relax.op.astype(t, "float32"), t, axis, ndim)
+
+    def requantize(acc, multiplier, y_zero_point):
+        scaled = relax.op.multiply(relax.op.astype(acc, "float32"), multiplier)
+        zero = y_zero_point if y_zero_point is not None else relax.const(0, "uint8")
+        dtype = str(zero.ty.dtype)
+        if len(zero.ty.shape):
+            zero = relax.op.reshape(zero, ())
+        return relax.op.quantize(scaled, relax.const(1.0, "float32"), zero, axis=-1, out_dtype=dtype)
+
+    def convolve(bb, x, w, attr, params):
+        return bb.normalize(conv._impl_v11(bb, [bb.normalize(x), bb.normalize(w), None], dict(attr), params))
+
+    class ConvIntegerConverter(OnnxOpConverter):
+        @classmethod
+        def _impl_v10(cls, bb, inputs, attr, params):
+            ndim = len(inputs[1].ty.shape)
+            x = centred(inputs[0], present(inputs, 2))
+            w = centred(inputs[1], present(inputs, 3), 0, ndim)  # per output channel
+            return convolve(bb, x, w, attr, params)
+
+    class QLinearConvConverter(OnnxOpConverter):
+        @classmethod
+        def _impl_v10(cls, bb, inputs, attr, params):
+            ndim = len(inputs[3].ty.shape)
+            x = centred(inputs[0], present(inputs, 2))
+            w = centred(inputs[3], present(inputs, 5), 0, ndim)
+            acc = convolve(bb, x, w, attr, params)
+            bias = present(inputs, 8)
+            if bias is not None:
+                acc = relax.op.add(acc, along(relax.op.astype(bias, "int32"), bias, 1, ndim))
+            multiplier = relax.op.divide(relax.op.multiply(f32(inputs[1]), f32(inputs[4], 1, ndim)), f32(inputs[6]))
+            return requantize(acc, multiplier, present(inputs, 7))
+
+    class QLinearMatMulConverter(OnnxOpConverter):
+        @classmethod
+        def _impl_v10(cls, bb, inputs, attr, params):
+            a, b = inputs[0], inputs[3]
+            rank = len(a.ty.shape)
+            a32 = centred(a, present(inputs, 2), rank - 2, rank)  # per row of a
+            b32 = centred(b, present(inputs, 5))  # per column of b: broadcasts along the last axis
+            acc = relax.op.matmul(a32, b32, out_dtype="int32")
+            out_rank = max(rank, len(b.ty.shape))
+            multiplier = relax.op.divide(
+                relax.op.multiply(f32(inputs[1], out_rank - 2, out_rank), f32(inputs[4])), f32(inputs[6]))
+            return requantize(acc, multiplier, present(inputs, 7))
+
+    return {"ConvInteger": ConvIntegerConverter, "QLinearConv": QLinearConvConverter,
+            "QLinearMatMul": QLinearMatMulConverter}
+
+
+def _make_cumprod_converter():
+    import tvm
+    from tvm import relax, topi
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter, get_constant
+
+    class CumProdConverter(OnnxOpConverter):
+        """CumProd (opset 26, absent in TVM 0.27): TVM's CumSum converter with cumprod; the axis
+        must be a constant (a graph input is specialised per value at run)."""
+
+        @classmethod
+        def _impl_v26(cls, bb, inputs, attr, params):
+            axis = get_constant(inputs[1], params)
+            if not isinstance(axis, tvm.ir.GenericConst) or axis.value.numpy().size != 1:
+                raise ValueError("CumProd needs its axis as a constant scalar")
+            axis = int(axis.value.numpy().reshape(()))
+            data, reverse = inputs[0], attr.get("reverse", 0) != 0
+            if reverse:
+                data = bb.emit_te(topi.flip, data, axis=axis)
+            data = bb.normalize(relax.op.cumprod(data, axis, exclusive=attr.get("exclusive", 0) != 0))
+            return bb.emit_te(topi.flip, data, axis=axis) if reverse else data
+
+    return CumProdConverter
+
+
+def _make_inference_only_converters() -> dict:
+    """Converters TVM 0.27 gets wrong, refused or fixed by name: SpaceToDepth's CRD mode (opset 28;
+    TVM always used DCR's order), BatchNormalization with training_mode=1 and Dropout in training
+    mode (TVM computed the inference forms: wrong statistics, no dropping), OneHot with a float
+    depth (TVM failed), float Mod with fmod=0, ConvTranspose's output_shape, RoiAlign's max mode."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    table = onnx_frontend._get_convert_map()
+
+    class SpaceToDepthConverter(table["SpaceToDepth"]):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            if attr.get("mode", b"DCR").decode("ascii") != "CRD":
+                return super()._impl_v1(bb, inputs, attr, params)
+            block = int(attr["blocksize"])
+            b, c, h, w = inputs[0].ty.shape
+            x = relax.op.reshape(inputs[0], (b, c, h // block, block, w // block, block))
+            x = relax.op.permute_dims(x, [0, 1, 3, 5, 2, 4])  # channel-major: c, then the block offsets
+            return relax.op.reshape(x, (b, c * block * block, h // block, w // block))
+
+    class BatchNormalizationConverter(table["BatchNormalization"]):
+        @classmethod
+        def _impl_v15(cls, bb, inputs, attr, params):
+            if attr.get("training_mode", 0):
+                raise ValueError("BatchNormalization with training_mode=1 is not supported (inference only: "
+                                 "TVM would normalise with the running statistics)")
+            return super()._impl_v15(bb, inputs, attr, params)
+
+    class DropoutConverter(table["Dropout"]):
+        @classmethod
+        def _impl_v12(cls, bb, inputs, attr, params):
+            training = inputs[2] if len(inputs) > 2 else None
+            ratio = onnx_frontend.get_constant(inputs[1], params) if len(inputs) > 1 and inputs[1] is not None \
+                else None
+            keeps_all = isinstance(ratio, tvm.ir.GenericConst) and not ratio.value.numpy().any()
+            if training is not None and not keeps_all:
+                value = onnx_frontend.get_constant(training, params)
+                if not isinstance(value, tvm.ir.GenericConst) or bool(value.value.numpy().any()):
+                    raise ValueError("Dropout in training mode (or with a run-time training_mode) is not "
+                                     "supported (inference only: TVM would not drop anything)")
+            return super()._impl_v12(bb, inputs, attr, params)
+
+    class OneHotConverter(table["OneHot"]):
+        """Depth of any numeric type, scalar or [1] (ONNX casts it to int64; TVM failed on a
+        float one), and on/off values of the values input's own type."""
+
+        @classmethod
+        def _impl_v11(cls, bb, inputs, attr, params):
+            depth = onnx_frontend.get_constant(inputs[1], params)
+            values = onnx_frontend.get_constant(inputs[2], params)
+            if not isinstance(depth, tvm.ir.GenericConst) or not isinstance(values, tvm.ir.GenericConst):
+                raise ValueError("OneHot needs its depth and values as constants")
+            depth = int(depth.value.numpy().reshape(-1)[0])
+            array = values.value.numpy().reshape(-1)
+            dtype = str(array.dtype)
+            off, on = (relax.prim_value(tvm.tirx.const(v.item(), dtype)) for v in array[:2])
+            indices = inputs[0]
+            if not str(indices.ty.dtype).startswith(("int", "uint")):  # ONNX: cast to int64 first
+                indices = bb.normalize(relax.op.astype(indices, "int64"))
+            extent = relax.const(depth, str(indices.ty.dtype))
+            indices = onnx_frontend._normalize_negative_indices(bb, indices, extent)
+            axis = attr.get("axis", -1)
+            if axis < 0:  # of the output, one rank more than the indices
+                axis += len(indices.ty.shape) + 1
+            return relax.op.one_hot(indices, on, off, depth, axis)
+
+    class ModConverter(table["Mod"]):
+        """Float Mod with fmod=0 (the result takes the divisor's sign, as Python's %): from the
+        truncated remainder, plus the divisor where the signs differ, a zero signed as the
+        divisor. TVM's x - floor(x / y) * y gave NaN for x mod +-inf (ONNX: x, or +-inf) and lost
+        the sign of zero results."""
+
+        @classmethod
+        def _impl_v10(cls, bb, inputs, attr, params):
+            x, y = inputs[0], inputs[1]
+            dtype = str(x.ty.dtype)
+            if attr.get("fmod", 0) != 0 or not dtype.startswith(("float", "bfloat")):
+                return super()._impl_v10(bb, inputs, attr, params)
+            # Comparisons straight into where (no boolean arithmetic: TVM 0.27's LLVM codegen
+            # fails on vectors of booleans combined).
+            zero = relax.const(0.0, dtype)
+            r = bb.normalize(relax.op.mod(x, y))  # truncated: fmod
+            shifted = relax.op.add(r, y)
+            signed_zero = relax.op.where(relax.op.less(y, zero), relax.const(-0.0, dtype), zero)
+            return relax.op.where(
+                relax.op.less(r, zero), relax.op.where(relax.op.greater(y, zero), shifted, r),
+                relax.op.where(relax.op.greater(r, zero), relax.op.where(relax.op.less(y, zero), shifted, r),
+                               relax.op.where(relax.op.equal(r, zero), signed_zero, r)))
+
+    class ConvTransposeConverter(table["ConvTranspose"]):
+        """`output_shape` sets the pads (ONNX's formula; TVM ignored it and returned the shape of
+        the given pads)."""
+
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            if "output_shape" not in attr:
+                return super()._impl_v1(bb, inputs, attr, params)
+            attr = dict(attr)
+            sizes = [d.value if isinstance(d, tvm.tirx.IntImm) else None for d in list(inputs[0].ty.shape)[2:]]
+            spatial = len(sizes)
+            wanted = list(attr.pop("output_shape"))[-spatial:]
+            if None in sizes:
+                raise ValueError("ConvTranspose with output_shape needs static spatial input dims")
+            strides = attr.get("strides", [1] * spatial)
+            dilations = attr.get("dilations", [1] * spatial)
+            output_padding = attr.get("output_padding", [0] * spatial)
+            kernel = list(attr.get("kernel_shape", [int(k) for k in inputs[1].ty.shape.values[2:]]))
+            mode = attr.pop("auto_pad", b"NOTSET")
+            mode = mode.decode("utf-8") if isinstance(mode, bytes) else mode
+            begin, end = [], []
+            for i in range(spatial):
+                total = strides[i] * (sizes[i] - 1) + output_padding[i] + (kernel[i] - 1) * dilations[i] + 1 - wanted[i]
+                if total < 0:
+                    raise ValueError(f"ConvTranspose output_shape {wanted} is larger than its inputs can give")
+                first = total // 2 if mode == "SAME_UPPER" else total - total // 2
+                begin.append(first)
+                end.append(total - first)
+            attr["pads"] = begin + end
+            return super()._impl_v1(bb, inputs, attr, params)
+
+    class RoiAlignConverter(table["RoiAlign"]):
+        """mode=max refused by name: TVM's max pooling of the samples differs from onnxruntime's
+        (which takes the max of the bilinear terms; 0.4 off on ONNX's own case)."""
+
+        @classmethod
+        def _refuse_max(cls, attr):
+            mode = attr.get("mode", b"avg")
+            if (mode.decode("ascii") if isinstance(mode, bytes) else mode) == "max":
+                raise ValueError("RoiAlign with mode=max is not supported: TVM computes it differently "
+                                 "from onnxruntime")
+
+        @classmethod
+        def _impl_v10(cls, bb, inputs, attr, params):
+            cls._refuse_max(attr)
+            return super()._impl_v10(bb, inputs, attr, params)
+
+        @classmethod
+        def _impl_v16(cls, bb, inputs, attr, params):
+            cls._refuse_max(attr)
+            return super()._impl_v16(bb, inputs, attr, params)
+
+    return {"SpaceToDepth": SpaceToDepthConverter, "BatchNormalization": BatchNormalizationConverter,
+            "Dropout": DropoutConverter, "OneHot": OneHotConverter, "Mod": ModConverter,
+            "ConvTranspose": ConvTransposeConverter, "RoiAlign": RoiAlignConverter}
