@@ -133,17 +133,22 @@ def elem_dtype(value: onnx.ValueInfoProto) -> str:
     return np.dtype(helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)).name
 
 
+def _inputs_named(model: onnx.ModelProto, names, what: str) -> tuple[onnx.ModelProto, dict]:
+    """A copy of `model` to edit and its graph inputs by name, once every name is one of them."""
+    inputs = {i.name: i for i in graph_inputs(model)}
+    for name in names:
+        if name not in inputs:
+            raise InputError(f"{what.format(name)}, but the model's inputs are: {', '.join(inputs)}")
+    model = copy.deepcopy(model)
+    return model, {i.name: i for i in graph_inputs(model)}
+
+
 def bind_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]] | None) -> onnx.ModelProto:
     """Fix the named inputs' dims (every other symbolic dim stays symbolic)."""
     if not shapes:
         return model
-    model = copy.deepcopy(model)
-    inputs = {i.name: i for i in graph_inputs(model)}
+    model, inputs = _inputs_named(model, shapes, "--shape names input {!r}")
     for name, dims in shapes.items():
-        if name not in inputs:
-            raise InputError(
-                f"--shape names input {name!r}, but the model's inputs are: {', '.join(inputs)}"
-            )
         value = inputs[name]
         current = dims_of(value)
         dims = [int(d) for d in dims]
@@ -173,13 +178,8 @@ def bind_constants(model: onnx.ModelProto, constants: dict | None) -> onnx.Model
     its declared dims."""
     if not constants:
         return model
-    model = copy.deepcopy(model)
-    inputs = {i.name: i for i in graph_inputs(model)}
+    model, inputs = _inputs_named(model, constants, "a constant is given for {!r}")
     for name, value in constants.items():
-        if name not in inputs:
-            raise InputError(
-                f"a constant is given for {name!r}, but the model's inputs are: {', '.join(inputs)}"
-            )
         info = inputs[name]
         dtype = np.dtype(elem_dtype(info))
         array = np.asarray(value)
