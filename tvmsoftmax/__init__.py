@@ -57,7 +57,23 @@ def inspect(model, target="x86", algorithm="auto", shapes=None, **options):
     return inspect_sites(model, target=target, algorithm=algorithm, shapes=shapes, **options)
 
 
+def aligned(array):
+    """A C-contiguous copy of `array` whose data is 64-byte aligned: `run` hands such an input to
+    TVM without copying it (TVM's kernels assume 64-byte alignment; numpy's large arrays are
+    16-byte aligned, and `run` copies those into a staging buffer first). For inputs reused
+    across runs."""
+    import numpy as np
+
+    from .lowering.artifact import _aligned_empty
+
+    array = np.asarray(array)
+    out = _aligned_empty(array.shape, array.dtype)
+    np.copyto(out, array)
+    return out
+
+
 __all__ = [
+    "aligned",
     "ArtifactError",
     "InputError",
     "ModelError",
