@@ -29,7 +29,9 @@ def compile(model, target="x86", algorithm="auto", shapes=None, **options):  # n
 
     target: "x86" or "cuda" (options: arch="sm_90", mcpu="x86-64-v3"); algorithm: "auto",
     "three-pass", "three-pass-recompute", "two-pass" or "online"; shapes: binds symbolic input
-    dims, e.g. {"input_ids": [1, 128]} (unbound ones stay dynamic where TVM can keep them).
+    dims, e.g. {"input_ids": [1, 128]} (unbound ones stay dynamic where TVM can keep them);
+    attention: "auto", "flash", "materialized" or "none"; constants: binds inputs TVM needs as
+    constants, e.g. {"axes": [1]}; tuning: records from `tune` (a path or the report).
     """
     from .lowering.compiler import compile_model
 
@@ -55,6 +57,15 @@ def inspect(model, target="x86", algorithm="auto", shapes=None, **options):
     from .lowering.compiler import inspect_sites
 
     return inspect_sites(model, target=target, algorithm=algorithm, shapes=shapes, **options)
+
+
+def tune(model, target="x86", shapes=None, **options):
+    """Measure schedule knobs of `model`'s sites on this host (x86); returns the tuning report,
+    which `compile(..., tuning=report_or_path)` applies. Options: constants, trials, repeat, seed,
+    log (a print-like callable)."""
+    from .lowering.tune import tune as _tune
+
+    return _tune(model, target=target, shapes=shapes, **options)
 
 
 def aligned(array):
@@ -84,4 +95,5 @@ __all__ = [
     "compile",
     "inspect",
     "load",
+    "tune",
 ]

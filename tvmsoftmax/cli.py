@@ -104,6 +104,8 @@ def _target_options(fn):
     fn = click.option("--constant", "constants", multiple=True, metavar="NAME=V1,V2",
                       help="make an input a constant with these values, e.g. axes=1 (repeatable): "
                            "for inputs TVM needs at compile time (reduction axes, TopK's k, Pad's pads)")(fn)
+    fn = click.option("--tuning", type=click.Path(dir_okay=False), default=None,
+                      help="tuning records to apply (written by `tvmsoftmax tune`)")(fn)
     return fn
 
 
@@ -163,14 +165,14 @@ def main():
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="artifact path (.tvmsm)")
 @_target_options
 @_fail_cleanly
-def compile_command(model, output, target, arch, mcpu, algorithm, attention, shapes, constants):
+def compile_command(model, output, target, arch, mcpu, algorithm, attention, shapes, constants, tuning):
     """Compile MODEL.onnx into a deployable artifact."""
     import tvmsoftmax
 
     with console.status(f"compiling {model} for {target}..."):
         compiled = tvmsoftmax.compile(model, target=target, algorithm=algorithm, attention=attention,
                                       shapes=_parse_shapes(shapes), arch=arch, mcpu=mcpu,
-                                      constants=_parse_constants(constants))
+                                      constants=_parse_constants(constants), tuning=tuning)
         path = compiled.save(output)
     _print_sites(compiled.sites, str(model))
     console.print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB, target {compiled.target['name']} "
@@ -240,7 +242,7 @@ def _print_report(report, timings: bool) -> None:
 @click.option("--time", "time_runs", type=int, default=0, help="also time both, N runs each")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the report as JSON")
 @_fail_cleanly
-def check_command(model, target, arch, mcpu, algorithm, attention, shapes, constants, rtol, atol, inputs, seed, time_runs,
+def check_command(model, target, arch, mcpu, algorithm, attention, shapes, constants, tuning, rtol, atol, inputs, seed, time_runs,
                   json_path):
     """Compile MODEL.onnx, run it and onnxruntime on the same inputs, compare (exit 1 on failure)."""
     import tvmsoftmax
@@ -250,7 +252,7 @@ def check_command(model, target, arch, mcpu, algorithm, attention, shapes, const
                                   shapes=_parse_shapes(shapes),
                                   inputs=_parse_inputs(inputs) or None, rtol=rtol, atol=atol, seed=seed,
                                   time_runs=time_runs, arch=arch, mcpu=mcpu,
-                                  constants=_parse_constants(constants))
+                                  constants=_parse_constants(constants), tuning=tuning)
     _print_sites(report.sites, str(model))
     _print_report(report, bool(time_runs))
     if json_path:
@@ -262,15 +264,39 @@ def check_command(model, target, arch, mcpu, algorithm, attention, shapes, const
 @click.argument("model", type=click.Path(dir_okay=False))
 @_target_options
 @_fail_cleanly
-def inspect_command(model, target, arch, mcpu, algorithm, attention, shapes, constants):
+def inspect_command(model, target, arch, mcpu, algorithm, attention, shapes, constants, tuning):
     """List every attention and Softmax/LogSoftmax site of MODEL.onnx, its form and what it becomes
     (or why it was not fused)."""
     import tvmsoftmax
 
     sites = tvmsoftmax.inspect(model, target=target, algorithm=algorithm, attention=attention,
                                shapes=_parse_shapes(shapes), arch=arch, mcpu=mcpu,
-                               constants=_parse_constants(constants))
+                               constants=_parse_constants(constants), tuning=tuning)
     _print_sites([site.to_json() for site in sites], f"{model} (target {target})")
+
+
+@main.command("tune")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="tuning records (.json)")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=D1,D2", help="bind an input's dims (repeatable)")
+@click.option("--constant", "constants", multiple=True, metavar="NAME=V1,V2",
+              help="make an input a constant with these values (repeatable)")
+@click.option("--mcpu", default=None, help="LLVM CPU of the code (default: this host's)")
+@click.option("--trials", type=int, default=8, show_default=True, help="candidates per site key (the default included)")
+@click.option("--repeat", type=int, default=20, show_default=True, help="timed runs per candidate (median)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@_fail_cleanly
+def tune_command(model, output, shapes, constants, mcpu, trials, repeat, seed):
+    """Measure schedule knobs of MODEL.onnx's sites on this host (x86) and write the best as tuning
+    records, which compile/check/inspect apply with --tuning."""
+    from tvmsoftmax.lowering.tune import tune, write
+
+    report = tune(model, shapes=_parse_shapes(shapes), constants=_parse_constants(constants), trials=trials,
+                  repeat=repeat, seed=seed, mcpu=mcpu, log=console.print)
+    path = write(report, output)
+    times = report["model_median_s"]
+    console.print(f"wrote {path}: {len(report['records'])} record(s); model {times['untuned'] * 1e3:.3f} ms untuned, "
+                  f"{times['tuned'] * 1e3:.3f} ms tuned ({times['untuned'] / times['tuned']:.2f}x)")
 
 
 @main.command("demo")

@@ -16,6 +16,7 @@ from .attention import FUNCTION_BODY, AttentionSite, rewrite_attention
 from .function_body import expand_nodes, falls_short
 from .rewrite import DTYPES_BY_TARGET, rewrite
 from .targets import TargetSpec, resolve
+from ..schedules import tuning as tuning_records
 
 
 @dataclass
@@ -67,13 +68,20 @@ def prepare(model, *, algorithm: str = "auto", shapes: dict | None = None, atten
 
 def inspect_sites(model, *, target: str | TargetSpec = "x86", algorithm: str = "auto",
                   shapes: dict | None = None, attention: str = "auto", constants: dict | None = None,
-                  **target_options) -> list:
+                  tuning=None, **target_options) -> list:
     """Every site of `model` with what it will be lowered to on `target` (no TVM compile)."""
     from .rewrite import plan
+    from .tune import load_records
 
     spec = target if isinstance(target, TargetSpec) else resolve(target, **target_options)
     sites = prepare(model, algorithm=algorithm, shapes=shapes, attention=attention, target=spec.name,
                     constants=constants).sites
+    with tuning_records.using(load_records(tuning)):
+        _plan_sites(sites, spec, plan)
+    return sites
+
+
+def _plan_sites(sites, spec, plan) -> None:
     for site in sites:
         if isinstance(site, AttentionSite):
             if site.rewritten:
@@ -82,7 +90,6 @@ def inspect_sites(model, *, target: str | TargetSpec = "x86", algorithm: str = "
         if site.rewritten:
             chosen, knobs, view = plan(site, spec)
             site.lowered = {"algorithm": chosen, "knobs": knobs.to_json(), "view": view}
-    return sites
 
 
 def _io(values) -> list[dict]:
@@ -101,11 +108,16 @@ def compile_model(
     mcpu: str | None = None,
     attention: str = "auto",
     constants: dict | None = None,
+    tuning=None,
 ) -> CompiledModel:
     """See `tvmsoftmax.compile`."""
+    from .tune import load_records
+
     spec = target if isinstance(target, TargetSpec) else resolve(target, arch=arch, mcpu=mcpu)
+    records = load_records(tuning)
     try:
-        return _compile(model, spec, algorithm, shapes, attention, constants)
+        with tuning_records.using(records):
+            return _compile(model, spec, algorithm, shapes, attention, constants)
     except (UnsupportedOperatorError, InputError, ArtifactError):
         raise  # not about values: an op nobody lowers, a bad argument
     except Exception as err:  # noqa: BLE001 - decided below: specialise, or raise as it was
@@ -116,7 +128,7 @@ def compile_model(
         if not (deferred or shaped) or spec.name != "x86":
             raise
         return SpecializingModel(model, spec, algorithm, shapes, attention, constants or {}, deferred, shaped,
-                                 source, err)
+                                 source, err, records)
 
 
 def _compile(model, spec, algorithm, shapes, attention, constants) -> CompiledModel:
@@ -209,8 +221,10 @@ class SpecializingModel:
 
     CACHE = 8
 
-    def __init__(self, model, spec, algorithm, shapes, attention, constants, deferred, shaped, source, error):
+    def __init__(self, model, spec, algorithm, shapes, attention, constants, deferred, shaped, source, error,
+                 records=None):
         self._model, self._spec, self._algorithm = model, spec, algorithm
+        self._records = records or {}
         self._shapes, self._attention, self._constants = dict(shapes or {}), attention, constants
         self.deferred, self.shaped = list(deferred), list(shaped)
         self._compiled: dict = {}
@@ -259,8 +273,9 @@ class SpecializingModel:
         with self._lock:
             compiled = self._compiled.pop(key, None)
             if compiled is None:
-                compiled = _compile(self._model, self._spec, self._algorithm, {**self._shapes, **shapes},
-                                    self._attention, {**self._constants, **values})
+                with tuning_records.using(self._records):
+                    compiled = _compile(self._model, self._spec, self._algorithm, {**self._shapes, **shapes},
+                                        self._attention, {**self._constants, **values})
             self._compiled[key] = compiled  # most recent last
             while len(self._compiled) > self.CACHE:
                 self._compiled.pop(next(iter(self._compiled)))

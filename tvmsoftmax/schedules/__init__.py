@@ -6,7 +6,7 @@ Knobs are frozen dataclasses so that tuning can enumerate and record them; `choo
 
 from __future__ import annotations
 
-from . import cuda, cuda_attention, x86, x86_attention
+from . import cuda, cuda_attention, tuning, x86, x86_attention
 from ._tir import inline_output_view
 from .cuda import CudaSoftmaxKnobs
 from .cuda_attention import CudaAttentionKnobs
@@ -22,17 +22,34 @@ KNOB_TYPES = {
 
 
 def choose_knobs(spec, requested: str, log: bool, view: list[int | None]):
-    """(algorithm, knobs) for a site with the [outer, length, inner] view (None: symbolic)."""
+    """(algorithm, knobs) for a site with the [outer, length, inner] view (None: symbolic): a
+    tuning record in effect for it (`tuning.using`), else the `auto` rule of the target."""
+    key = tuning.softmax_key(spec, requested, log, view)
+    found = tuning.lookup(key, CudaSoftmaxKnobs if spec.name == "cuda" else X86SoftmaxKnobs)
+    if found is not None:
+        return found
     if spec.name == "cuda":
-        return cuda.choose(requested, log, view)
-    return x86.choose(requested, log, view, spec.vector_lanes, spec.num_cores)
+        chosen = cuda.choose(requested, log, view)
+    else:
+        chosen = x86.choose(requested, log, view, spec.vector_lanes, spec.num_cores)
+    tuning.asked(key, *chosen, {"kind": "softmax", "requested": requested, "log": log, "view": list(view)})
+    return chosen
 
 
 def choose_attention(spec, requested: str, dims: dict, attention, algorithm: str = "auto"):
-    """(strategy, knobs) for an attention site (`ops.attention.AttentionSpec`)."""
+    """(strategy, knobs) for an attention site (`ops.attention.AttentionSpec`): a tuning record
+    in effect for it, else the `auto` rule of the target."""
+    key = tuning.attention_key(spec, requested, dims, attention, algorithm)
+    found = tuning.lookup(key, CudaAttentionKnobs if spec.name == "cuda" else X86AttentionKnobs)
+    if found is not None:
+        return found
     if spec.name == "cuda":
-        return cuda_attention.choose(requested, dims, attention, algorithm)
-    return x86_attention.choose(requested, dims, attention, spec.vector_lanes, algorithm)
+        chosen = cuda_attention.choose(requested, dims, attention, algorithm)
+    else:
+        chosen = x86_attention.choose(requested, dims, attention, spec.vector_lanes, algorithm)
+    tuning.asked(key, *chosen, {"kind": "attention", "requested": requested, "dims": dict(dims),
+                                "v_head_size": attention.v_head_size})
+    return chosen
 
 
 def schedule_attention(func, spec, kind: str, knobs):
