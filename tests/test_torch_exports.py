@@ -1,5 +1,7 @@
 """Real exports: small, randomly initialised Hugging Face models (no download) exported with
-torch.onnx.export(dynamo=False) and (dynamo=True), compiled and checked against onnxruntime.
+torch.onnx.export(dynamo=False) and (dynamo=True), compiled and checked against onnxruntime: the
+four families with bound shapes in both exporter forms, fourteen more families with their dims left
+symbolic, float16 exports that run the softmax in float32, and a Llama export with a KV cache.
 
 Needs torch and transformers (not runtime dependencies): skipped, and said so, when they are not
 installed; `.ci/run` installs them when it can.
@@ -35,6 +37,112 @@ def _models():
     yield "llama", t.LlamaForCausalLM(t.LlamaConfig(vocab_size=100, hidden_size=32, num_key_value_heads=2, max_position_embeddings=64, use_cache=False, **small)), _text_inputs(100)
     pixels = {"pixel_values": torch.from_numpy(np.random.default_rng(1).standard_normal((BATCH, 3, 32, 32)).astype(np.float32))}
     yield "vit", t.ViTModel(t.ViTConfig(image_size=32, patch_size=8, hidden_size=32, **small)), pixels
+
+
+def _more_models():
+    """More Hugging Face families (randomly initialised), each with what it must fuse."""
+    t = transformers
+    small = dict(num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    text = _text_inputs(100)
+    pixels = {"pixel_values": torch.from_numpy(np.random.default_rng(1).standard_normal((BATCH, 3, 32, 32)).astype(np.float32))}
+    yield "distilbert", lambda: t.DistilBertModel(t.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64)), text, "attention"
+    yield "roberta", lambda: t.RobertaModel(t.RobertaConfig(vocab_size=100, hidden_size=32, max_position_embeddings=64, **small)), text, "attention"
+    yield "mistral", lambda: t.MistralForCausalLM(t.MistralConfig(vocab_size=100, hidden_size=32, num_key_value_heads=2, max_position_embeddings=64, use_cache=False, **small)), text, "attention"
+    yield "qwen2", lambda: t.Qwen2ForCausalLM(t.Qwen2Config(vocab_size=100, hidden_size=32, num_key_value_heads=2, max_position_embeddings=64, use_cache=False, **small)), text, "attention"
+    yield "phi", lambda: t.PhiForCausalLM(t.PhiConfig(vocab_size=100, hidden_size=32, max_position_embeddings=64, use_cache=False, **small)), text, "attention"
+    yield "gpt_neox", lambda: t.GPTNeoXForCausalLM(t.GPTNeoXConfig(vocab_size=100, hidden_size=32, max_position_embeddings=64, use_cache=False, **small)), text, "attention"
+    yield "opt", lambda: t.OPTForCausalLM(t.OPTConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, max_position_embeddings=64, word_embed_proj_dim=32, use_cache=False)), text, "attention"
+    yield "falcon", lambda: t.FalconForCausalLM(t.FalconConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, use_cache=False)), text, "attention"
+    yield "gemma", lambda: t.GemmaForCausalLM(t.GemmaConfig(vocab_size=100, hidden_size=32, num_key_value_heads=1, head_dim=8, max_position_embeddings=64, use_cache=False, **small)), text, "attention"
+    yield "clip_text", lambda: t.CLIPTextModel(t.CLIPTextConfig(vocab_size=100, hidden_size=32, max_position_embeddings=64, **small)), text, "attention"
+    yield "deit", lambda: t.DeiTModel(t.DeiTConfig(image_size=32, patch_size=8, hidden_size=32, **small)), pixels, "attention"
+    yield "swin", lambda: t.SwinModel(t.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4)), pixels, "attention"
+    yield "bloom", lambda: t.BloomForCausalLM(t.BloomConfig(vocab_size=100, hidden_size=32, n_layer=2, n_head=4, use_cache=False)), text, "softmax"  # ALiBi
+    yield "deberta_v2", lambda: t.DebertaV2Model(t.DebertaV2Config(vocab_size=100, hidden_size=32, max_position_embeddings=64, **small)), text, "softmax"  # disentangled
+
+
+MORE = ["distilbert", "roberta", "mistral", "qwen2", "phi", "gpt_neox", "opt", "falcon", "gemma", "clip_text", "deit",
+        "swin", "bloom", "deberta_v2"]
+
+
+def _export(wrapper, inputs, path):
+    dims = {k: {0: "batch", 1: "sequence"} if v.ndim == 2 else {0: "batch"} for k, v in inputs.items()}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(wrapper, tuple(inputs.values()), str(path), input_names=list(inputs),
+                          output_names=["output"], dynamic_axes=dims, dynamo=False, opset_version=17)
+
+
+@pytest.mark.parametrize("family", MORE)
+def test_more_families_unbound(family, tmp_path):
+    """Exported with symbolic batch/sequence and checked without binding them (compiled per shape at
+    run: `SpecializingModel`): every attention fused (ALiBi and disentangled attention: their
+    softmax), outputs within float32 tolerance of onnxruntime."""
+    torch.manual_seed(0)
+    _name, build, inputs, fused = next(m for m in _more_models() if m[0] == family)
+    model = build().eval()
+    path = tmp_path / f"{family}.onnx"
+    _export(_Plain(model, list(inputs)), inputs, path)
+    report = tvmsoftmax.check(str(path), inputs={k: v.numpy() for k, v in inputs.items()})
+    kinds = [s.get("kind", "softmax") for s in report.sites if s["rewritten"]]
+    assert len(kinds) >= 2 and set(kinds) == {fused}, report.sites
+    assert report.passed, [o for o in report.outputs if not o.passed]
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_float16_export_softmax_in_float32_is_fused(family, tmp_path):
+    """A float16 export whose softmax runs in float32 (Cast around it, V widened): fused, and within
+    float16 tolerance of onnxruntime."""
+    torch.manual_seed(0)
+    _name, build, inputs, _fused = next(m for m in _more_models() if m[0] == family)
+    model = build().half().eval()
+    path = tmp_path / f"{family}-fp16.onnx"
+    _export(_Plain(model, list(inputs)), inputs, path)
+    report = tvmsoftmax.check(str(path), inputs={k: v.numpy() for k, v in inputs.items()})
+    assert [s.get("kind") for s in report.sites if s["rewritten"]] == ["attention", "attention"], report.sites
+    assert report.passed, [o for o in report.outputs if not o.passed]
+
+
+@pytest.mark.parametrize("past, new", [(5, 1), (5, 4), (0, 6)], ids=["decode", "prefill-with-past", "no-past"])
+def test_kv_cache_export(past, new, tmp_path):
+    """A Llama export with past key/values as inputs and present ones as outputs (DynamicCache):
+    the attention over concat(past, new) keys is fused, every output matches onnxruntime."""
+    from transformers.cache_utils import DynamicCache
+
+    torch.manual_seed(0)
+    t = transformers
+    model = t.LlamaForCausalLM(t.LlamaConfig(vocab_size=100, hidden_size=32, num_key_value_heads=2, num_hidden_layers=2,
+                                             num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)).eval()
+
+    class WithCache(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, ids, mask, *cache):
+            dynamic = DynamicCache()
+            for layer in range(2):
+                dynamic.update(cache[2 * layer], cache[2 * layer + 1], layer)
+            out = self.inner(input_ids=ids, attention_mask=mask, past_key_values=dynamic, use_cache=True, return_dict=True)
+            presents = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+            return (out.logits, *presents)
+
+    ids = torch.randint(0, 100, (2, new))
+    mask = torch.ones(2, past + new, dtype=torch.int64)
+    cache = [torch.randn(2, 2, past, 8) for _ in range(4)]
+    names = ["input_ids", "attention_mask"] + [f"past_{i}_{kv}" for i in range(2) for kv in ("key", "value")]
+    outputs = ["logits"] + [f"present_{i}_{kv}" for i in range(2) for kv in ("key", "value")]
+    dims = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total"},
+            **{n: {0: "batch", 2: "past"} for n in names[2:]}}
+    path = tmp_path / "llama-kv.onnx"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(WithCache(model), (ids, mask, *cache), str(path), input_names=names, output_names=outputs,
+                          dynamic_axes=dims, dynamo=False, opset_version=17)
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), **{n: c.numpy() for n, c in zip(names[2:], cache)}}
+    report = tvmsoftmax.check(str(path), inputs=feeds)
+    assert [s.get("kind") for s in report.sites if s["rewritten"]] == ["attention", "attention"], report.sites
+    assert report.passed and len(report.outputs) == 5, [o for o in report.outputs if not o.passed]
 
 
 class _Plain(torch.nn.Module):
