@@ -152,3 +152,13 @@ def test_sequence_input_refused_by_name():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(tvmsoftmax.ModelError, match="graph input 'xs' has sequence_type, not a typed tensor"):
         tvmsoftmax.compile(model)
+
+
+def test_float8_fnuz_types_refused_by_name():
+    """TVM 0.27 has no float8 FNUZ types and read them as its own float8 (wrong values, silently)."""
+    graph = helper.make_graph([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT8E4M3FNUZ)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT8E4M3FNUZ, [4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    with pytest.raises(tvmsoftmax.ModelError, match="'y' is float8e4m3fnuz, a type TVM does not have"):
+        tvmsoftmax.compile(model)

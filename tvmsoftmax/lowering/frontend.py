@@ -73,8 +73,30 @@ def load_model(model) -> LoadedModel:
                     f"{source}: graph {kind} {value.name!r} has {which or 'no type'}, not a typed tensor: "
                     "compiled models take and return tensors"
                 )
+    _refuse_types_tvm_lacks(proto, source)
     _name_nodes(proto.graph)
     return LoadedModel(proto, source, hashlib.sha256(raw).hexdigest())
+
+
+# Element types TVM 0.27 has no type for: it read them as its own float8 (other NaN encoding and
+# exponent bias), so values came out silently wrong.
+_TYPES_TVM_LACKS = {onnx.TensorProto.FLOAT8E4M3FNUZ: "float8e4m3fnuz", onnx.TensorProto.FLOAT8E5M2FNUZ: "float8e5m2fnuz"}
+
+
+def _refuse_types_tvm_lacks(proto: onnx.ModelProto, source: str) -> None:
+    for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+        name = _TYPES_TVM_LACKS.get(value.type.tensor_type.elem_type)
+        if name:
+            raise ModelError(f"{source}: {value.name!r} is {name}, a type TVM does not have")
+    for node in proto.graph.node:
+        for attribute in node.attribute:
+            if attribute.name in ("to", "output_dtype") and attribute.i in _TYPES_TVM_LACKS:
+                raise ModelError(f"{source}: node {node.name or node.op_type!r} makes "
+                                 f"{_TYPES_TVM_LACKS[attribute.i]}, a type TVM does not have")
+    for tensor in proto.graph.initializer:
+        if tensor.data_type in _TYPES_TVM_LACKS:
+            raise ModelError(f"{source}: weight {tensor.name!r} is {_TYPES_TVM_LACKS[tensor.data_type]}, "
+                             "a type TVM does not have")
 
 
 def _parse(raw: bytes, source: str) -> onnx.ModelProto:
