@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 import threading
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._atomic import atomic_path
 from .._native import quiet_native_stderr
 from ..errors import ArtifactError, InputError
 
@@ -212,7 +212,6 @@ class CompiledModel:
         if self._executable is None:
             raise ArtifactError("this model was loaded from an artifact; copy that file instead")
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="tvmsoftmax-") as scratch:
             library = Path(scratch) / LIBRARY
             with quiet_native_stderr():
@@ -220,18 +219,11 @@ class CompiledModel:
             payload = library.read_bytes()
             manifest = dict(self.manifest)
             manifest["library_sha256"] = hashlib.sha256(payload).hexdigest()
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            os.close(fd)
-            try:
-                with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-                    archive.writestr(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
-                    archive.writestr(LIBRARY, payload)
-                    for entry in manifest.get("cuda_kernels", ()):
-                        archive.writestr(entry["member"], self._fatbins[entry["source_sha256"]])
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+                archive.writestr(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+                archive.writestr(LIBRARY, payload)
+                for entry in manifest.get("cuda_kernels", ()):
+                    archive.writestr(entry["member"], self._fatbins[entry["source_sha256"]])
         self.manifest = manifest
         return path
 

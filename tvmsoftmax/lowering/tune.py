@@ -16,11 +16,11 @@ import json
 import os
 import random
 import statistics
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+from .._atomic import atomic_path
 from ..errors import InputError
 from ..schedules import X86AttentionKnobs, X86SoftmaxKnobs, tuning
 from .frontend import bind_constants, bind_shapes, load_model
@@ -169,14 +169,6 @@ def tune(model, *, shapes=None, constants=None, target="x86", trials: int = 8, r
 
 def write(report: dict, path) -> Path:
     """Write a tuning report atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "w") as out:
-            json.dump(report, out, indent=1)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(report, indent=1))
+    return Path(path)
