@@ -282,17 +282,21 @@ def inspect_command(model, target, arch, mcpu, algorithm, attention, shapes, con
 @click.option("--constant", "constants", multiple=True, metavar="NAME=V1,V2",
               help="make an input a constant with these values (repeatable)")
 @click.option("--mcpu", default=None, help="LLVM CPU of the code (default: this host's)")
+@click.option("--algorithm", type=click.Choice(ALGORITHMS), default="auto", show_default=True,
+              help="as the model will be compiled (part of each record's key)")
+@click.option("--attention", type=click.Choice(STRATEGY_CHOICES), default="auto", show_default=True,
+              help="as the model will be compiled (part of each record's key)")
 @click.option("--trials", type=int, default=8, show_default=True, help="candidates per site key (the default included)")
 @click.option("--repeat", type=int, default=20, show_default=True, help="timed runs per candidate (median)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @_fail_cleanly
-def tune_command(model, output, shapes, constants, mcpu, trials, repeat, seed):
+def tune_command(model, output, shapes, constants, mcpu, algorithm, attention, trials, repeat, seed):
     """Measure schedule knobs of MODEL.onnx's sites on this host (x86) and write the best as tuning
     records, which compile/check/inspect apply with --tuning."""
     from tvmsoftmax.lowering.tune import tune, write
 
-    report = tune(model, shapes=_parse_shapes(shapes), constants=_parse_constants(constants), trials=trials,
-                  repeat=repeat, seed=seed, mcpu=mcpu, log=console.print)
+    report = tune(model, shapes=_parse_shapes(shapes), constants=_parse_constants(constants), algorithm=algorithm,
+                  attention=attention, trials=trials, repeat=repeat, seed=seed, mcpu=mcpu, log=console.print)
     path = write(report, output)
     times = report["model_median_s"]
     console.print(f"wrote {path}: {len(report['records'])} record(s); model {times['untuned'] * 1e3:.3f} ms untuned, "

@@ -98,9 +98,10 @@ def candidates(info: dict, trials: int, seed: int) -> list:
     return [default, *others[: max(0, trials - 1)]]
 
 
-def tune(model, *, shapes=None, constants=None, target="x86", trials: int = 8, repeat: int = 20, seed: int = 0,
-         log=print, **target_options) -> dict:
-    """Tune every site key of `model` (see the module doc); the report is the tuning file's JSON."""
+def tune(model, *, shapes=None, constants=None, target="x86", algorithm: str = "auto", attention: str = "auto",
+         trials: int = 8, repeat: int = 20, seed: int = 0, log=print, **target_options) -> dict:
+    """Tune every site key of `model` (see the module doc); the report is the tuning file's JSON.
+    `algorithm` / `attention` are what the model will be compiled with (they are part of the keys)."""
     from .check import DEFAULT_TOLERANCES, compare, make_inputs
     from .compiler import SpecializingModel, compile_model
     from .targets import resolve
@@ -112,8 +113,11 @@ def tune(model, *, shapes=None, constants=None, target="x86", trials: int = 8, r
         raise InputError(f"trials and repeat must be at least 1, got {trials} and {repeat}")
     source = bind_constants(bind_shapes(load_model(model).proto, shapes), constants)
     feeds = make_inputs(source, seed)
+    def build():
+        return compile_model(source, spec, algorithm=algorithm, attention=attention)
+
     with tuning.recording() as asked:
-        baseline = compile_model(source, spec)
+        baseline = build()
     if isinstance(baseline, SpecializingModel):
         raise InputError("tune needs a model that compiles as it is: bind its inputs with shapes= / "
                          f"constants= (--shape / --constant) first ({baseline.manifest['compile_error']})")
@@ -142,7 +146,7 @@ def tune(model, *, shapes=None, constants=None, target="x86", trials: int = 8, r
             row = {"choice": choice, "knobs": knobs.to_json()}
             try:
                 with tuning.using(trial):
-                    candidate = compile_model(source, spec)
+                    candidate = build()
                 if not agrees(candidate.run(feeds)):
                     row["error"] = "outputs differ from the untuned model's"
                 else:
