@@ -233,14 +233,15 @@ VALUE_INPUTS = {
                           "Expand", "Reshape", "Trilu", "CenterCropPad")},
     "Pad": {1, 2, 3}, "Resize": {1, 2, 3}, "Slice": {1, 2, 3, 4}, "NonMaxSuppression": {2, 3, 4},
     "ConstantOfShape": {0}, "Range": {0, 1, 2}, "Dropout": {1, 2}, "OneHot": {1, 2},
-    **{op: {0} for op in ("HannWindow", "HammingWindow", "BlackmanWindow")},
+    **{op: {0} for op in ("HannWindow", "HammingWindow", "BlackmanWindow")}, "AffineGrid": {1},
 }
 
 
 def value_inputs(model: onnx.ModelProto) -> list[str]:
     """Graph inputs that some node reads where TVM's importer needs a constant (VALUE_INPUTS), then
-    integer scalars (0-d or one element: sizes, counts, lengths, which TVM needs as constants
-    wherever they become a shape, e.g. through Cast and Range in a function body)."""
+    shape-like integer inputs (0-d, or 1-D of at most 8 elements: sizes, counts, lengths, shapes,
+    which TVM needs as constants wherever they become a shape, e.g. through Cast, Range or Split
+    in a function body)."""
     fed = {i.name for i in graph_inputs(model)}
     found: list[str] = []
     for node in model.graph.node:
@@ -250,8 +251,8 @@ def value_inputs(model: onnx.ModelProto) -> list[str]:
                 found.append(node.input[index])
     for value in graph_inputs(model):
         dims = dims_of(value)
-        if value.name not in found and dims is not None and all(d == 1 for d in dims) \
-                and elem_dtype(value).startswith(("int", "uint")):
+        if value.name not in found and dims is not None and len(dims) <= 1 and all(
+                isinstance(d, int) and d <= 8 for d in dims) and elem_dtype(value).startswith(("int", "uint")):
             found.append(value.name)
     return found
 

@@ -20,6 +20,8 @@ from onnx import AttributeProto, FunctionProto, NodeProto, TypeProto
 TVM_FALLS_SHORT = {
     # TVM computes Y only: its Mean and InvStdDev outputs are scalar placeholders.
     "LayerNormalization": lambda node: any(node.output[1:]),
+    # TVM's converter fails (InternalError: dimension mismatch) unless the axis is the last.
+    "RMSNormalization": lambda node: next((a.i for a in node.attribute if a.name == "axis"), -1) != -1,
 }
 
 

@@ -20,6 +20,7 @@ def converters() -> dict:
         "PRelu": _make_prelu_converter(),
         **_make_integer_converters(),
         "CumProd": _make_cumprod_converter(),
+        "BitCast": _make_bitcast_converter(),
         **_make_inference_only_converters(),
         **_make_dtype_exact_converters(),
         **_make_math_converters(),
@@ -439,6 +440,26 @@ def _make_cumprod_converter():
             return bb.emit_te(topi.flip, data, axis=axis) if reverse else data
 
     return CumProdConverter
+
+
+def _make_bitcast_converter():
+    import onnx
+    from tvm import relax, topi
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    class BitCastConverter(OnnxOpConverter):
+        """BitCast (opset 26, absent in TVM 0.27): the same bits as another type of equal width."""
+
+        @classmethod
+        def _impl_v26(cls, bb, inputs, attr, params):
+            target = onnx.helper.tensor_dtype_to_np_dtype(attr["to"])
+            dtype = "bfloat16" if target.name == "bfloat16" else str(target)
+            source = str(inputs[0].ty.dtype)
+            if "bool" in (dtype, source):  # TVM's bool is not a byte: the byte's value, as a cast
+                return relax.op.astype(inputs[0], dtype)
+            return bb.emit_te(topi.reinterpret, inputs[0], dtype)
+
+    return BitCastConverter
 
 
 def _make_inference_only_converters() -> dict:
