@@ -6,6 +6,8 @@ naming the converter)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -276,6 +278,7 @@ def _make_nms_converter():
 
 def _make_resize_converter():
     import tvm
+    from tvm import relax
     from tvm.relax.frontend.onnx import onnx_frontend
 
     base = onnx_frontend._get_convert_map()["Resize"]
@@ -288,7 +291,52 @@ def _make_resize_converter():
         scale, so they stay)."""
 
         @classmethod
+        def _constant(cls, inputs, index, params):
+            value = onnx_frontend.get_constant(inputs[index], params) if len(inputs) > index \
+                and inputs[index] is not None else None
+            return value.value.numpy() if isinstance(value, tvm.ir.GenericConst) else value
+
+        @classmethod
+        def _full_rank(cls, bb, inputs, attr, params):
+            """`axes` and `keep_aspect_ratio_policy` (TVM ignores both: wrong shapes or failures)
+            rewritten as full-rank constant roi / scales / sizes, as ONNX defines them."""
+            attr = dict(attr)
+            dims = [int(d) if isinstance(d, tvm.tirx.IntImm) else None for d in inputs[0].ty.shape]
+            rank = len(dims)
+            axes = [a % rank for a in attr.pop("axes", range(rank))]
+            policy = attr.pop("keep_aspect_ratio_policy", b"stretch")
+            policy = policy.decode("ascii") if isinstance(policy, bytes) else policy
+            inputs = list(inputs) + [None] * (4 - len(inputs))
+            roi, scales, sizes = (cls._constant(inputs, i, params) for i in (1, 2, 3))
+            for value, name in ((roi, "roi"), (scales, "scales"), (sizes, "sizes")):
+                if value is not None and not isinstance(value, np.ndarray):
+                    raise ValueError(f"Resize with axes or keep_aspect_ratio_policy needs {name} as a constant")
+            if isinstance(roi, np.ndarray) and roi.size:
+                full = np.array([0.0] * rank + [1.0] * rank, roi.dtype)
+                for i, axis in enumerate(axes):
+                    full[axis], full[rank + axis] = roi[i], roi[len(axes) + i]
+                inputs[1] = relax.const(full)
+            if isinstance(scales, np.ndarray) and scales.size:
+                full = np.ones(rank, scales.dtype)
+                full[axes] = scales
+                inputs[2] = relax.const(full)
+            if isinstance(sizes, np.ndarray) and sizes.size:
+                if None in dims:
+                    raise ValueError("Resize with axes or keep_aspect_ratio_policy needs static input dims")
+                wanted = sizes.astype(np.float64)
+                if policy in ("not_larger", "not_smaller"):
+                    ratios = wanted / np.array([dims[a] for a in axes], np.float64)
+                    scale = ratios.min() if policy == "not_larger" else ratios.max()
+                    wanted = np.floor(scale * np.array([dims[a] for a in axes], np.float64) + 0.5)
+                full = np.array(dims, sizes.dtype)
+                full[axes] = wanted.astype(sizes.dtype)
+                inputs[3] = relax.const(full)
+            return inputs, attr
+
+        @classmethod
         def _impl_v18(cls, bb, inputs, attr, params):
+            if "axes" in attr or attr.get("keep_aspect_ratio_policy", b"stretch") not in (b"stretch", "stretch"):
+                inputs, attr = cls._full_rank(bb, inputs, attr, params)
             scales = onnx_frontend.get_constant(inputs[2], params) if len(inputs) > 2 and inputs[2] is not None \
                 else None
             values = scales.value.numpy() if isinstance(scales, tvm.ir.GenericConst) else None
@@ -304,7 +352,32 @@ def _make_resize_converter():
                         f"Resize by scales {values.tolist()} of dims {dims} is not supported: {dim} x {scale} "
                         "is not a whole number of pixels and TVM's Resize then samples with out/in "
                         "instead of the scale (ONNX); give sizes, or scales that divide evenly")
+            if attr.get("mode", b"nearest") in (b"nearest", "nearest") and mode in ("half_pixel", "pytorch_half_pixel"):
+                cls._refuse_inexact_ties(dims, cls._constant(inputs, 3, params), values)
             return super()._impl_v18(bb, inputs, attr, params)
+
+        @classmethod
+        def _refuse_inexact_ties(cls, dims, sizes, scales):
+            """Nearest with half-pixel coordinates lands exactly between two pixels when in / gcd is
+            even and out / gcd odd (e.g. 2 -> 7: (x + 0.5) / 3.5 - 0.5 = 0.5); ONNX rounds that exact
+            tie by nearest_mode, TVM (through in / out, inexact: 2/7) picked the other pixel on
+            ONNX's upsampling cases. Refused for upsampling where in / out is not exact in float32;
+            downsampling with such ties (4 -> 3) matched ONNX's cases and stays."""
+            if isinstance(sizes, np.ndarray) and sizes.size == len(dims):
+                outs = [int(v) for v in sizes]
+            elif isinstance(scales, np.ndarray) and scales.size == len(dims):
+                outs = [None if d is None else int(np.floor(d * float(v))) for d, v in zip(dims, scales)]
+            else:
+                return
+            for size, out in zip(dims, outs):
+                if size is None or out is None or out <= size:
+                    continue
+                g = math.gcd(size, out)
+                exact = float(np.float32(size / out)) * out == size
+                if (size // g) % 2 == 0 and (out // g) % 2 == 1 and not exact:
+                    raise ValueError(
+                        f"nearest Resize of {size} to {out} pixels is not supported: some output pixels "
+                        "fall exactly between two inputs, where TVM's rounded in/out picks the other one")
 
     return ResizeConverter
 
