@@ -81,19 +81,7 @@ class CompiledModel:
 
     # ---- running -----------------------------------------------------------------------------
     def _prepare(self, feeds: dict) -> list:
-
-        if not isinstance(feeds, dict):
-            raise InputError(f"feeds must be a dict of input name -> array, got {type(feeds).__name__}")
-        expected = [spec["name"] for spec in self.inputs]
-        missing = [n for n in expected if n not in feeds]
-        extra = [n for n in feeds if n not in expected]
-        if missing or extra:
-            parts = []
-            if missing:
-                parts.append(f"missing input(s) {', '.join(map(repr, missing))}")
-            if extra:
-                parts.append(f"unknown input(s) {', '.join(map(repr, extra))}")
-            raise InputError(f"{'; '.join(parts)}; the model's inputs are: {', '.join(expected)}")
+        check_feed_names(feeds, [spec["name"] for spec in self.inputs])
         bound: dict[str, int] = {}
         args = []
         for spec in self.inputs:
@@ -266,6 +254,21 @@ def owned_outputs(bytecode: str, count: int) -> list[bool] | None:
     if returned is None or len(returned) != count:
         return None
     return [r is not None and returned.count(r) == 1 for r in returned]
+
+
+def check_feed_names(feeds, expected: list[str]) -> None:
+    """InputError unless `feeds` is a dict with exactly the `expected` input names."""
+    if not isinstance(feeds, dict):
+        raise InputError(f"feeds must be a dict of input name -> array, got {type(feeds).__name__}")
+    missing = [n for n in expected if n not in feeds]
+    extra = [n for n in feeds if n not in expected]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing input(s) {', '.join(map(repr, missing))}")
+        if extra:
+            parts.append(f"unknown input(s) {', '.join(map(repr, extra))}")
+        raise InputError(f"{'; '.join(parts)}; the model's inputs are: {', '.join(expected)}")
 
 
 def _aligned_empty(shape, dtype) -> np.ndarray:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from .. import __version__
 from ..errors import ArtifactError, InputError, UnsupportedOperatorError
-from .artifact import FORMAT, FORMAT_VERSION, CompiledModel, owned_outputs
+from .artifact import FORMAT, FORMAT_VERSION, CompiledModel, check_feed_names, owned_outputs
 from .frontend import bind_constants, bind_shapes, dims_of, elem_dtype, graph_inputs, load_model, normalize, value_inputs
 from .attention import FUNCTION_BODY, AttentionSite, rewrite_attention
 from .function_body import expand_nodes, falls_short
@@ -253,12 +253,7 @@ class SpecializingModel:
         """The model compiled for the values and shapes `feeds` gives the deferred inputs."""
         import numpy as np
 
-        if not isinstance(feeds, dict):
-            raise InputError(f"feeds must be a dict of input name -> array, got {type(feeds).__name__}")
-        missing = [n for n in (*self.deferred, *self.shaped) if n not in feeds]
-        if missing:
-            raise InputError(f"missing input(s) {', '.join(map(repr, missing))}; the model's inputs are: "
-                             f"{', '.join(i['name'] for i in self.inputs)}")
+        check_feed_names(feeds, [i["name"] for i in self.inputs])
         values = {n: np.asarray(feeds[n]) for n in self.deferred}
         declared = {i["name"]: i["shape"] for i in self.inputs}
         shapes = {}
