@@ -213,8 +213,10 @@ class _Masking:
 
 def finalize_row(spec: AttentionSpec, value, total, open_max):
     """y = acc / l with the ``empty_row`` rule; `open_max` >= the lowest float iff the mask keeps
-    some key of the row (the maximum of `mask_open`, or 0 / -inf)."""
-    y = value / total
+    some key of the row (the maximum of `mask_open`, or 0 / -inf). The row is scaled by 1/l, one
+    division per row, not per element (as MLAS's softmax does; a vector division per element cost
+    about 2% of the x86 flash kernel)."""
+    y = value * (_f32(1.0) / total)
     if spec.empty_row == "zero_if_nan":
         return tirx.Select(
             total > _f32(0.0), y, _f32(0.0)
@@ -382,7 +384,8 @@ def _flash_body(T, spec, tiling, masking, q, k, v, y, batch, sq, skv, i64):
                 return IRBuilder.name(name, T.sblock_alloc_buffer(shape, "float32"))
 
             m, total, acc = state("m", (qb,)), state("l", (qb,)), state("acc", (qb, dv))
-            dots, scores, probs = state("dots", (qb, kb)), state("scores", (qb, kb)), state("probs", (qb, kb))
+            m_new = state("m_new", (qb,))
+            probs = state("probs", (qb, kb))
             tile_max, tile_sum, tile_pv = state("tile_max", (qb,)), state("tile_sum", (qb,)), state("tile_pv", (qb, dv))
             alpha, open_max, tile_open = state("alpha", (qb,)), state("open_max", (qb,)), state("tile_open", (qb,))
             flag = state("tile_live", (1,))
@@ -396,8 +399,7 @@ def _flash_body(T, spec, tiling, masking, q, k, v, y, batch, sq, skv, i64):
             tiles = tirx.floordiv(key_end + i64(kb - 1), i64(kb))
             ctx = _FlashTile(
                 T, spec, masking, q=q, key_t=key_t, v=v, b=vb, h=vh, kh=kh, q0=q0, sq=sq, skv=skv,
-                i64=i64, qb=qb, kb=kb, d=d, dv=dv, tiles=tiles, m=m, total=total, acc=acc, dots=dots,
-                scores=scores, probs=probs, tile_max=tile_max, tile_sum=tile_sum, tile_pv=tile_pv,
+                i64=i64, qb=qb, kb=kb, d=d, dv=dv, tiles=tiles, m=m, m_new=m_new, total=total, acc=acc, probs=probs, tile_max=tile_max, tile_sum=tile_sum, tile_pv=tile_pv,
                 alpha=alpha, open_max=open_max, tile_open=tile_open, flag=flag,
             )
             ctx.init("")
@@ -494,17 +496,17 @@ class _FlashTile:
 
     @contextmanager
     def scope(self, name, t):
-        """A scope block around one inner product or row reduction of tile t: the blocks around it
-        update the running state in place, and TensorIR reorders, vectorises and rfactors loops
-        only in scopes of pure dataflow."""
+        """A scope block around the pure dataflow of tile t (an inner product, the softmax of the
+        scores): the blocks around it update the running state in place, and TensorIR reorders,
+        vectorises, inlines and rfactors only in scopes of pure dataflow."""
         with self.T.sblock(name):
             yield self.T.axis.spatial(self.tiles, t)
 
-    def row_reduce(self, name, t, out, identity: float, combine, value_of):
+    def row_reduce(self, name, vt, out, identity: float, combine, value_of):
         """out[i] = combine over the tile's keys j of value_of(vt, i, j), from `identity`: a pure
-        reduction in its own scope block (``{name}_scope``), which the schedule splits across lanes."""
+        reduction (identity init), which a schedule can split across lanes (rfactor)."""
         T, qb, kb = self.T, self.i64(self.qb), self.i64(self.kb)
-        with self.scope(f"{name}_scope", t) as vt, T.grid(qb, kb) as (ii, jj), T.sblock(name):
+        with T.grid(qb, kb) as (ii, jj), T.sblock(name):
             vi = T.axis.spatial(qb, ii)
             vj = T.axis.reduce(kb, jj)
             with T.init():
@@ -514,7 +516,17 @@ class _FlashTile:
     def tile(self, t, suffix):
         T, i64, spec = self.T, self.i64, self.spec
         qb, kb = i64(self.qb), i64(self.kb)
+        per_key_open = spec.empty_row == "zero_if_masked" and self.masking.row_open(self.b, self.q0) is None
+        # The scores, their softmax and its row sum form one scope of pure dataflow (the running
+        # state is only read in it; the new max goes to `m_new`, state updates follow the scope):
+        # every row of the tile is complete once its scores are, so a schedule can run the whole
+        # softmax of a register block of rows while its scores are in L1.
         with self.scope(f"flash_qk_tile{suffix}", t) as vt:
+            # The scores exist only in this scope (a schedule may keep them out of memory).
+            from tvm.script.ir_builder import IRBuilder
+
+            self.dots = IRBuilder.name("dots", T.sblock_alloc_buffer((qb, kb), "float32"))
+            self.scores = IRBuilder.name("scores", T.sblock_alloc_buffer((qb, kb), "float32"))
             with T.grid(qb, kb, i64(self.d)) as (ii, jj, e):
                 with T.sblock(f"flash_qk{suffix}"):
                     vi, vj, ve = T.axis.remap("SSR", [ii, jj, e])
@@ -526,57 +538,54 @@ class _FlashTile:
                     T.buffer_store(
                         self.dots, _load(self.dots, vi, vj) + product, [vi, vj]
                     )
-        with T.grid(qb, kb) as (ii, jj):
-            with T.sblock(f"flash_mask{suffix}"):
-                vt = T.axis.spatial(self.tiles, t)
-                vi, vj = T.axis.remap("SS", [ii, jj])
-                j = vt * kb + vj
-                s = self.masking.score(
-                    _load(self.dots, vi, vj),
-                    self.b,
-                    self.h,
-                    self.row(vi),
-                    tirx.min(j, self.skv - i64(1)),
-                )
-                T.buffer_store(
-                    self.scores, tirx.Select(j < self.skv, s, _f32(-math.inf)), [vi, vj]
-                )
-        per_key_open = spec.empty_row == "zero_if_masked" and self.masking.row_open(self.b, self.q0) is None
-        if per_key_open:
-            # 0 where the mask keeps key j, else the lowest float (the identity of a max that a
-            # schedule can split across lanes; -inf is not one).
-            def kept(vt, vi, vj):
-                j = vt * kb + vj
-                value = self.masking.mask_open(self.b, self.h, self.row(vi), tirx.min(j, self.skv - i64(1)))
-                keep = tirx.And(j < self.skv, value >= _f32(FLT_LOWEST))
-                return tirx.Select(keep, _f32(0.0), _f32(FLT_LOWEST))
+            with T.grid(qb, kb) as (ii, jj):
+                with T.sblock(f"flash_mask{suffix}"):
+                    vi, vj = T.axis.remap("SS", [ii, jj])
+                    j = vt * kb + vj
+                    s = self.masking.score(
+                        _load(self.dots, vi, vj),
+                        self.b,
+                        self.h,
+                        self.row(vi),
+                        tirx.min(j, self.skv - i64(1)),
+                    )
+                    T.buffer_store(
+                        self.scores, tirx.Select(j < self.skv, s, _f32(-math.inf)), [vi, vj]
+                    )
+            if per_key_open:
+                # 0 where the mask keeps key j, else the lowest float (the identity of a max that
+                # a schedule can split across lanes; -inf is not one).
+                def kept(vt, vi, vj):
+                    j = vt * kb + vj
+                    value = self.masking.mask_open(self.b, self.h, self.row(vi), tirx.min(j, self.skv - i64(1)))
+                    keep = tirx.And(j < self.skv, value >= _f32(FLT_LOWEST))
+                    return tirx.Select(keep, _f32(0.0), _f32(FLT_LOWEST))
 
-            self.row_reduce(f"flash_open{suffix}", t, self.tile_open, FLT_LOWEST, tirx.max, kept)
-        # Row max and sum of the tile are pure reductions (identity init) so that a schedule can
-        # split them across vector lanes (rfactor); the running state is updated around them.
-        self.row_reduce(f"flash_tile_max{suffix}", t, self.tile_max, FLT_LOWEST, tirx.max,
-                        lambda vt, vi, vj: _load(self.scores, vi, vj))
-        with T.serial(qb) as ii:
-            with T.sblock(f"flash_rescale{suffix}"):
-                vi = T.axis.spatial(qb, ii)
-                # e^(m_old - m_new) <= 1; -FLT_MAX - -FLT_MAX = 0 keeps an empty state at 1.
-                new_max = tirx.max(_load(self.m, vi), _load(self.tile_max, vi))
-                T.buffer_store(self.alpha, exp_nonpositive(_load(self.m, vi) - new_max), [vi])
-                T.buffer_store(self.m, new_max, [vi])
-                if per_key_open:
-                    opened = tirx.Select(_load(self.tile_open, vi) >= _f32(0.0), _f32(0.0), _f32(-math.inf))
-                    T.buffer_store(self.open_max, tirx.max(_load(self.open_max, vi), opened), [vi])
-        with T.grid(qb, kb) as (ii, jj):
-            with T.sblock(f"flash_exp{suffix}"):
-                vi, vj = T.axis.remap("SS", [ii, jj])
-                p = exp_nonpositive(_load(self.scores, vi, vj) - _load(self.m, vi))
-                T.buffer_store(self.probs, p, [vi, vj])
-        self.row_reduce(f"flash_sum{suffix}", t, self.tile_sum, 0.0, lambda x, y: x + y,
-                        lambda vt, vi, vj: _load(self.probs, vi, vj))
+                self.row_reduce(f"flash_open{suffix}", vt, self.tile_open, FLT_LOWEST, tirx.max, kept)
+            self.row_reduce(f"flash_tile_max{suffix}", vt, self.tile_max, FLT_LOWEST, tirx.max,
+                            lambda vt, vi, vj: _load(self.scores, vi, vj))
+            with T.serial(qb) as ii:
+                with T.sblock(f"flash_rescale{suffix}"):
+                    vi = T.axis.spatial(qb, ii)
+                    # e^(m_old - m_new) <= 1; -FLT_MAX - -FLT_MAX = 0 keeps an empty state at 1.
+                    new_max = tirx.max(_load(self.m, vi), _load(self.tile_max, vi))
+                    T.buffer_store(self.alpha, exp_nonpositive(_load(self.m, vi) - new_max), [vi])
+                    T.buffer_store(self.m_new, new_max, [vi])
+            with T.grid(qb, kb) as (ii, jj):
+                with T.sblock(f"flash_exp{suffix}"):
+                    vi, vj = T.axis.remap("SS", [ii, jj])
+                    p = exp_nonpositive(_load(self.scores, vi, vj) - _load(self.m_new, vi))
+                    T.buffer_store(self.probs, p, [vi, vj])
+            self.row_reduce(f"flash_sum{suffix}", vt, self.tile_sum, 0.0, lambda x, y: x + y,
+                            lambda vt, vi, vj: _load(self.probs, vi, vj))
         with T.serial(qb) as ii:
             with T.sblock(f"flash_total{suffix}"):
                 vi = T.axis.spatial(qb, ii)
                 T.buffer_store(self.total, _load(self.total, vi) * _load(self.alpha, vi) + _load(self.tile_sum, vi), [vi])
+                T.buffer_store(self.m, _load(self.m_new, vi), [vi])
+                if per_key_open:
+                    opened = tirx.Select(_load(self.tile_open, vi) >= _f32(0.0), _f32(0.0), _f32(-math.inf))
+                    T.buffer_store(self.open_max, tirx.max(_load(self.open_max, vi), opened), [vi])
         # acc' = alpha * acc + P V: the rescaled state is the inner product's initial value (a
         # separate buffer, then copied back: TensorIR vectorises no in-place update).
         with self.scope(f"flash_pv_tile{suffix}", t) as vt:
