@@ -386,7 +386,7 @@ def _flash_body(T, spec, tiling, masking, q, k, v, y, batch, sq, skv, i64):
             m, total, acc = state("m", (qb,)), state("l", (qb,)), state("acc", (qb, dv))
             m_new = state("m_new", (qb,))
             probs = state("probs", (qb, kb))
-            tile_max, tile_sum, tile_pv = state("tile_max", (qb,)), state("tile_sum", (qb,)), state("tile_pv", (qb, dv))
+            tile_max, tile_sum = state("tile_max", (qb,)), state("tile_sum", (qb,))
             alpha, open_max, tile_open = state("alpha", (qb,)), state("open_max", (qb,)), state("tile_open", (qb,))
             flag = state("tile_live", (1,))
             q0 = vblk * i64(qb)
@@ -399,7 +399,7 @@ def _flash_body(T, spec, tiling, masking, q, k, v, y, batch, sq, skv, i64):
             tiles = tirx.floordiv(key_end + i64(kb - 1), i64(kb))
             ctx = _FlashTile(
                 T, spec, masking, q=q, key_t=key_t, v=v, b=vb, h=vh, kh=kh, q0=q0, sq=sq, skv=skv,
-                i64=i64, qb=qb, kb=kb, d=d, dv=dv, tiles=tiles, m=m, m_new=m_new, total=total, acc=acc, probs=probs, tile_max=tile_max, tile_sum=tile_sum, tile_pv=tile_pv,
+                i64=i64, qb=qb, kb=kb, d=d, dv=dv, tiles=tiles, m=m, m_new=m_new, total=total, acc=acc, probs=probs, tile_max=tile_max, tile_sum=tile_sum,
                 alpha=alpha, open_max=open_max, tile_open=tile_open, flag=flag,
             )
             ctx.init("")
@@ -586,9 +586,13 @@ class _FlashTile:
                 if per_key_open:
                     opened = tirx.Select(_load(self.tile_open, vi) >= _f32(0.0), _f32(0.0), _f32(-math.inf))
                     T.buffer_store(self.open_max, tirx.max(_load(self.open_max, vi), opened), [vi])
-        # acc' = alpha * acc + P V: the rescaled state is the inner product's initial value (a
-        # separate buffer, then copied back: TensorIR vectorises no in-place update).
+        # acc' = alpha * acc + P V: the rescaled state is the inner product's initial value, in a
+        # buffer of the scope (TensorIR vectorises no in-place update), then copied to acc (a
+        # schedule may inline the copy into the inner product's write-back).
         with self.scope(f"flash_pv_tile{suffix}", t) as vt:
+            from tvm.script.ir_builder import IRBuilder
+
+            self.tile_pv = IRBuilder.name("tile_pv", T.sblock_alloc_buffer((qb, i64(self.dv)), "float32"))
             with T.grid(qb, kb, i64(self.dv)) as (ii, jj, e):
                 with T.sblock(f"flash_pv{suffix}"):
                     vi, vj, ve = T.axis.remap("SRS", [ii, jj, e])
@@ -597,7 +601,7 @@ class _FlashTile:
                     j = tirx.min(vt * kb + vj, self.skv - i64(1))
                     product = _load(self.probs, vi, vj) * _to_f32(_load(self.v, self.b, self.kh, j, ve))
                     T.buffer_store(self.tile_pv, _load(self.tile_pv, vi, ve) + product, [vi, ve])
-        with T.grid(qb, i64(self.dv)) as (ii, e):
-            with T.sblock(f"flash_update{suffix}"):
-                vi, ve = T.axis.remap("SS", [ii, e])
-                T.buffer_store(self.acc, _load(self.tile_pv, vi, ve), [vi, ve])
+            with T.grid(qb, i64(self.dv)) as (ii, e):
+                with T.sblock(f"flash_update{suffix}"):
+                    vi, ve = T.axis.remap("SS", [ii, e])
+                    T.buffer_store(self.acc, _load(self.tile_pv, vi, ve), [vi, ve])
