@@ -14,6 +14,7 @@ from .artifact import FORMAT, FORMAT_VERSION, CompiledModel, check_feed_names, o
 from .frontend import bind_constants, bind_shapes, dims_of, elem_dtype, graph_inputs, load_model, normalize, value_inputs
 from .attention import FUNCTION_BODY, AttentionSite, rewrite_attention
 from .function_body import expand_nodes, falls_short
+from .recurrent import expand_recurrent
 from .rewrite import DTYPES_BY_TARGET, rewrite
 from .targets import TargetSpec, resolve
 from ..schedules import tuning as tuning_records
@@ -40,6 +41,9 @@ def prepare(model, *, algorithm: str = "auto", shapes: dict | None = None, atten
     loaded = load_model(model)
     bound = bind_constants(bind_shapes(loaded.proto, shapes), constants)
     normalized = normalize(bound)
+    unrolled = expand_recurrent(normalized)  # RNN / GRU / LSTM: TVM has no importer for them
+    if unrolled is not normalized:
+        normalized = normalize(unrolled)
     kept: set = set()  # nodes whose body cannot be built (the importer refuses them by name)
     for _ in range(4):  # nodes TVM's importer gets wrong or lacks: their ONNX function bodies
         replace = falls_short(normalized) - kept  # (a body may use an op with a body of its own)
