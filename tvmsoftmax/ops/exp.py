@@ -1,4 +1,4 @@
-"""A vectorisable float32 exp for TIR, in the spirit of XNNPACK/MLAS.
+"""A vectorisable float32 exp (and tanh) for TIR, in the spirit of XNNPACK/MLAS.
 
 `te.exp` becomes `llvm.exp.v8f32` in LLVM IR but is lowered to scalar glibc `expf` calls in the
 binary (about 10x slower than a polynomial on AVX2). The functions here build the exponential from
@@ -66,11 +66,31 @@ def _f32(value: float) -> tirx.PrimExpr:
     return tirx.const(value, "float32")
 
 
+def _dtype(x: tirx.PrimExpr) -> str:
+    dtype = getattr(x, "dtype", None)  # TVM 0.27's buffer loads carry it in `.ty`
+    return str(dtype if dtype is not None else x.ty)
+
+
+def _like(x: tirx.PrimExpr, scalar: str) -> str:
+    """`scalar` with x's lanes: ``int32`` for float32, ``int32x16`` for float32x16. The functions
+    here also build vector expressions (`exp_lowering` rewrites exp after vectorisation)."""
+    dtype = _dtype(x)
+    return scalar + dtype[dtype.index("x"):] if "x" in dtype else scalar
+
+
+def _const_like(x: tirx.PrimExpr, value: float) -> tirx.PrimExpr:
+    """A float32 constant broadcast to x's lanes (arithmetic broadcasts by itself, Select not)."""
+    dtype = _dtype(x)
+    if "x" not in dtype:
+        return _f32(value)
+    return tirx.Broadcast(_f32(value), int(dtype[dtype.index("x") + 1:]))
+
+
 def _let(value: tirx.PrimExpr, body, name: str) -> tirx.PrimExpr:
     """`body(var)` with `var` bound to `value` once. Without it the expression is duplicated at
     every use: LLVM undoes that, but CUDA source (and nvcc's time) grow exponentially with the
     nesting of the softmax reducers."""
-    var = tirx.Var(name, "float32")
+    var = tirx.Var(name, _dtype(value))
     return tirx.Let(var, value, body(var))
 
 
@@ -101,16 +121,16 @@ def exp_split(x: tirx.PrimExpr) -> tuple[tirx.PrimExpr, tirx.PrimExpr]:
 
 def pow2(n: tirx.PrimExpr) -> tirx.PrimExpr:
     """2^n for an integer-valued float n in [-126, 127], built from the exponent bits."""
-    bits = tirx.shift_left(n.astype("int32") + 127, 23)
-    return tirx.reinterpret("float32", bits)
+    bits = tirx.shift_left(n.astype(_like(n, "int32")) + 127, 23)
+    return tirx.reinterpret(_like(n, "float32"), bits)
 
 
 def ldexp_wide(p: tirx.PrimExpr, n: tirx.PrimExpr) -> tirx.PrimExpr:
     """p * 2^n for an integer-valued float n in [-252, 254] (two factors: subnormals and inf)."""
-    ni = n.astype("int32")
+    ni = n.astype(_like(n, "int32"))
     half = tirx.shift_right(ni, 1)
-    first = tirx.reinterpret("float32", tirx.shift_left(half + 127, 23))
-    second = tirx.reinterpret("float32", tirx.shift_left(ni - half + 127, 23))
+    first = tirx.reinterpret(_like(n, "float32"), tirx.shift_left(half + 127, 23))
+    second = tirx.reinterpret(_like(n, "float32"), tirx.shift_left(ni - half + 127, 23))
     return p * first * second
 
 
@@ -120,8 +140,8 @@ def clamp_keep_nan(x: tirx.PrimExpr, low: float, high: float) -> tirx.PrimExpr:
     Not tirx.max/min (they may lower to maxnum/minnum, which drop NaN) and no `isnan` test:
     `isnan` is `x != x`, which TVM 0.27 folds to false inside vectorised reductions.
     """
-    x = tirx.Select(x < _f32(low), _f32(low), x)
-    return tirx.Select(x > _f32(high), _f32(high), x)
+    x = tirx.Select(x < _f32(low), _const_like(x, low), x)
+    return tirx.Select(x > _f32(high), _const_like(x, high), x)
 
 
 def fast_exp(x: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -155,7 +175,7 @@ def exp_nonpositive(x: tirx.PrimExpr) -> tirx.PrimExpr:
 
         def from_biased(b):
             n = b - _f32(_MAGIC_BIAS)
-            scale = tirx.reinterpret("float32", tirx.shift_left(tirx.reinterpret("int32", b), 23))
+            scale = tirx.reinterpret(_like(b, "float32"), tirx.shift_left(tirx.reinterpret(_like(b, "int32"), b), 23))
             t = xv - n * _f32(LN2_HI)
             t = t - n * _f32(LN2_LO)
 
@@ -168,6 +188,34 @@ def exp_nonpositive(x: tirx.PrimExpr) -> tirx.PrimExpr:
             return _let(t, combine, "exp_t")
 
         value = _let(biased, from_biased, "exp_b")
-        return tirx.Select(xv < _f32(FLUSH_BELOW), _f32(0.0), value)
+        return tirx.Select(xv < _f32(FLUSH_BELOW), _const_like(xv, 0.0), value)
 
     return _let(x, scaled, "exp_x")
+
+
+# tanh(x) = x P(x^2) / Q(x^2) on [-9, 9] (clamped outside, where float32 tanh is +-1): the rational
+# approximation of Eigen's and MLAS's float32 tanh (onnxruntime's Tanh), accurate in relative terms
+# near 0, where tanh from exponentials cancels.
+TANH_LIMIT = 9.0
+_TANH_P = (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11, 5.12229709037114e-08,
+           1.48572235717979e-05, 6.37261928875436e-04, 4.89352455891786e-03)
+_TANH_Q = (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03, 4.89352518554385e-03)
+
+
+def fast_tanh(x: tirx.PrimExpr) -> tirx.PrimExpr:
+    """tanh(x) for a float32 expression (scalar or vector), plain arithmetic; NaN in gives NaN,
+    +-inf gives +-1."""
+
+    def rational(xv):
+        def body(x2):
+            p = _f32(_TANH_P[0])
+            for coefficient in _TANH_P[1:]:
+                p = p * x2 + _f32(coefficient)
+            q = _f32(_TANH_Q[0])
+            for coefficient in _TANH_Q[1:]:
+                q = q * x2 + _f32(coefficient)
+            return xv * p / q
+
+        return _let(xv * xv, body, "tanh_x2")
+
+    return _let(clamp_keep_nan(x, -TANH_LIMIT, TANH_LIMIT), rational, "tanh_x")
