@@ -29,11 +29,27 @@ def test_matmul_is_parallel_vectorised_and_exact(x86_spec):
     np.testing.assert_allclose(got, x @ y, rtol=1e-5, atol=1e-5)
 
 
+def _elementwise(shape, spec):
+    a = te.placeholder(shape, "float32", name="a")
+    c = te.compute(shape, lambda i, j: a[i, j] * 2.0 + 1.0, name="c")
+    return schedule_generic(te.create_prim_func([a, c]), spec.vector_lanes)
+
+
 def test_elementwise_is_parallel_vectorised(x86_spec):
-    a = te.placeholder((64, 128), "float32", name="a")
-    c = te.compute((64, 128), lambda i, j: a[i, j] * 2.0 + 1.0, name="c")
-    scheduled = schedule_generic(te.create_prim_func([a, c]), x86_spec.vector_lanes)
+    scheduled = _elementwise((256, 512), x86_spec)
     script = scheduled.script()
     assert "T.parallel" in script and "T.vectorized" in script
-    x = np.random.default_rng(1).standard_normal((64, 128)).astype(np.float32)
+    x = np.random.default_rng(1).standard_normal((256, 512)).astype(np.float32)
+    np.testing.assert_array_equal(_build_and_run(scheduled, x86_spec, [x], (256, 512)), x * 2 + 1)
+
+
+def test_small_blocks_run_on_one_thread(x86_spec):
+    """Below PARALLEL_MIN_ITERATIONS a parallel launch costs more than the work: vectorised, serial."""
+    from tvmsoftmax.schedules.generic import PARALLEL_MIN_ITERATIONS
+
+    assert 64 * 128 < PARALLEL_MIN_ITERATIONS <= 256 * 512
+    scheduled = _elementwise((64, 128), x86_spec)
+    script = scheduled.script()
+    assert "T.parallel" not in script and "T.vectorized" in script
+    x = np.random.default_rng(2).standard_normal((64, 128)).astype(np.float32)
     np.testing.assert_array_equal(_build_and_run(scheduled, x86_spec, [x], (64, 128)), x * 2 + 1)

@@ -15,6 +15,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from ._threads import set_default_threads  # noqa: E402
+
+set_default_threads()  # before TVM's thread pool exists (see `_threads`)
+
 from .errors import (  # noqa: E402
     ArtifactError,
     InputError,

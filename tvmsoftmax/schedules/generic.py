@@ -1,7 +1,8 @@
 """A generic x86 rule for the rest of a model (the kernels TVM legalizes for non-softmax ops).
 
 TVM 0.27's default Relax pipeline leaves those kernels unscheduled on llvm (one thread, scalar).
-This rule gives every root block of such a PrimFunc: the outer spatial loops fused and parallel,
+This rule gives every root block of such a PrimFunc: the outer spatial loops fused and parallel
+(unless the block is small, `PARALLEL_MIN_ITERATIONS`),
 the innermost spatial loop vectorised; for a matmul-like block (one reduction loop innermost, two
 or more inputs) the reduction loop is moved outside the last spatial loop first, so that loop
 vectorises over contiguous output columns. A block the rule cannot handle is left as it is.
@@ -15,6 +16,18 @@ from tvm import s_tir, tirx
 from ._tir import static_extent
 
 _DATA_PAR, _REDUCE = 0, 2
+# Blocks of fewer loop iterations than this run on one thread (see `_schedule_block`).
+PARALLEL_MIN_ITERATIONS = 1 << 16
+
+
+def _iterations(sch: s_tir.Schedule, loops) -> int | None:
+    total = 1
+    for loop in loops:
+        extent = static_extent(sch.get(loop).extent)
+        if extent is None:
+            return None
+        total *= extent
+    return total
 
 
 def _schedule_block(sch: s_tir.Schedule, block, lanes: int) -> None:
@@ -28,17 +41,22 @@ def _schedule_block(sch: s_tir.Schedule, block, lanes: int) -> None:
     if not spatial:
         return
     last = spatial[-1]
+    # A parallel launch of TVM's thread pool costs microseconds (it re-reads the CPU count from
+    # sysfs each time): more than a small block's work. An unrolled LSTM is a thousand kernels of
+    # a few hundred elements; parallel, the launches were a quarter of its run time.
+    iterations = _iterations(sch, loops)
+    parallel = iterations is None or iterations >= PARALLEL_MIN_ITERATIONS
     matmul_like = len(reduce) == 1 and kinds[-1] == _REDUCE and len(stmt.reads) >= 2
     if reduce and not matmul_like:
         # Reductions over inner axes (LayerNorm, mean, ...): parallel over the spatial prefix.
         prefix = loops[: kinds.index(_REDUCE)]
-        if prefix:
+        if prefix and parallel:
             sch.parallel(sch.fuse(*prefix) if len(prefix) > 1 else prefix[0])
         return
     if matmul_like:
         sch.reorder(*spatial[:-1], reduce[0], last)
     outer = spatial[:-1]
-    if outer:
+    if outer and parallel:
         fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
         sch.parallel(fused)
     buffers = [region.source for region in list(stmt.reads) + list(stmt.writes)]  # (TVM 0.27 TensorRegion)
