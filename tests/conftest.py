@@ -86,3 +86,15 @@ def x86_spec():
     from tvmsoftmax.lowering.targets import resolve
 
     return resolve("x86")
+
+
+def assert_case_outputs(compiled, case) -> None:
+    """Every data set of an onnx conformance `case` run through `compiled`: each output's shape,
+    and its values within the case's own tolerance."""
+    names = [i.name for i in case.model.graph.input]
+    for inputs, outputs in case.data_sets:
+        got = compiled.run(dict(zip(names, inputs)))
+        assert len(got) == len(outputs)
+        for (name, value), want in zip(got.items(), outputs):
+            assert value.shape == want.shape, name
+            np.testing.assert_allclose(value, want, rtol=case.rtol, atol=case.atol, err_msg=f"{case.name} {name}")

@@ -17,7 +17,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import tvmsoftmax
-from conftest import ONNX_DTYPES, run_ort
+from conftest import ONNX_DTYPES, assert_case_outputs, run_ort
 from tvmsoftmax.lowering.device_code import cuda_sources
 
 
@@ -174,16 +174,10 @@ def test_plain_op_conformance(case):
     an input (an integer scalar input is compiled per value when the general model fails);
     RMSNormalization over a leading axis (its function body); AffineGrid with a run-time size;
     BitCast (our converter)."""
-    names = [i.name for i in case.model.graph.input]
     compiled = tvmsoftmax.compile(case.model)
     if case.name.startswith("test_sce") and "_expanded" not in case.name:  # the body's LogSoftmax is ours
         assert [s["op"] for s in compiled.sites if s.get("rewritten")] == ["LogSoftmax"], compiled.sites
-    for inputs, outputs in case.data_sets:
-        got = compiled.run(dict(zip(names, inputs)))
-        assert len(got) == len(outputs)
-        for (name, value), want in zip(got.items(), outputs):
-            assert value.shape == want.shape, name
-            np.testing.assert_allclose(value, want, rtol=case.rtol, atol=case.atol, err_msg=f"{case.name} {name}")
+    assert_case_outputs(compiled, case)
 
 
 def test_layer_normalization_body_only_when_its_statistics_are_asked_for():

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnx.backend.test.case.node as node_cases
 import pytest
-from conftest import TOLERANCES, assert_close, run_ort
+from conftest import TOLERANCES, assert_case_outputs, assert_close, run_ort
 from onnx import TensorProto, helper
 
 import tvmsoftmax
@@ -24,14 +24,8 @@ def test_recurrent_cases_found():
 
 @pytest.mark.parametrize("case", RECURRENT_CASES, ids=[c.name for c in RECURRENT_CASES])
 def test_recurrent_conformance(case):
-    names = [i.name for i in case.model.graph.input]
     compiled = tvmsoftmax.compile(case.model)
-    for inputs, outputs in case.data_sets:
-        got = compiled.run(dict(zip(names, inputs)))
-        assert len(got) == len(outputs)
-        for (name, value), want in zip(got.items(), outputs):
-            assert value.shape == want.shape, name
-            np.testing.assert_allclose(value, want, rtol=case.rtol, atol=case.atol, err_msg=f"{case.name} {name}")
+    assert_case_outputs(compiled, case)
 
 
 GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}

@@ -189,7 +189,6 @@ class _Unroll:
         # A zero state is None (its terms are left out, no [batch, H] zeros: TVM cannot build
         # those for a symbolic batch); masked values broadcast this scalar.
         zero = self.const(0.0)
-        mask = None
         if self.lens:  # [batch] -> [batch, 1] per step: step t runs where t < sequence_lens[b]
             lengths = self.op("Unsqueeze", [self.op("Cast", [self.lens], to=TensorProto.INT64), self.axes(1)])
         ys, hs, cs = [], [], []

@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass
 
 from tvm import te, tirx
 
-from .exp import exp_nonpositive
+from .exp import _dtype, exp_nonpositive
 
 EMPTY_ROW_MODES = ("nan", "zero_if_nan", "zero_if_masked")
 FLT_LOWEST = -3.4028234663852886e38
@@ -115,12 +115,6 @@ class FlashTiling:
 
 def _f32(value: float) -> tirx.PrimExpr:
     return tirx.const(value, "float32")
-
-
-def _dtype(value) -> str:
-    """dtype of a TE or TIR expression (TVM 0.27's buffer loads carry it in `.ty`)."""
-    dtype = getattr(value, "dtype", None)
-    return str(dtype if dtype is not None else value.ty)
 
 
 def _to_f32(value: tirx.PrimExpr) -> tirx.PrimExpr:
@@ -514,6 +508,8 @@ class _FlashTile:
             T.buffer_store(out, combine(_load(out, vi), value_of(vt, vi, vj)), [vi])
 
     def tile(self, t, suffix):
+        from tvm.script.ir_builder import IRBuilder
+
         T, i64, spec = self.T, self.i64, self.spec
         qb, kb = i64(self.qb), i64(self.kb)
         per_key_open = spec.empty_row == "zero_if_masked" and self.masking.row_open(self.b, self.q0) is None
@@ -523,8 +519,6 @@ class _FlashTile:
         # softmax of a register block of rows while its scores are in L1.
         with self.scope(f"flash_qk_tile{suffix}", t) as vt:
             # The scores exist only in this scope (a schedule may keep them out of memory).
-            from tvm.script.ir_builder import IRBuilder
-
             self.dots = IRBuilder.name("dots", T.sblock_alloc_buffer((qb, kb), "float32"))
             self.scores = IRBuilder.name("scores", T.sblock_alloc_buffer((qb, kb), "float32"))
             with T.grid(qb, kb, i64(self.d)) as (ii, jj, e):
@@ -590,8 +584,6 @@ class _FlashTile:
         # buffer of the scope (TensorIR vectorises no in-place update), then copied to acc (a
         # schedule may inline the copy into the inner product's write-back).
         with self.scope(f"flash_pv_tile{suffix}", t) as vt:
-            from tvm.script.ir_builder import IRBuilder
-
             self.tile_pv = IRBuilder.name("tile_pv", T.sblock_alloc_buffer((qb, i64(self.dv)), "float32"))
             with T.grid(qb, kb, i64(self.dv)) as (ii, jj, e):
                 with T.sblock(f"flash_pv{suffix}"):
