@@ -111,6 +111,11 @@ class FlashTiling:
     # a schedule cannot branch around a tile (CUDA: the tile's barriers would sit under a
     # condition); the result is the same, only the work differs.
     skip_masked: bool = True
+    # The dtype the operands of the two inner products are kept in: the packed K tiles and the
+    # probabilities P of a tile (products and sums are float32 either way). float32 keeps P
+    # exact; the 16-bit input dtype is what tensor cores multiply (FlashAttention rounds P to it
+    # too), and then the row sum is taken over the rounded P, so P V stays normalised.
+    operand_dtype: str = "float32"
 
 
 def _f32(value: float) -> tirx.PrimExpr:
@@ -363,13 +368,15 @@ def _flash_body(T, spec, tiling, masking, q, k, v, y, batch, sq, skv, i64):
     # load, and a tile is contiguous (rows of a [D, Skv] layout, Skv * 4 bytes apart, would map
     # to the same few L1 sets).
     kv_tiles = tirx.floordiv(skv + i64(kb - 1), i64(kb))
-    key_t = IRBuilder.name("key_tiles", T.alloc_buffer((batch, hkv, kv_tiles, d, kb), "float32", scope="global"))
+    operand = tiling.operand_dtype
+    key_t = IRBuilder.name("key_tiles", T.alloc_buffer((batch, hkv, kv_tiles, d, kb), operand, scope="global"))
     with T.grid(batch, i64(hkv), kv_tiles, i64(d), i64(kb)) as (b, h, t, e, jj):
         with T.sblock("flash_key_t"):
             vb, vh, vt, ve, vj = T.axis.remap("SSSSS", [b, h, t, e, jj])
             j = vt * i64(kb) + vj
-            value = _to_f32(_load(k, vb, vh, tirx.min(j, skv - i64(1)), ve))
-            T.buffer_store(key_t, tirx.Select(j < skv, value, _f32(0.0)), [vb, vh, vt, ve, vj])
+            value = _load(k, vb, vh, tirx.min(j, skv - i64(1)), ve)
+            value = value if _dtype(value) == operand else value.astype(operand)
+            T.buffer_store(key_t, tirx.Select(j < skv, value, tirx.const(0.0, operand)), [vb, vh, vt, ve, vj])
     q_blocks = tirx.floordiv(sq + i64(qb - 1), i64(qb))
     with T.grid(batch, i64(hq), q_blocks) as (b, h, blk):
         with T.sblock("flash_block"):
@@ -379,7 +386,7 @@ def _flash_body(T, spec, tiling, masking, q, k, v, y, batch, sq, skv, i64):
 
             m, total, acc = state("m", (qb,)), state("l", (qb,)), state("acc", (qb, dv))
             m_new = state("m_new", (qb,))
-            probs = state("probs", (qb, kb))
+            probs = IRBuilder.name("probs", T.sblock_alloc_buffer((qb, kb), operand))
             tile_max, tile_sum = state("tile_max", (qb,)), state("tile_sum", (qb,))
             alpha, open_max, tile_open = state("alpha", (qb,)), state("open_max", (qb,)), state("tile_open", (qb,))
             flag = state("tile_live", (1,))
@@ -396,6 +403,15 @@ def _flash_body(T, spec, tiling, masking, q, k, v, y, batch, sq, skv, i64):
                 i64=i64, qb=qb, kb=kb, d=d, dv=dv, tiles=tiles, m=m, m_new=m_new, total=total, acc=acc, probs=probs, tile_max=tile_max, tile_sum=tile_sum,
                 alpha=alpha, open_max=open_max, tile_open=tile_open, flag=flag,
             )
+            # The block's query rows, copied once (rows past Sq repeat the last one): the inner
+            # products read plain [row, dim] operands (a schedule may keep them in fast memory or
+            # inline the copy).
+            q_rows = IRBuilder.name("q_rows", T.sblock_alloc_buffer((qb, d), spec.dtype))
+            with T.grid(i64(qb), i64(d)) as (ii, e):
+                with T.sblock("flash_q"):
+                    vi, ve = T.axis.remap("SS", [ii, e])
+                    T.buffer_store(q_rows, _load(q, vb, vh, ctx.row(vi), ve), [vi, ve])
+            ctx.q_rows = q_rows
             ctx.init("")
             with T.serial(tiles) as t:
                 if threshold is None:
@@ -527,8 +543,8 @@ class _FlashTile:
                     with T.init():
                         T.buffer_store(self.dots, _f32(0.0), [vi, vj])
                     product = _to_f32(
-                        _load(self.q, self.b, self.h, self.row(vi), ve)
-                    ) * _load(self.key_t, self.b, self.kh, vt, ve, vj)
+                        _load(self.q_rows, vi, ve)
+                    ) * _to_f32(_load(self.key_t, self.b, self.kh, vt, ve, vj))
                     T.buffer_store(
                         self.dots, _load(self.dots, vi, vj) + product, [vi, vj]
                     )
@@ -569,9 +585,9 @@ class _FlashTile:
                 with T.sblock(f"flash_exp{suffix}"):
                     vi, vj = T.axis.remap("SS", [ii, jj])
                     p = exp_nonpositive(_load(self.scores, vi, vj) - _load(self.m_new, vi))
-                    T.buffer_store(self.probs, p, [vi, vj])
+                    T.buffer_store(self.probs, p if self.probs.dtype == "float32" else p.astype(self.probs.dtype), [vi, vj])
             self.row_reduce(f"flash_sum{suffix}", vt, self.tile_sum, 0.0, lambda x, y: x + y,
-                            lambda vt, vi, vj: _load(self.probs, vi, vj))
+                            lambda vt, vi, vj: _to_f32(_load(self.probs, vi, vj)))
         with T.serial(qb) as ii:
             with T.sblock(f"flash_total{suffix}"):
                 vi = T.axis.spatial(qb, ii)
@@ -580,20 +596,27 @@ class _FlashTile:
                 if per_key_open:
                     opened = tirx.Select(_load(self.tile_open, vi) >= _f32(0.0), _f32(0.0), _f32(-math.inf))
                     T.buffer_store(self.open_max, tirx.max(_load(self.open_max, vi), opened), [vi])
-        # acc' = alpha * acc + P V: the rescaled state is the inner product's initial value, in a
-        # buffer of the scope (TensorIR vectorises no in-place update), then copied to acc (a
-        # schedule may inline the copy into the inner product's write-back).
+        # acc' = alpha * acc + P V: the tile's P V is a pure inner product (zero-initialised, in a
+        # buffer of the scope: TensorIR vectorises and tensorizes no in-place update), then
+        # folded into the rescaled acc (a schedule may inline that into the product's write-back).
         with self.scope(f"flash_pv_tile{suffix}", t) as vt:
             self.tile_pv = IRBuilder.name("tile_pv", T.sblock_alloc_buffer((qb, i64(self.dv)), "float32"))
+            # The tile's rows of V (keys past Skv repeat the last one; their P is 0).
+            v_tile = IRBuilder.name("v_tile", T.sblock_alloc_buffer((kb, i64(self.dv)), spec.dtype))
+            with T.grid(kb, i64(self.dv)) as (jj, e):
+                with T.sblock(f"flash_v{suffix}"):
+                    vj, ve = T.axis.remap("SS", [jj, e])
+                    j = tirx.min(vt * kb + vj, self.skv - i64(1))
+                    T.buffer_store(v_tile, _load(self.v, self.b, self.kh, j, ve), [vj, ve])
             with T.grid(qb, kb, i64(self.dv)) as (ii, jj, e):
                 with T.sblock(f"flash_pv{suffix}"):
                     vi, vj, ve = T.axis.remap("SRS", [ii, jj, e])
                     with T.init():
-                        T.buffer_store(self.tile_pv, _load(self.acc, vi, ve) * _load(self.alpha, vi), [vi, ve])
-                    j = tirx.min(vt * kb + vj, self.skv - i64(1))
-                    product = _load(self.probs, vi, vj) * _to_f32(_load(self.v, self.b, self.kh, j, ve))
+                        T.buffer_store(self.tile_pv, _f32(0.0), [vi, ve])
+                    product = _to_f32(_load(self.probs, vi, vj)) * _to_f32(_load(v_tile, vj, ve))
                     T.buffer_store(self.tile_pv, _load(self.tile_pv, vi, ve) + product, [vi, ve])
             with T.grid(qb, i64(self.dv)) as (ii, e):
                 with T.sblock(f"flash_update{suffix}"):
                     vi, ve = T.axis.remap("SS", [ii, e])
-                    T.buffer_store(self.acc, _load(self.tile_pv, vi, ve), [vi, ve])
+                    rescaled = _load(self.acc, vi, ve) * _load(self.alpha, vi)
+                    T.buffer_store(self.acc, rescaled + _load(self.tile_pv, vi, ve), [vi, ve])

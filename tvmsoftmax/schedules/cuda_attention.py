@@ -5,9 +5,9 @@ One thread block per (batch, query head, query block) of ``query_block`` rows, `
 threads laid out as threadIdx.y x threadIdx.x. Per key tile (the compute's loop over tiles, whose
 bound already stops at the causal diagonal and at kv_length: tiles above it are never visited):
 
-* Q's rows of the block, the packed K tile ([D, key_block], float32) and the V tile are copied
-  into shared memory by all threads, then read from there (with symbolic lengths Q and V are read
-  through L1: their clamped tiles at a row's end have no static size);
+* Q's rows of the block (once per block), the packed K tile ([D, key_block]) and the V tile are
+  copied into shared memory by all threads, then read from there (the compute's copies clamp rows
+  past Sq and Skv, so every tile has a static size, also with symbolic lengths);
 * S = Q K^T: thread (y, x) accumulates rows y*rq + [0, rq) and keys x*rk + [0, rk) in registers
   over D; the scores stay in those registers for the mask and the exponentials;
 * the tile's row max and row sum are cross-thread reductions (warp shuffles, a warp per row group)
@@ -167,11 +167,11 @@ def _row_state(sch, block, knobs: CudaAttentionKnobs) -> None:
     sch.bind(ty, "threadIdx.y")
 
 
-def _inner_product(sch, block, knobs: CudaAttentionKnobs, shared: list, static: bool) -> None:
+def _inner_product(sch, block, knobs: CudaAttentionKnobs, shared: list) -> None:
     """Q K^T ([rows, keys] over D) and P V ([rows, values] over keys): register blocks of
-    `_tile_2d`, the reduction outside them, operands read from shared memory where their tile
-    has a static size (`static`; with a symbolic length the clamped tile at the end has not, and
-    the operand is read through L1 instead). The packed K tile always has one."""
+    `_tile_2d`, the reduction outside them; the operands are in shared memory (the compute's
+    copies of Q's rows and of the V tile, the probabilities) or copied there (`shared`: the
+    packed K tile)."""
     loops = sch.get_loops(block)[-3:]
     kinds = [iv.iter_type for iv in sch.get(block).iter_vars]
     reduce_at = kinds.index(tirx.IterVar.CommReduce)
@@ -179,8 +179,7 @@ def _inner_product(sch, block, knobs: CudaAttentionKnobs, shared: list, static: 
     ty, tx, ri, ci = _tile_2d(sch, spatial[0], spatial[1], knobs)
     sch.reorder(ty, tx, loops[reduce_at], ri, ci)
     for buffer in shared:
-        if static or buffer == "key_tiles":
-            _copy_to_shared(sch, block, buffer, knobs)
+        _copy_to_shared(sch, block, buffer, knobs)
     _bind(sch, ty, tx)
     sch.decompose_reduction(block, loops[reduce_at])
 
@@ -190,14 +189,12 @@ _OUTER = ("root", "flash_key_t", "flash_block")
 # Buffers of the compute's thread block (names from `ops.attention`) and where they live: the
 # registers of a thread hold its rq x rc tile of scores, its part of the output accumulator and
 # its warp's row state; the probabilities are shared (P V reads every key of a row).
-_SCOPES = {"probs": "shared"}  # every other one: "local"
+_SCOPES = {"probs": "shared", "q_rows": "shared", "v_tile": "shared"}  # every other one: "local"
 
 
 def schedule_flash(func: tirx.PrimFunc, knobs: CudaAttentionKnobs) -> tirx.PrimFunc:
     sch = s_tir.Schedule(func)
     blocks = _blocks(sch)
-    shapes = {str(param.name): list(param.ty.shape) for param in func.params}  # TVM 0.27: BufferType
-    static = all(static_extent(shapes[name][2]) is not None for name in ("q", "v"))
     # K packed per tile (float32, the compute's layout): a thread per element.
     _thread_per_element(sch, sch.get_loops(blocks["flash_key_t"]), 256)
     # A thread block per (batch, head, query block).
@@ -208,28 +205,34 @@ def schedule_flash(func: tirx.PrimFunc, knobs: CudaAttentionKnobs) -> tirx.PrimF
         if base in _OUTER or base.endswith(("_scope", "_tile")):
             continue
         if base == "flash_qk":
-            _inner_product(sch, block, knobs, ["q", "key_tiles"], static)
+            _inner_product(sch, block, knobs, ["key_tiles"])
         elif base == "flash_pv":
-            _inner_product(sch, block, knobs, ["v"], static)
+            _inner_product(sch, block, knobs, [])
+        elif base in ("flash_q", "flash_v"):  # the operand copies: shared, all threads copy
+            _spread(sch, sch.get_loops(block)[-2:], knobs)
         elif base in ("flash_tile_max", "flash_sum", "flash_open"):
             _reduce_rows(sch, block, knobs)
-        elif base in ("flash_init_acc", "flash_update", "flash_output", "flash_mask", "flash_exp"):
+        elif base in ("flash_init_acc", "flash_output", "flash_mask", "flash_exp"):
             _elementwise(sch, block, knobs)
         elif base == "flash_init":
             _row_state(sch, block, knobs)
-        elif base in ("flash_rescale", "flash_total"):
+        elif base in ("flash_rescale", "flash_total", "flash_update"):
             in_place.append(name)
         else:
             from ..errors import TvmSoftmaxError
 
             raise TvmSoftmaxError(f"the CUDA flash schedule has no rule for block {name!r} of the compute")
     _set_scopes(sch)
-    # The running-state updates read and write the same row of their buffers (m = max(m, tile
-    # max), l = l * alpha + tile sum): rows are independent, but TensorIR's bind refuses any block
-    # that reads what it writes, so only these loops are bound without that check.
+    # The running-state updates read and write the same element of their buffers (m = max(m,
+    # tile max), l = l * alpha + tile sum, acc = acc * alpha + P V): elements are independent,
+    # but TensorIR's bind refuses any block that reads what it writes, so only these loops are
+    # bound without that check.
     unchecked = s_tir.Schedule(sch.mod, enable_check=False)
     for name in in_place:
-        _row_state(unchecked, unchecked.get_sblock(name), knobs)
+        if name.removesuffix("_full") == "flash_update":
+            _elementwise(unchecked, unchecked.get_sblock(name), knobs)
+        else:
+            _row_state(unchecked, unchecked.get_sblock(name), knobs)
     return unchecked.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
