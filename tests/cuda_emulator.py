@@ -12,7 +12,9 @@ the PrimFunc's root buffers.
 
 What it checks: indexing, thread mapping, register/shared scopes, barriers and shuffles of the
 exact CUDA source a model ships. What it cannot: timing, memory-model effects finer than a
-barrier, hardware intrinsics such as tensor cores (none are used yet). Static shapes only.
+barrier. Tensor cores (WMMA) are emulated at the API level: a fragment is a whole 16 x 16 tile
+in every lane (see the shim), which checks how TVM's code uses fragments, not the hardware's lane
+mapping. Static shapes only.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ SHIM = r"""
 #include <cstdio>
 #include <cstdlib>
 #include <cstdint>
+#include <type_traits>
 struct EmuDim { unsigned x = 0, y = 0, z = 0; };
 static thread_local EmuDim emu_threadIdx, emu_blockIdx;
 static EmuDim emu_blockDim, emu_gridDim;
@@ -85,6 +88,50 @@ static inline unsigned emu_float_as_uint(float v) { unsigned i; std::memcpy(&i, 
 #define __float_as_uint emu_float_as_uint
 #define __expf expf
 #define __logf logf
+// WMMA (tensor cores): every lane holds the whole 16 x 16 tile of a fragment (the hardware's
+// lane mapping is opaque to code that only uses the wmma API, as TVM's does), so loads, mma and
+// stores are computed by each lane on its own copy; the lanes of a warp store identical values.
+namespace emu_wmma {
+struct matrix_a {}; struct matrix_b {}; struct accumulator {}; struct row_major {}; struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+template <class Use, int M, int N, int K, class T, class Layout = void> struct fragment {
+  static constexpr int rows = std::is_same_v<Use, matrix_b> ? K : M;
+  static constexpr int cols = std::is_same_v<Use, matrix_a> ? K : N;
+  float x[rows * cols];
+};
+template <class Use, int M, int N, int K, class T, class L, class V>
+void fill_fragment(fragment<Use, M, N, K, T, L>& f, V v) { for (auto& e : f.x) e = float(T(v)); }
+template <class Use, int M, int N, int K, class T, class L, class P>
+void emu_load(fragment<Use, M, N, K, T, L>& f, const P* p, unsigned ldm, bool col) {
+  using F = fragment<Use, M, N, K, T, L>;
+  for (int r = 0; r < F::rows; ++r) for (int c = 0; c < F::cols; ++c)
+    f.x[r * F::cols + c] = float(T(col ? p[c * ldm + r] : p[r * ldm + c]));
+}
+template <class Use, int M, int N, int K, class T, class L, class P>
+void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const P* p, unsigned ldm) {
+  emu_load(f, p, ldm, std::is_same_v<L, col_major>);
+}
+template <int M, int N, int K, class T, class P>
+void load_matrix_sync(fragment<accumulator, M, N, K, T>& f, const P* p, unsigned ldm, layout_t l) {
+  emu_load(f, p, ldm, l == mem_col_major);
+}
+template <int M, int N, int K, class T, class P>
+void store_matrix_sync(P* p, const fragment<accumulator, M, N, K, T>& f, unsigned ldm, layout_t l) {
+  for (int r = 0; r < M; ++r) for (int c = 0; c < N; ++c)
+    p[l == mem_col_major ? c * ldm + r : r * ldm + c] = P(f.x[r * N + c]);
+}
+template <int M, int N, int K, class TD, class TA, class LA, class TB, class LB, class TC>
+void mma_sync(fragment<accumulator, M, N, K, TD>& d, const fragment<matrix_a, M, N, K, TA, LA>& a,
+              const fragment<matrix_b, M, N, K, TB, LB>& b, const fragment<accumulator, M, N, K, TC>& c) {
+  float out[M * N];
+  for (int i = 0; i < M; ++i) for (int j = 0; j < N; ++j) {
+    float sum = c.x[i * N + j];
+    for (int k = 0; k < K; ++k) sum += a.x[i * K + k] * b.x[k * N + j];
+    out[i * N + j] = sum;
+  }
+  for (int i = 0; i < M * N; ++i) d.x[i] = float(TD(out[i]));
+}
+}  // namespace emu_wmma
 template <class F> static void emu_launch(EmuDim grid, EmuDim block, F kernel) {
   emu_gridDim = grid; emu_blockDim = block;
   int threads = block.x * block.y * block.z;
@@ -171,6 +218,10 @@ def run_cuda_on_cpu(func, target, arrays: dict, outputs: list[str], workdir: str
     at = source.index('extern "C" __global__')
     # static (block-wide) instead of __shared__; GNU alignment (EDG refuses alignas after static)
     kernels_source = re.sub(r"__shared__ alignas\((\d+)\)", r"static __attribute__((aligned(\1)))", source[at:])
+    # Dynamic shared memory: a static array as large as any GPU's (228 KiB), block-wide too.
+    kernels_source = re.sub(r"extern __shared__ __align__\((\d+)\) (\w+) (\w+)\[\];",
+                            r"static __attribute__((aligned(\1))) \2 \3[228 * 1024];", kernels_source)
+    kernels_source = kernels_source.replace("nvcuda::wmma::", "emu_wmma::")
     program = source[:at] + SHIM + kernels_source
     shapes = {str(p.name): ([int(d) for d in p.ty.shape], str(p.ty.dtype)) for p in func.params}
     for name, (shape, dtype) in _workspaces(func).items():

@@ -65,13 +65,13 @@ CASES = {
 }
 
 
-def _problem(name, dtype="float32", sq=37, skv=45, seed=0):
+def _problem(name, dtype="float32", sq=37, skv=45, seed=0, d=16, dv=24):
     overrides, mask = CASES[name]
     rng = np.random.default_rng(seed)
     hq, hkv = 4, overrides.pop("kv_heads", 2) if "kv_heads" in overrides else 2
     overrides = dict(overrides)
     overrides.pop("kv_heads", None)
-    b, d, dv = 2, 16, 24
+    b = 2
     q = rng.standard_normal((b, hq, sq, d)).astype(dtype)
     k = rng.standard_normal((b, hkv, skv, d)).astype(dtype)
     v = rng.standard_normal((b, hkv, skv, dv)).astype(dtype)

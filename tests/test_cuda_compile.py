@@ -178,13 +178,14 @@ def test_family_attention_fused_on_cuda(family):
     assert_built_by_nvcc(compiled, source)
 
 
-def _flash_kernel_source(spec, dims):
+def _flash_kernel_source(spec, dims, knobs=None):
+    from tvmsoftmax.lowering.targets import resolve
     from tvmsoftmax.ops.attention import flash_attention
     from tvmsoftmax.schedules import cuda_attention
 
-    _, knobs = cuda_attention.choose("auto", dims, spec)
+    knobs = knobs or cuda_attention.choose("auto", dims, spec)[1]
     func = cuda_attention.schedule_flash(flash_attention(spec, knobs.tiling(), dims), knobs)
-    executable = tvm.compile(tvm.IRModule({"main": func}), tvmsoftmax.lowering.targets.resolve("cuda").tvm_target())
+    executable = tvm.compile(tvm.IRModule({"main": func}), resolve("cuda").tvm_target())
     (source,) = device_code.cuda_sources(executable.mod)
     body = re.search(r"flash_attention_kernel_1\([^)]*\) \{", source)
     return source, source[body.start():source.index("\n}\n", body.start())], knobs
@@ -192,13 +193,16 @@ def _flash_kernel_source(spec, dims):
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_flash_kernel_structure(dtype):
-    """Q, the packed K tile and V in shared memory; the scores, the output accumulator and the
-    running max/sum in registers (small local arrays); the row max and sum as warp shuffles; one
-    128-thread block per (batch, head, 32 query rows); nothing of size Sq x Skv anywhere."""
+    """On CUDA cores (float32, and 16-bit inputs with the float32 operand knob): Q, the packed K
+    tile and V in shared memory; the scores, the output accumulator and the running max/sum in
+    registers (small local arrays); the row max and sum as warp shuffles; one 128-thread block per
+    (batch, head, 32 query rows); nothing of size Sq x Skv anywhere."""
     from tvmsoftmax.ops.attention import AttentionSpec
+    from tvmsoftmax.schedules.cuda_attention import CudaAttentionKnobs
 
     spec = AttentionSpec(q_heads=12, kv_heads=4, head_size=64, v_head_size=64, dtype=dtype, scale=0.125, causal=2)
-    _, kernel, knobs = _flash_kernel_source(spec, {"batch": 1, "q_len": 512, "kv_len": 512})
+    _, kernel, knobs = _flash_kernel_source(spec, {"batch": 1, "q_len": 512, "kv_len": 512}, CudaAttentionKnobs())
+    assert "wmma" not in kernel
     shared = dict(re.findall(r"__shared__ alignas\(\d+\) \w+ (\w+)_ptr\[(\d+)\];", kernel))
     assert {"key_tiles_shared", "q_rows_shared", "v_tile_shared"} <= set(shared), shared
     assert re.search(r"v_tile_shared_ptr\[[^\]]+\] = v_ptr\[", kernel), "V tile is not copied to shared memory"
@@ -208,14 +212,46 @@ def test_flash_kernel_structure(dtype):
     assert max(int(n) for n in shared.values()) < 512 * 512 and knobs.query_block == 32
 
 
-def test_flash_symbolic_lengths_compile():
-    """Batch and both lengths symbolic: Q's rows, the packed K tile and the V tile still in shared
-    memory (the compute's copies clamp rows past the lengths: static tiles); nvcc builds it."""
+@pytest.mark.parametrize("dtype,head", [("float16", 64), ("bfloat16", 128)])
+def test_flash_tensor_core_structure(dtype, head):
+    """16-bit inputs: both inner products on tensor cores. WMMA fragments of the input dtype
+    (matrix_a, matrix_b) with float32 accumulators, one mma_sync site each for Q K^T and P V
+    (16-deep steps in loops), the scores and the tile's P V stored from the fragments to shared
+    memory, the 16-bit operands in dynamic shared memory; the softmax still in registers with warp
+    shuffles; nvcc builds it for sm_80 and sm_90. (Run through the CPU emulator for numerics:
+    test_cuda_emulated.)"""
     from tvmsoftmax.ops.attention import AttentionSpec
 
-    spec = AttentionSpec(q_heads=8, kv_heads=8, head_size=64, v_head_size=64, dtype="float16", causal=2)
-    source, kernel, _ = _flash_kernel_source(spec, {"batch": None, "q_len": None, "kv_len": None})
-    assert all(f"{name}_shared_ptr[" in kernel for name in ("key_tiles", "q_rows", "v_tile"))
+    spec = AttentionSpec(q_heads=12, kv_heads=4, head_size=head, v_head_size=head, dtype=dtype, scale=0.125, causal=2)
+    source, kernel, knobs = _flash_kernel_source(spec, {"batch": 1, "q_len": 512, "kv_len": 512})
+    assert knobs.tensor_cores and knobs.operand_dtype == dtype
+    c_type = {"float16": "half", "bfloat16": "nv_bfloat16"}[dtype]
+    for use in ("matrix_a", "matrix_b"):
+        assert re.search(rf"fragment<nvcuda::wmma::{use}, 16, 16, 16, {c_type}, nvcuda::wmma::row_major>", kernel), use
+    assert re.search(r"fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>", kernel)
+    assert kernel.count("nvcuda::wmma::mma_sync(") == 2
+    assert kernel.count("nvcuda::wmma::store_matrix_sync(") == 2 and "nvcuda::wmma::fill_fragment(" in kernel
+    assert "extern __shared__" in kernel and "buf_dyn_shmem" in kernel
+    assert kernel.count("__shfl_down_sync") >= 10
+    if device_code.nvcc_path() is not None:
+        for arch in ("sm_80", "sm_90"):
+            device_code.nvcc_fatbin(source, arch)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_flash_symbolic_lengths_compile(dtype):
+    """Batch and both lengths symbolic: Q's rows, the packed K tile and the V tile still in shared
+    memory (the compute's copies clamp rows past the lengths: static tiles), on CUDA cores
+    (float32) and on tensor cores (float16); nvcc builds both."""
+    from tvmsoftmax.ops.attention import AttentionSpec
+
+    spec = AttentionSpec(q_heads=8, kv_heads=8, head_size=64, v_head_size=64, dtype=dtype, causal=2)
+    source, kernel, knobs = _flash_kernel_source(spec, {"batch": None, "q_len": None, "kv_len": None})
+    if knobs.tensor_cores:
+        assert kernel.count("nvcuda::wmma::mma_sync(") == 2 and "buf_dyn_shmem" in kernel
+    else:
+        assert all(f"{name}_shared_ptr[" in kernel for name in ("key_tiles", "q_rows", "v_tile"))
+    assert knobs.tensor_cores == (dtype == "float16")
     if device_code.nvcc_path() is not None:
         device_code.nvcc_fatbin(source, "sm_90")
 

@@ -67,6 +67,36 @@ def test_flash_cuda_half_inputs_float32_accumulation(dtype):
     assert np.allclose(got.astype(np.float64), want, rtol=tol, atol=tol), f"max abs err {err:.3g}"
 
 
+TENSOR_CORE_CASES = ["causal-bottom-right", "gqa-causal-softcap", "neg-inf-mask-attention23", "kv-lengths-causal",
+                     "select-mask", "poison-inf-nan"]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("name", TENSOR_CORE_CASES)
+def test_flash_cuda_tensor_cores(name, dtype):
+    """16-bit inputs with head sizes that are multiples of 16 run both inner products on tensor
+    cores (WMMA fragments, float32 sums; P rounded to the input dtype as FlashAttention does):
+    mask forms, fully masked rows, GQA, softcap, kv lengths, inf/NaN inputs; 70 queries x 90 keys
+    (partial query blocks and key tiles), head sizes 32 and 48."""
+    import ml_dtypes
+
+    np_dtype = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
+    spec, arrays, kwargs = _problem(name, sq=70, skv=90, d=32, dv=48)
+    arrays = [a.astype(np_dtype) if a.dtype == np.float32 else a for a in arrays]
+    kwargs = {key: (value.astype(np_dtype) if value.dtype == np.float32 else value) for key, value in kwargs.items()}
+    overrides = {"dtype": dtype, **({"bias_dtype": dtype} if spec.bias_dtype else {})}
+    spec = AttentionSpec(**{**spec.to_json(), **overrides})
+    got, knobs = _run_flash(spec, arrays)
+    assert knobs.tensor_cores and knobs.operand_dtype == dtype
+    wide = lambda a: a.astype(np.float32) if a.dtype == np_dtype else a  # noqa: E731
+    want = reference(*[wide(a) for a in arrays[:3]], spec, **{key: wide(value) for key, value in kwargs.items()})
+    tol = 2e-3 if dtype == "float16" else 1.6e-2  # bfloat16: 8 mantissa bits in P and in the output
+    got = got.astype(np.float64)
+    assert np.array_equal(np.isnan(got), np.isnan(want)), f"{name} {dtype}: NaN positions differ"
+    err = np.nanmax(np.abs(got - want))
+    assert (np.isclose(got, want, rtol=tol, atol=tol) | np.isnan(want)).all(), f"{name} {dtype}: max abs err {err:.3g}"
+
+
 def test_flash_cuda_wide_heads_smaller_tiles():
     """Head size 128, MQA (8 query heads on one key/value head), float32: the 48 KiB shared-memory
     budget gives 16-row query blocks and 32-key tiles."""

@@ -610,7 +610,9 @@ class _FlashTile:
                     T.buffer_store(v_tile, _load(self.v, self.b, self.kh, j, ve), [vj, ve])
             with T.grid(qb, kb, i64(self.dv)) as (ii, jj, e):
                 with T.sblock(f"flash_pv{suffix}"):
-                    vi, vj, ve = T.axis.remap("SRS", [ii, jj, e])
+                    # Block axes (row, value dim, key) as an inner product's (i, j, k), which a
+                    # tensor intrinsic matches; the loops keep the keys in the middle.
+                    vi, ve, vj = T.axis.remap("SSR", [ii, e, jj])
                     with T.init():
                         T.buffer_store(self.tile_pv, _f32(0.0), [vi, ve])
                     product = _to_f32(_load(self.probs, vi, vj)) * _to_f32(_load(v_tile, vj, ve))

@@ -10,6 +10,18 @@ def static_extent(expr) -> int | None:
     return int(expr) if isinstance(expr, (int, tirx.IntImm)) else None
 
 
+def reduce_loop_index(sch: s_tir.Schedule, block, loops) -> int:
+    """Index in `loops` (the innermost loops of `block`, directly around it) of the one that
+    drives the block's reduction axis: a block's axes need not be in its loops' order."""
+    realize = sch.get(loops[-1]).body
+    used = []
+    for iv, value in zip(realize.block.iter_vars, realize.iter_values):
+        if iv.iter_type == tirx.IterVar.CommReduce:
+            used += tirx.analysis.undefined_vars(value, [])
+    (index,) = [i for i, loop in enumerate(loops) if any(sch.get(loop).loop_var.same_as(v) for v in used)]
+    return index
+
+
 def named_root_blocks(sch: s_tir.Schedule) -> list[tuple[str, object]]:
     """(name, block) of the blocks directly under the root block, in program order."""
     root = sch.get_sblock("root")

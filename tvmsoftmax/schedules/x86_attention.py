@@ -17,7 +17,7 @@ from tvm import s_tir, tirx
 
 from ..ops.attention import FlashTiling
 from ._tir import all_blocks as _blocks
-from ._tir import static_extent
+from ._tir import reduce_loop_index, static_extent
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,9 @@ def _register_block_into(sch, block, consumer, lanes: int, rows: int):
     _vectorize(sch, c_vector, lanes, unroll=True)
     sch.unroll(c_inner)
     sch.compute_at(block, row_outer, preserve_unit_loops=True)
-    row_inner, reduce_loop, vector_loop = sch.get_loops(block)[-3:]
+    loops = sch.get_loops(block)[-3:]  # compute_at orders them as the block's axes
+    reduce_loop = loops[reduce_loop_index(sch, block, loops)]
+    row_inner, vector_loop = [loop for loop in loops if loop != reduce_loop]
     vec_outer, vec_inner = sch.split(vector_loop, [None, lanes])
     sch.reorder(reduce_loop, row_inner, vec_outer, vec_inner)
     _register_loops(sch, block, reduce_loop, row_inner, vec_outer, vec_inner)
