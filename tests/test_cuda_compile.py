@@ -59,7 +59,7 @@ def test_few_long_rows_split_across_blocks(algorithm, passes):
     kernel over the chunks again. Every kernel reads the input at most once."""
     compiled = tvmsoftmax.compile(softmax_model("Softmax", (1, 1 << 26)), target="cuda", algorithm=algorithm)
     (site,) = compiled.sites
-    assert site["lowered"]["knobs"] == {"threads": 256, "rows_per_block": 1, "vector": 4, "splits": 256}
+    assert site["lowered"]["knobs"] == {"threads": 256, "rows_per_block": 1, "vector": 4, "splits": 256, "ragged": False}
     source = cuda_source(compiled)
     definitions = re.findall(r'__launch_bounds__\((\d+)\) (tvmsoftmax_site0\w*)\([^)]*\) \{(.*?)\n\}', source, re.DOTALL)
     assert [int(threads) for threads, _, _ in definitions] == [256, 32] * passes + [256]
@@ -93,12 +93,12 @@ def test_short_rows_get_a_warp_each(algorithm):
     # partial states in shared memory per row; rows that 4 does not divide: one warp per block.
     compiled = tvmsoftmax.compile(softmax_model("Softmax", (4096, 300)), target="cuda", algorithm=algorithm)
     (site,) = compiled.sites
-    assert site["lowered"]["knobs"] == {"threads": 32, "rows_per_block": 4, "vector": 1, "splits": 1}
+    assert site["lowered"]["knobs"] == {"threads": 32, "rows_per_block": 4, "vector": 1, "splits": 1, "ragged": False}
     source = cuda_source(compiled)
     assert re.search(r"__launch_bounds__\(128\) tvmsoftmax_site0", source)
     assert "threadIdx.y" in source and re.search(r"__shared__ alignas\(\d+\) float \w+_partial\w*\[128\]", source)
     odd = tvmsoftmax.compile(softmax_model("Softmax", (77, 300)), target="cuda", algorithm=algorithm)
-    assert odd.sites[0]["lowered"]["knobs"] == {"threads": 32, "rows_per_block": 1, "vector": 1, "splits": 1}
+    assert odd.sites[0]["lowered"]["knobs"] == {"threads": 32, "rows_per_block": 1, "vector": 1, "splits": 1, "ragged": False}
     assert_built_by_nvcc(compiled, source)
     assert_built_by_nvcc(odd, cuda_source(odd))
 
@@ -137,7 +137,7 @@ def test_long_rows_vector_loads_register_states_cooperative_tree(algorithm, dtyp
     in float32), keeps its 4 partial states in registers, and the block halves the row's states
     in shared memory together (a level per barrier, not every thread merging all of them)."""
     compiled = tvmsoftmax.compile(softmax_model("Softmax", (64, 4096), dtype=dtype), target="cuda", algorithm=algorithm)
-    assert compiled.sites[0]["lowered"]["knobs"] == {"threads": 256, "rows_per_block": 1, "vector": 4, "splits": 1}
+    assert compiled.sites[0]["lowered"]["knobs"] == {"threads": 256, "rows_per_block": 1, "vector": 4, "splits": 1, "ragged": False}
     source = cuda_source(compiled)
     kernel = source[source.index("void __launch_bounds__(256) tvmsoftmax_site0"):]
     kernel = kernel[:kernel.index("\n}\n")]

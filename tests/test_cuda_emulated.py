@@ -126,19 +126,22 @@ def _edge_rows(rows: int, length: int, rng) -> np.ndarray:
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("view,dtype", [((8, 300, 1), "float32"), ((8, 4096, 1), "float16"), ((4, 200, 3), "float32"),
                                         ((8, 1 << 17, 1), "float32"), ((8, 6 << 14, 1), "float16"),
-                                        ((8, 32000, 1), "float32")],
+                                        ((8, 32000, 1), "float32"), ((8, 100004, 1), "float16"),
+                                        ((8, 70001, 1), "float32")],
                          ids=["warp-per-row", "vector4-fp16", "strided-axis", "split-rows", "split-rows-6-fp16",
-                              "vector4-64-threads"])
+                              "vector4-64-threads", "ragged-split-rows-fp16", "ragged-split-rows-odd"])
 def test_softmax_cuda_matches_reference(algorithm, log, view, dtype):
     """Each algorithm's CUDA schedule: a warp per row (4 rows per block), a 256-thread block with
     4-wide vector loads in float16, a strided axis, rows split across 8 blocks (a tree across the
     chunk states) and across 6 (a tree level, then a merge of 3), 64 threads of 4-wide loads for
-    a 32000 row; edge rows (-inf, -1e9, -FLT_MAX,
+    a 32000 row, ragged splits (no whole chunks: the row's tail folded into the chunk states;
+    4-wide float16 loads, and 1-wide for an odd length); edge rows (-inf, -1e9, -FLT_MAX,
     +inf, NaN, huge range, half -inf)."""
     if algorithm == "three-pass" and view[1] > cuda.SHARED_ROW_LIMIT:
         pytest.skip("three-pass keeps a row in shared memory")
     chosen, knobs = cuda.choose(algorithm, log, list(view))
-    assert knobs.splits == {1 << 17: 8, 6 << 14: 6}.get(view[1], 1)
+    assert knobs.splits == {1 << 17: 8, 6 << 14: 6, 100004: 6, 70001: 4}.get(view[1], 1)
+    assert knobs.ragged == (view[1] in (100004, 70001))  # no whole chunks: the tail folded into the states
     assert (knobs.threads, knobs.vector) == {32000: (64, 4)}.get(view[1], (knobs.threads, knobs.vector))
     x = te.placeholder(view, dtype, name="x")
     y = softmax(x, algorithm=chosen, log=log, partitioning=knobs.partitioning(view[2] == 1))

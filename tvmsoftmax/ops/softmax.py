@@ -46,6 +46,11 @@ class Partitioning:
 
     partials: int = 1
     splits: int = 1
+    # Fold the row's tail (the < states elements past the last full step) into the partial
+    # states, element `body + q` into state q (a masked elementwise step after the reduction),
+    # instead of merging it per row with the states: for rows split across blocks, whose per-row
+    # merge is one thread, so the splits need not divide the row.
+    ragged: bool = False
 
     @property
     def states(self) -> int:
@@ -75,8 +80,9 @@ class _RowReduction:
 
     The row's first ``body = states * steps`` elements are reduced into the partial states with
     no masking and contiguous lanes (``steps = length // states``); the ``tail = length - body``
-    (< states) remaining elements are merged, with the partial states, by the per-row merge. So the
-    hot loop has no bounds select or clamped index (those made LLVM scalarise the loads).
+    (< states) remaining elements are merged, with the partial states, by the per-row merge (or,
+    with ``Partitioning.ragged``, folded into the partial states by a masked elementwise step). So
+    the hot loop has no bounds select or clamped index (those made LLVM scalarise the loads).
     """
 
     def __init__(self, x: te.Tensor, part: Partitioning):
@@ -117,6 +123,9 @@ class _RowReduction:
             partial = te.compute((outer, splits, width, inner), state, name=f"{name}_partial")
             at = lambda p, o, s, r, i: p[o, s, r, i]  # noqa: E731
         level = partial if isinstance(partial, (list, tuple)) else [partial]
+        tail, folded = self.tail, False
+        if self.part.ragged and not (isinstance(tail, tirx.IntImm) and int(tail) == 0):
+            level, folded = self._fold_tail(name, reducer, value_of, level, at), True
         # Halving within each split first (a split's levels are [outer, splits, width, inner]).
         # A split's last states are merged by one reduction block into the split's state
         # ([outer, splits, inner]: one block, a schedule's anchor for the whole split), then the
@@ -147,13 +156,14 @@ class _RowReduction:
                 width = half
         # A reduction over zero steps never runs its init in TIR: when the row is shorter than
         # the states (steps == 0) the partial states are not read at all.
-        used = tirx.min(self.steps, 1) * width
-        r = te.reduce_axis((0, used + self.tail), name=f"{name}_q")
+        # (A folded tail has put every state's identity or element in place: all are read.)
+        used = width if folded else tirx.min(self.steps, 1) * width
+        r = te.reduce_axis((0, used + (0 if folded else tail)), name=f"{name}_q")
 
         def merged_operand(o, i):
             # r % width (== r where it is used) lets region analysis see all `width` states.
             from_partial = tuple(at(p, o, 0, tirx.floormod(r, width), i) for p in level)
-            if isinstance(self.tail, tirx.IntImm) and int(self.tail) == 0:
+            if folded or (isinstance(tail, tirx.IntImm) and int(tail) == 0):
                 return from_partial
             k = tirx.min(self.body + tirx.max(r - used, 0), self.length - 1)
             from_tail = value_of(_load(self.x, o, k, i), o, i)
@@ -166,6 +176,27 @@ class _RowReduction:
             name=f"{name}_state",
         )
         return merged if isinstance(merged, (list, tuple)) else [merged]
+
+
+    def _fold_tail(self, name, reducer, value_of, level, at):
+        """The partial states with tail element ``body + q`` merged into state q (q < tail; the
+        others unchanged): an elementwise level of the partials' shape, so the reduction loop
+        stays unmasked. A row shorter than the states (steps == 0) starts from the identity."""
+        splits, width = self.part.splits, self.part.partials
+
+        def fold(o, s, r, i):
+            q = s * width + r
+            k = self.body + q
+            loaded = value_of(_load(self.x, o, tirx.min(k, self.length - 1), i), o, i)
+            current = tuple(at(p, o, s, r, i) for p in level)
+            identity = reducer.identity(*[p.dtype for p in level])
+            current = tuple(tirx.Select(self.steps > 0, c, e) for c, e in zip(current, identity))
+            merged = reducer.combine(current, loaded)
+            return _single(tuple(tirx.Select(k < self.length, m, c) for m, c in zip(merged, current)))
+
+        if splits == 1:
+            return _level(f"{name}_fold", (self.outer, width, self.inner), _one_split(fold))
+        return _level(f"{name}_fold", (self.outer, splits, width, self.inner), fold)
 
 
 def _level(name: str, shape, fcompute) -> list:

@@ -15,7 +15,10 @@ is three steps: a kernel over all chunks (partial states in registers, the chunk
 memory, one state per chunk written to global memory), a small kernel with a thread per row that
 merges the row's chunk states with the algorithm's associative operator (online: the (max, sum)
 merge of Milakov & Gimelshein; two-pass: the (mantissa, exponent) sum), and the consumers (the next
-reduction, the output) read that row state; the output is again a block per chunk.
+reduction, the output) read that row state; the output is again a block per chunk. With
+``ragged`` chunks (the row is not a whole number of chunks of threads x vector steps) the row's
+tail is folded into the chunk states by a masked elementwise level (the compute's ``*_fold``, a
+level of the chunk's tree here), so the row merge stays a few states per thread.
 """
 
 from __future__ import annotations
@@ -37,9 +40,10 @@ class CudaSoftmaxKnobs:
     rows_per_block: int = 1  # rows of one thread block (threadIdx.y), for short rows
     vector: int = 1  # elements per thread access (4: 16-byte float32 loads); partial states per thread
     splits: int = 1  # thread blocks sharing one row (few long rows), each a contiguous chunk
+    ragged: bool = False  # split rows: the row's tail folded into the chunks' states (any splits)
 
     def partitioning(self, contiguous_rows: bool) -> Partitioning:
-        return Partitioning(partials=self.threads * self.vector, splits=self.splits)
+        return Partitioning(partials=self.threads * self.vector, splits=self.splits, ragged=self.ragged)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -74,7 +78,10 @@ def choose(requested: str, log: bool, view: list[int | None]) -> tuple[str, Cuda
         return 4 if contiguous and length % (threads * 4) == 0 else 1
 
     if length is None or length >= 2048:
-        splits = _splits(algorithm, view, vector(256))
+        splits, ragged = _splits(algorithm, view, vector(256))
+        if ragged:  # 16-byte loads need only a row length that is a multiple of 4 here
+            return algorithm, CudaSoftmaxKnobs(threads=256, vector=4 if length % 4 == 0 else 1, splits=splits,
+                                               ragged=True)
         if splits > 1 or vector(256) == 4:
             return algorithm, CudaSoftmaxKnobs(threads=256, vector=vector(256), splits=splits)
         # Enough rows for the GPU: fewer threads per row where that makes whole steps of 16-byte
@@ -96,20 +103,25 @@ SPLIT_TARGET_BLOCKS = 256
 SPLIT_MIN_CHUNK = 16 * 1024
 
 
-def _splits(algorithm: str, view: list[int | None], vector: int) -> int:
-    """Chunks per row: the largest divisor of the row's whole thread steps that brings the grid to
-    at most SPLIT_TARGET_BLOCKS, with chunks of at least SPLIT_MIN_CHUNK elements (1: no split).
-    A divisor, so chunks are whole steps of threads x vector and no row tail is left (the tail
-    would be merged by the single thread of the row's merge kernel). three-pass keeps its row in
-    shared memory and is never split."""
+def _splits(algorithm: str, view: list[int | None], vector: int) -> tuple[int, bool]:
+    """(chunks per row, ragged): as many chunks as bring the grid to SPLIT_TARGET_BLOCKS, with
+    chunks of at least SPLIT_MIN_CHUNK elements ((1, False): no split). Whole chunks (a divisor
+    of the row's steps of threads x vector: no row tail) where one comes within half of that
+    count; otherwise exactly that count, ragged: the row's tail is folded into the chunks'
+    states (`Partitioning.ragged`; merged per row it would run on the one thread of the row's
+    merge kernel). (32, 128256) gets 7 ragged chunks a row instead of 3 whole ones of scalar
+    loads. three-pass keeps its row in shared memory and is never split."""
     outer, length, inner = view
     if algorithm == "three-pass" or None in view or inner != 1 or length < 2 * SPLIT_MIN_CHUNK:
-        return 1
-    steps = length // (256 * vector)
-    if steps * 256 * vector != length:
-        return 1
+        return 1, False
     most = min(-(-SPLIT_TARGET_BLOCKS // outer), length // SPLIT_MIN_CHUNK)
-    return max((s for s in range(1, most + 1) if steps % s == 0), default=1)
+    if most < 2:
+        return 1, False
+    steps, rest = divmod(length, 256 * vector)
+    whole = max((s for s in range(1, most + 1) if steps % s == 0), default=1) if rest == 0 else 1
+    if 2 * whole > most:
+        return whole, False
+    return most, True
 
 
 def schedule_softmax(func: tirx.PrimFunc, knobs: CudaSoftmaxKnobs) -> tirx.PrimFunc:
@@ -193,7 +205,10 @@ def _schedule_split_rows(sch, knobs: CudaSoftmaxKnobs) -> None:
     _, output = named[-1]
     o, k, i = sch.get_loops(output)
     sch.reorder(o, i, k)
-    chunk, _, tx, lanes = sch.split(k, [knobs.splits, None, knobs.threads, knobs.vector])
+    # Lanes split off first: with ragged chunks the last chunk's bound then predicates whole
+    # vectors (the row length is a multiple of the vector), never single lanes.
+    k, lanes = sch.split(k, [None, knobs.vector])
+    chunk, _, tx = sch.split(k, [knobs.splits, None, knobs.threads])
     out_block = sch.fuse(sch.fuse(o, i), chunk)
     sch.bind(out_block, "blockIdx.x")
     sch.bind(tx, "threadIdx.x")
@@ -201,7 +216,7 @@ def _schedule_split_rows(sch, knobs: CudaSoftmaxKnobs) -> None:
         sch.vectorize(lanes)
     anchors = {}  # reduction name -> the loop its producers are computed at
     for name, block in reversed(named[:-1]):
-        reduction = re.sub(r"_(partial|tree\d+|split_state|splittree\d+|state)(_v\d+)?$", "", name)
+        reduction = re.sub(r"_(partial|fold|tree\d+|split_state|splittree\d+|state)(_v\d+)?$", "", name)
         if name.endswith("_state") and not name.endswith("_split_state"):
             o, i, _ = sch.get_loops(block)
             bx, row_thread = sch.split(sch.fuse(o, i), [None, 32])
@@ -221,7 +236,7 @@ def _schedule_split_rows(sch, knobs: CudaSoftmaxKnobs) -> None:
         elif name.endswith("_partial"):
             sch.compute_at(block, anchors[reduction])
             _schedule_partial(sch, block, sch.get_loops(block)[1:], knobs)
-        elif "_tree" in name:
+        elif "_tree" in name or re.search(r"_fold(_v\d+)?$", name):  # fold: the ragged tail, a level too
             sch.compute_at(block, anchors[reduction])
             sch.set_scope(block, 0, "shared")
             _thread_loop(sch, sch.get_loops(block)[1], knobs, vector=False)
