@@ -60,8 +60,8 @@ def main():
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         medians = _median_of_rounds({
-            "tvmsoftmax": lambda: compiled.run(feeds),
-            "onnxruntime": lambda: session.run(None, feeds),
+            "tvmsoftmax": lambda c=compiled, f=feeds: c.run(f),
+            "onnxruntime": lambda s=session, f=feeds: s.run(None, f),
         })
         row = {"model": name, "op": op, "layers": 2, "bidirectional": True, "steps": STEPS, "batch": batch,
                "inputs": INPUTS, "hidden": HIDDEN, "threads": threads, "check_passed": report.passed,

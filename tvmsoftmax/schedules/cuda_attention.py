@@ -281,7 +281,10 @@ def _wmma_product(sch, block, knobs: CudaAttentionKnobs, a: str, b: str) -> list
     store = sch.cache_write(block, 0, "wmma.accumulator")
     sch.reverse_compute_at(store, col_tiles, preserve_unit_loops=True)
     names = [str(region.source.name) for region in sch.get(block).reads]
-    index = lambda name: next(i for i, n in enumerate(names) if n.startswith(name))  # noqa: E731 (+ "_shared...")
+
+    def index(name):  # the buffer, or its shared copy ("<name>_shared...")
+        return next(i for i, n in enumerate(names) if n.startswith(name))
+
     frag_a = sch.cache_read(block, index(a), "wmma.matrix_a")
     frag_b = sch.cache_read(block, index(b), "wmma.matrix_b")
     sch.compute_at(frag_a, depth)
