@@ -23,6 +23,7 @@ def converters() -> dict:
         **_make_integer_converters(),
         "CumProd": _make_cumprod_converter(),
         "BitCast": _make_bitcast_converter(),
+        "ReverseSequence": _make_reverse_sequence_converter(),
         **_make_inference_only_converters(),
         **_make_dtype_exact_converters(),
         **_make_math_converters(),
@@ -533,6 +534,36 @@ def _make_bitcast_converter():
             return bb.emit_te(topi.reinterpret, inputs[0], dtype)
 
     return BitCastConverter
+
+
+def _make_reverse_sequence_converter():
+    from tvm import te, tirx
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    def reverse(x, lengths, time_axis: int, batch_axis: int):
+        def element(*index):
+            t = index[time_axis].astype("int64")
+            steps = tirx.Cast("int64", x.shape[time_axis])
+            # onnxruntime refuses lengths outside [0, steps]; clamped here (no run-time error).
+            length = tirx.max(tirx.min(lengths[index[batch_axis]].astype("int64"), steps), tirx.const(0, "int64"))
+            source = list(index)
+            source[time_axis] = tirx.Select(t < length, length - 1 - t, t)
+            return x(*source)
+
+        return te.compute(x.shape, element, name="reverse_sequence")
+
+    class ReverseSequenceConverter(OnnxOpConverter):
+        """ReverseSequence (absent in TVM 0.27's importer): per batch entry b, its first
+        sequence_lens[b] steps along time_axis reversed, the rest copied."""
+
+        @classmethod
+        def _impl_v10(cls, bb, inputs, attr, params):
+            time_axis, batch_axis = attr.get("time_axis", 0), attr.get("batch_axis", 1)
+            if sorted((time_axis, batch_axis)) != [0, 1]:
+                raise ValueError(f"ReverseSequence: time_axis {time_axis} and batch_axis {batch_axis} must be 0 and 1")
+            return bb.emit_te(reverse, inputs[0], inputs[1], time_axis, batch_axis)
+
+    return ReverseSequenceConverter
 
 
 def _make_inference_only_converters() -> dict:
