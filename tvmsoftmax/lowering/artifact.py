@@ -51,10 +51,12 @@ class CompiledModel:
         self.device = tvm.cuda(0) if device_type == "cuda" else tvm.cpu(0)
         self._on_cpu = device_type != "cuda"
         self._vm = VirtualMachine(vm_module, self.device)
+        self._main = self._vm["main"]  # looked up once (a lookup per call cost ~2.5 us)
         # Per input name: a reusable 64-byte-aligned host buffer and its TVM tensor (see
         # `_device_tensor`). A run holds the lock from staging to copying the outputs out: the VM
         # is not reentrant, and a staged input must not change under a running call.
         self._staging: dict[str, tuple[np.ndarray, object]] = {}
+        self._accepted_dtypes: dict[str, np.dtype] = {}  # input name -> a dtype that passed the check
         self._lock = threading.Lock()
 
     # ---- description -------------------------------------------------------------------------
@@ -87,10 +89,14 @@ class CompiledModel:
         for spec in self.inputs:
             name = spec["name"]
             value = np.asarray(feeds[name])
-            if value.dtype.name != spec["dtype"]:
+            # dtype.name costs microseconds per call (numpy derives it); the names that passed
+            # once are remembered as dtype objects, compared in C.
+            accepted = self._accepted_dtypes.get(name)
+            if (accepted is None or value.dtype != accepted) and value.dtype.name != spec["dtype"]:
                 raise InputError(
                     f"input {name!r}: expected dtype {spec['dtype']}, got {value.dtype.name}"
                 )
+            self._accepted_dtypes[name] = value.dtype
             dims = spec["shape"]
             if dims is not None:
                 if value.ndim != len(dims):
@@ -138,7 +144,7 @@ class CompiledModel:
         return staged[1]
 
     def _invoke(self, args):
-        return self._vm["main"](*args)
+        return self._main(*args)
 
     @staticmethod
     def _flatten(result) -> list:
