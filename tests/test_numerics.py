@@ -147,7 +147,7 @@ PLAIN_CASES = [
                           "test_blackmanwindow", "test_rms_normalization", "test_affine_grid_2d", "test_bitcast",
                           "test_resize_upsample_scales_nearest_axes", "test_resize_tf_crop_and_resize_axes",
                           "test_resize_downsample_sizes_nearest_not", "test_resize_upsample_sizes_nearest_not_smaller",
-                          "test_reversesequence"))
+                          "test_reversesequence", "test_col2im"))
     and "uint64" not in c.name  # TVM 0.27's TopK has no uint64
 ]
 
@@ -533,3 +533,25 @@ def test_reverse_sequence_matches_onnxruntime(time_axis, batch_axis):
     want = run_ort(model, feeds)[0]
     assert np.array_equal(got, want)
     assert not np.array_equal(got, x)  # something was reversed
+
+
+def test_col2im_matches_onnxruntime():
+    """Col2Im (absent in TVM; our converter): strides, asymmetric pads and dilations together, 2
+    images x 3 channels, shapes as initializers, against onnxruntime (overlapping blocks sum)."""
+    from onnx import numpy_helper
+
+    image, block, strides, pads, dilations = [7, 6], [2, 3], [2, 1], [1, 0, 0, 2], [1, 2]
+    blocks = [(image[i] + pads[i] + pads[i + 2] - (dilations[i] * (block[i] - 1) + 1)) // strides[i] + 1
+              for i in range(2)]
+    x = np.random.default_rng(0).standard_normal((2, 3 * 6, blocks[0] * blocks[1])).astype(np.float32)
+    node = helper.make_node("Col2Im", ["x", "image", "block"], ["y"], strides=strides, pads=pads, dilations=dilations)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, *image])],
+        [numpy_helper.from_array(np.array(image, np.int64), "image"), numpy_helper.from_array(np.array(block, np.int64), "block")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    got = tvmsoftmax.compile(model).run({"x": x})["y"]
+    want = run_ort(model, {"x": x})[0]
+    assert got.shape == want.shape == (2, 3, *image)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

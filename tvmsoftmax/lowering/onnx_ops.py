@@ -24,6 +24,7 @@ def converters() -> dict:
         "CumProd": _make_cumprod_converter(),
         "BitCast": _make_bitcast_converter(),
         "ReverseSequence": _make_reverse_sequence_converter(),
+        "Col2Im": _make_col2im_converter(),
         **_make_inference_only_converters(),
         **_make_dtype_exact_converters(),
         **_make_math_converters(),
@@ -564,6 +565,57 @@ def _make_reverse_sequence_converter():
             return bb.emit_te(reverse, inputs[0], inputs[1], time_axis, batch_axis)
 
     return ReverseSequenceConverter
+
+
+def _make_col2im_converter():
+    import tvm
+    from tvm import te, tirx
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter, get_constant
+
+    def col2im(x, image, block, dilations, pads, strides):
+        rank, per_channel = len(image), math.prod(block)
+        blocks = [(image[i] + pads[i] + pads[i + rank] - (dilations[i] * (block[i] - 1) + 1)) // strides[i] + 1
+                  for i in range(rank)]
+        columns = math.prod(blocks)
+        offsets = [te.reduce_axis((0, block[i]), name=f"k{i}") for i in range(rank)]
+
+        def element(n, c, *position):
+            valid, kernel, column = tirx.const(True, "bool"), 0, 0
+            for i in range(rank):  # row-major positions of the kernel offset and of the block
+                p = position[i] + pads[i] - offsets[i] * dilations[i]
+                q = tirx.floordiv(p, strides[i])
+                valid = tirx.all(valid, p >= 0, tirx.floormod(p, strides[i]) == 0, q < blocks[i])
+                kernel = kernel * block[i] + offsets[i]
+                column = column * blocks[i] + tirx.max(q, 0)
+            value = x[n, c * per_channel + kernel, tirx.min(column, columns - 1)]
+            return te.sum(tirx.Select(valid, value, tirx.const(0, x.dtype)), axis=offsets)
+
+        shape = [x.shape[0], x.shape[1] // per_channel, *image]
+        return te.compute(shape, element, name="col2im")
+
+    class Col2ImConverter(OnnxOpConverter):
+        """Col2Im (absent in TVM 0.27): each output pixel sums the columns whose blocks cover it;
+        image_shape and block_shape must be constants (graph inputs are specialised per value)."""
+
+        @classmethod
+        def _impl_v18(cls, bb, inputs, attr, params):
+            sizes = []
+            for index, what in ((1, "image_shape"), (2, "block_shape")):
+                value = get_constant(inputs[index], params)
+                if not isinstance(value, tvm.ir.GenericConst):
+                    raise ValueError(f"Col2Im needs its {what} as a constant")
+                sizes.append([int(v) for v in value.value.numpy().reshape(-1)])
+            image, block = sizes
+            rank = len(image)
+            dilations = list(attr.get("dilations", [1] * rank))
+            pads = list(attr.get("pads", [0] * 2 * rank))
+            strides = list(attr.get("strides", [1] * rank))
+            if len(block) != rank or len(dilations) != rank or len(strides) != rank or len(pads) != 2 * rank:
+                raise ValueError(f"Col2Im: image_shape {image}, block_shape {block}, dilations {dilations}, "
+                                 f"strides {strides} and pads {pads} disagree on the number of spatial dims")
+            return bb.emit_te(col2im, inputs[0], image, block, dilations, pads, strides)
+
+    return Col2ImConverter
 
 
 def _make_inference_only_converters() -> dict:
