@@ -14,7 +14,7 @@ NaN, huge ranges) and a long row. It writes a runtime bundle (`tvmsoftmax.deploy
 
 It also compiles each large shape with static dims (``*-<rows>x<length>.tvmsm``: the schedules
 that need static rows, 16-byte loads and rows split across blocks, apply there) and ONNX
-Attention-23 in float16 for the attention shapes (fused flash attention), with check cases whose
+Attention-23 in float16 for the attention shapes (fused flash attention on tensor cores), with check cases whose
 references onnxruntime computes here (a small causal case and a small non-causal one).
 
 `run` runs every check case (max abs/rel error against those references, tolerance per dtype),
