@@ -555,3 +555,74 @@ def test_col2im_matches_onnxruntime():
     want = run_ort(model, {"x": x})[0]
     assert got.shape == want.shape == (2, 3, *image)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def _fft_reference(x, axis, length, inverse, onesided):
+    """numpy float64 of DFT's semantics: fft/ifft, onesided forward = the first n // 2 + 1
+    frequencies, onesided inverse = irfft (real output)."""
+    signal = x[..., 0].astype(np.float64) + (1j * x[..., 1].astype(np.float64) if x.shape[-1] == 2 else 0)
+    if inverse and onesided:
+        return np.fft.irfft(signal, n=length, axis=axis)[..., None]
+    out = (np.fft.ifft if inverse else np.fft.fft)(signal, n=length, axis=axis)
+    if onesided:
+        out = np.take(out, np.arange(length // 2 + 1), axis=axis)
+    return np.stack([out.real, out.imag], -1)
+
+
+DFT_CASES = [c for c in node_cases.collect_testcases(None) if c.name.startswith("test_dft")]
+
+
+@pytest.mark.parametrize("case", DFT_CASES, ids=[c.name for c in DFT_CASES])
+def test_dft_conformance_cases_against_float64(case):
+    """The onnx DFT cases (our converter; TVM has none) against numpy in float64 on the case's
+    inputs, to float32 rounding (the cases' own expected outputs carry float32 FFT error above
+    their atol 1e-7; onnxruntime misses all ten by up to 3e-4)."""
+    node = case.model.graph.node[0]
+    attrs = {a.name: a.i for a in node.attribute}
+    names = [i.name for i in case.model.graph.input]
+    for inputs, _ in case.data_sets:
+        feeds = dict(zip(names, inputs))
+        x = inputs[0]
+        axis = attrs.get("axis", 1) if case.model.opset_import[0].version < 20 else int(feeds.get(node.input[2], -2)) \
+            if len(node.input) > 2 else -2
+        axis = axis % x.ndim
+        inverse, onesided = bool(attrs.get("inverse", 0)), bool(attrs.get("onesided", 0))
+        length = 2 * (x.shape[axis] - 1) if inverse and onesided else x.shape[axis]
+        got = tvmsoftmax.compile(case.model).run(feeds)
+        (value,) = got.values()
+        want = _fft_reference(x, axis, length, inverse, onesided)
+        assert value.shape == want.shape and value.dtype == np.float32
+        np.testing.assert_allclose(value, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("opset,complex_input,inverse,onesided,length", [
+    (17, False, False, True, 12), (17, True, False, False, 7), (17, True, True, False, 9),
+    (20, True, True, True, 16), (20, False, False, False, 16),
+])
+def test_dft_matches_numpy_and_onnxruntime(opset, complex_input, inverse, onesided, length):
+    """dft_length padding (12, 16 > 9 samples) and truncation (7), onesided forward and inverse
+    (9 = 16 // 2 + 1 half-spectrum values: onnxruntime departs from numpy's irfft, which the onnx
+    reference follows, when the half spectrum is longer), complex input, axis as an attribute
+    (opset 17) and as an input (opset 20, negative): float64 numpy to float32 rounding,
+    onnxruntime to its own float32 FFT error."""
+    from onnx import numpy_helper
+
+    x = np.random.default_rng(1).standard_normal((2, 9, 3, 2 if complex_input else 1)).astype(np.float32)
+    inits = [numpy_helper.from_array(np.array(length, np.int64), "length")]
+    attrs = {"inverse": int(inverse), "onesided": int(onesided)}
+    inputs = ["x", "length"]
+    if opset == 17:
+        attrs["axis"] = 1
+    else:
+        inits.append(numpy_helper.from_array(np.array(-3, np.int64), "axis"))
+        inputs.append("axis")
+    graph = helper.make_graph(
+        [helper.make_node("DFT", inputs, ["y"], **attrs)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * 4)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    got = tvmsoftmax.compile(model).run({"x": x})["y"]
+    want = _fft_reference(x, 1, length, inverse, onesided)
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * scale)
+    np.testing.assert_allclose(got, run_ort(model, {"x": x})[0], rtol=1e-3, atol=1e-4 * scale)

@@ -25,6 +25,7 @@ def converters() -> dict:
         "BitCast": _make_bitcast_converter(),
         "ReverseSequence": _make_reverse_sequence_converter(),
         "Col2Im": _make_col2im_converter(),
+        "DFT": _make_dft_converter(),
         **_make_inference_only_converters(),
         **_make_dtype_exact_converters(),
         **_make_math_converters(),
@@ -616,6 +617,96 @@ def _make_col2im_converter():
             return bb.emit_te(col2im, inputs[0], image, block, dilations, pads, strides)
 
     return Col2ImConverter
+
+
+def _make_dft_converter():
+    import tvm
+    from tvm import te, tirx
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter, get_constant
+
+    def dft(x, axis: int, length: int, inverse: bool, onesided: bool):
+        """numpy's fft / ifft / (onesided) rfft / (onesided inverse) irfft along `axis` of
+        x [..., 1 or 2] (real, or (real, imaginary) pairs), as a direct sum in float64 (an
+        O(n^2) transform: exact to float32 rounding; the angle is reduced as an integer k*n mod
+        n first). Output [..., 2], or [..., 1] for irfft."""
+        complex_input = int(x.shape[-1]) == 2
+        given = int(x.shape[axis])
+        irfft = inverse and onesided
+        if irfft:
+            out_len, terms = length, min(given, length // 2 + 1)
+        else:
+            out_len, terms = (length // 2 + 1 if onesided else length), min(given, length)
+        r = te.reduce_axis((0, terms), name="n")
+        two_pi = 2.0 * math.pi
+
+        def element(*index):
+            k, part = index[axis], index[-1]
+
+            def at(n, which):
+                source = list(index)
+                source[axis], source[-1] = n, which
+                return x(*source).astype("float64")
+
+            turn = tirx.floormod(k.astype("int64") * r.var.astype("int64"), length).astype("float64")
+            angle = turn * tirx.const(two_pi / length, "float64")
+            cos, sin = tirx.cos(angle), tirx.sin(angle)
+            real = at(r.var, 0)
+            imag = at(r.var, 1) if complex_input else tirx.const(0.0, "float64")
+            if irfft:  # x[k] = 1/N sum_n w_n Re(X[n] e^(i 2 pi k n / N)), Hermitian weights
+                weight = tirx.Select(tirx.any(r.var == 0, r.var * 2 == length), tirx.const(1.0, "float64"),
+                                     tirx.const(2.0, "float64"))
+                term = weight * (real * cos - imag * sin) / length
+            elif inverse:
+                term = tirx.Select(part == 0, real * cos - imag * sin, imag * cos + real * sin) / length
+            else:
+                term = tirx.Select(part == 0, real * cos + imag * sin, imag * cos - real * sin)
+            return te.sum(term, axis=r)
+
+        shape = list(x.shape)
+        shape[axis], shape[-1] = out_len, 1 if irfft else 2
+        wide = te.compute(shape, element, name="dft")
+        return te.compute(shape, lambda *i: wide(*i).astype(x.dtype), name="dft_cast")
+
+    class DFTConverter(OnnxOpConverter):
+        """DFT (absent in TVM 0.27) with numpy's (and onnxruntime's) semantics; dft_length and
+        (opset 20) axis must be constants (graph inputs are specialised per value)."""
+
+        @classmethod
+        def _constant(cls, value, params, what):
+            constant = get_constant(value, params)
+            if not isinstance(constant, tvm.ir.GenericConst):
+                raise ValueError(f"DFT needs its {what} as a constant")
+            return int(constant.value.numpy().reshape(()))
+
+        @classmethod
+        def _convert(cls, bb, inputs, attr, params, axis):
+            x = inputs[0]
+            rank = len(x.ty.shape)
+            if int(x.ty.shape[-1]) not in (1, 2):
+                raise ValueError(f"DFT: the input's last dim must be 1 (real) or 2 (complex), got {x.ty.shape[-1]}")
+            axis = axis + rank if axis < 0 else axis
+            if not 0 < axis < rank - 1 and not (axis == 0 and rank > 1):
+                raise ValueError(f"DFT: axis {axis} is outside the signal dims of a rank-{rank} input")
+            inverse, onesided = bool(attr.get("inverse", 0)), bool(attr.get("onesided", 0))
+            given = int(x.ty.shape[axis])
+            if len(inputs) > 1 and inputs[1] is not None:
+                length = cls._constant(inputs[1], params, "dft_length")
+            else:
+                length = 2 * (given - 1) if inverse and onesided else given
+            if length < 1:
+                raise ValueError(f"DFT: dft_length must be positive, got {length}")
+            return bb.emit_te(dft, x, axis, length, inverse, onesided)
+
+        @classmethod
+        def _impl_v17(cls, bb, inputs, attr, params):
+            return cls._convert(bb, inputs, attr, params, int(attr.get("axis", 1)))
+
+        @classmethod
+        def _impl_v20(cls, bb, inputs, attr, params):
+            axis = cls._constant(inputs[2], params, "axis") if len(inputs) > 2 and inputs[2] is not None else -2
+            return cls._convert(bb, inputs, attr, params, axis)
+
+    return DFTConverter
 
 
 def _make_inference_only_converters() -> dict:
