@@ -26,6 +26,7 @@ def converters() -> dict:
         "ReverseSequence": _make_reverse_sequence_converter(),
         "Col2Im": _make_col2im_converter(),
         "DFT": _make_dft_converter(),
+        "STFT": _make_stft_converter(),
         **_make_inference_only_converters(),
         **_make_dtype_exact_converters(),
         **_make_math_converters(),
@@ -707,6 +708,72 @@ def _make_dft_converter():
             return cls._convert(bb, inputs, attr, params, axis)
 
     return DFTConverter
+
+
+def _make_stft_converter():
+    import tvm
+    from tvm import te, tirx
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter, get_constant
+
+    def stft(x, window, step: int, length: int, onesided: bool):
+        """Frames of `window`'s size every `step` samples (zeros past the signal's end), weighted by
+        the window, each a DFT of `length` points (as the DFT converter: a direct float64 sum):
+        [batch, frames, bins, 2], as the onnx reference and onnxruntime compute it."""
+        samples = int(x.shape[1])
+        size = int(window.shape[0]) if window is not None else length
+        frames = 1 + (samples - length) // step
+        bins = length // 2 + 1 if onesided else length
+        complex_input = int(x.shape[-1]) == 2
+        r = te.reduce_axis((0, min(size, length)), name="n")
+
+        def element(b, f, k, part):
+            t = f * step + r.var
+            inside = t < samples
+            t = tirx.min(t, samples - 1)
+            weight = window[r.var].astype("float64") if window is not None else tirx.const(1.0, "float64")
+            zero = tirx.const(0.0, "float64")
+            real = tirx.Select(inside, x[b, t, 0].astype("float64") * weight, zero)
+            imag = tirx.Select(inside, x[b, t, 1].astype("float64") * weight, zero) if complex_input else zero
+            turn = tirx.floormod(k.astype("int64") * r.var.astype("int64"), length).astype("float64")
+            angle = turn * tirx.const(2.0 * math.pi / length, "float64")
+            cos, sin = tirx.cos(angle), tirx.sin(angle)
+            term = tirx.Select(part == 0, real * cos + imag * sin, imag * cos - real * sin)
+            return te.sum(term, axis=r)
+
+        shape = [x.shape[0], frames, bins, 2]
+        wide = te.compute(shape, element, name="stft")
+        return te.compute(shape, lambda *i: wide(*i).astype(x.dtype), name="stft_cast")
+
+    class STFTConverter(OnnxOpConverter):
+        """STFT (absent in TVM 0.27): frame_step and frame_length must be constants (graph inputs
+        are specialised per value); the window may be a run-time input."""
+
+        @classmethod
+        def _impl_v17(cls, bb, inputs, attr, params):
+            def constant(index, what):
+                value = get_constant(inputs[index], params)
+                if not isinstance(value, tvm.ir.GenericConst):
+                    raise ValueError(f"STFT needs its {what} as a constant")
+                return int(value.value.numpy().reshape(()))
+
+            x = inputs[0]
+            if len(x.ty.shape) != 3 or int(x.ty.shape[-1]) not in (1, 2):
+                raise ValueError(f"STFT: the signal must be [batch, samples, 1 or 2], got {list(x.ty.shape)}")
+            window = inputs[2] if len(inputs) > 2 and inputs[2] is not None else None
+            step = constant(1, "frame_step")
+            if len(inputs) > 3 and inputs[3] is not None:
+                length = constant(3, "frame_length")
+            else:
+                length = int(window.ty.shape[0]) if window is not None else int(x.ty.shape[1])
+            if step < 1 or length < 1 or length > int(x.ty.shape[1]):
+                raise ValueError(f"STFT: frame_step {step} and frame_length {length} must be positive, "
+                                 f"the frame no longer than the signal ({x.ty.shape[1]})")
+            onesided = bool(attr.get("onesided", 1))
+            if window is None:
+                return bb.emit_te(lambda signal: stft(signal, None, step, length, onesided), x)
+            return bb.emit_te(stft, x, window, step, length, onesided)
+
+    return STFTConverter
 
 
 def _make_inference_only_converters() -> dict:
