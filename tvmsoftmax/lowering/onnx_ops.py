@@ -620,6 +620,25 @@ def _make_col2im_converter():
     return Col2ImConverter
 
 
+def _dft_rotation(k, n, length: int):
+    """(cos, sin) of 2 pi k n / length in float64, the angle reduced as an integer k n mod length
+    first (exact for any k, n)."""
+    from tvm import tirx
+
+    turn = tirx.floormod(k.astype("int64") * n.astype("int64"), length).astype("float64")
+    angle = turn * tirx.const(2.0 * math.pi / length, "float64")
+    return tirx.cos(angle), tirx.sin(angle)
+
+
+def _dft_term(real, imag, cos, sin, part, inverse: bool = False):
+    """Part 0 (real) or 1 (imaginary) of (real + i imag) e^(-+i angle) (+ for the inverse)."""
+    from tvm import tirx
+
+    if inverse:
+        return tirx.Select(part == 0, real * cos - imag * sin, imag * cos + real * sin)
+    return tirx.Select(part == 0, real * cos + imag * sin, imag * cos - real * sin)
+
+
 def _make_dft_converter():
     import tvm
     from tvm import te, tirx
@@ -638,7 +657,6 @@ def _make_dft_converter():
         else:
             out_len, terms = (length // 2 + 1 if onesided else length), min(given, length)
         r = te.reduce_axis((0, terms), name="n")
-        two_pi = 2.0 * math.pi
 
         def element(*index):
             k, part = index[axis], index[-1]
@@ -648,19 +666,16 @@ def _make_dft_converter():
                 source[axis], source[-1] = n, which
                 return x(*source).astype("float64")
 
-            turn = tirx.floormod(k.astype("int64") * r.var.astype("int64"), length).astype("float64")
-            angle = turn * tirx.const(two_pi / length, "float64")
-            cos, sin = tirx.cos(angle), tirx.sin(angle)
+            cos, sin = _dft_rotation(k, r.var, length)
             real = at(r.var, 0)
             imag = at(r.var, 1) if complex_input else tirx.const(0.0, "float64")
             if irfft:  # x[k] = 1/N sum_n w_n Re(X[n] e^(i 2 pi k n / N)), Hermitian weights
                 weight = tirx.Select(tirx.any(r.var == 0, r.var * 2 == length), tirx.const(1.0, "float64"),
                                      tirx.const(2.0, "float64"))
                 term = weight * (real * cos - imag * sin) / length
-            elif inverse:
-                term = tirx.Select(part == 0, real * cos - imag * sin, imag * cos + real * sin) / length
             else:
-                term = tirx.Select(part == 0, real * cos + imag * sin, imag * cos - real * sin)
+                term = _dft_term(real, imag, cos, sin, part, inverse)
+                term = term / length if inverse else term
             return te.sum(term, axis=r)
 
         shape = list(x.shape)
@@ -734,11 +749,8 @@ def _make_stft_converter():
             zero = tirx.const(0.0, "float64")
             real = tirx.Select(inside, x[b, t, 0].astype("float64") * weight, zero)
             imag = tirx.Select(inside, x[b, t, 1].astype("float64") * weight, zero) if complex_input else zero
-            turn = tirx.floormod(k.astype("int64") * r.var.astype("int64"), length).astype("float64")
-            angle = turn * tirx.const(2.0 * math.pi / length, "float64")
-            cos, sin = tirx.cos(angle), tirx.sin(angle)
-            term = tirx.Select(part == 0, real * cos + imag * sin, imag * cos - real * sin)
-            return te.sum(term, axis=r)
+            cos, sin = _dft_rotation(k, r.var, length)
+            return te.sum(_dft_term(real, imag, cos, sin, part), axis=r)
 
         shape = [x.shape[0], frames, bins, 2]
         wide = te.compute(shape, element, name="stft")
