@@ -145,8 +145,7 @@ PLAIN_CASES = [
                           "test_training_dropout_zero_ratio", "test_mod_", "test_nonmaxsuppression",
                           "test_convtranspose_kernel_shape", "test_hannwindow", "test_hammingwindow",
                           "test_blackmanwindow", "test_rms_normalization", "test_affine_grid_2d", "test_bitcast",
-                          "test_resize_upsample_scales_nearest_axes", "test_resize_tf_crop_and_resize_axes",
-                          "test_resize_downsample_sizes_nearest_not", "test_resize_upsample_sizes_nearest_not_smaller",
+                          "test_resize_",
                           "test_reversesequence", "test_col2im", "test_stft"))
     and "uint64" not in c.name  # TVM 0.27's TopK has no uint64
 ]
@@ -341,33 +340,37 @@ def test_reduction_over_an_empty_axis_is_its_identity(op, dtype):
     np.testing.assert_array_equal(got, want)
 
 
-def test_resize_refuses_what_tvm_samples_wrongly():
-    """TVM's Resize ignores antialias and samples with out/in instead of ONNX's scale: both gave wrong
-    pixels silently, now refused by name, as is nearest upsampling with exact ties TVM breaks the
-    other way. Whole-pixel scales still run (checked against onnxruntime)."""
-    from tvmsoftmax.errors import ModelError
+def test_resize_where_tvm_samples_wrongly_uses_exact_weights():
+    """TVM's Resize ignores antialias, samples with out/in instead of ONNX's scale, breaks nearest's
+    exact ties the other way, and its cubic downsampling differs: those (static dims, constant
+    scales/sizes) run as one dense weight matrix per axis taken from the onnx reference (its
+    Resize applied to the identity), checked here against onnxruntime; whole-pixel scales keep
+    TVM's Resize."""
+    def model(shape, node_inputs, constant, out, **attrs):
+        name = node_inputs[-1]
+        dtype = TensorProto.INT64 if name == "sizes" else TensorProto.FLOAT
+        return _model([helper.make_node("Resize", ["x", *node_inputs], ["y"], **attrs)],
+                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, out)],
+                      initializers=[helper.make_tensor(name, dtype, [4], constant)])
 
-    def model(scales, **attrs):
-        return _model([helper.make_node("Resize", ["x", "", "scales"], ["y"], mode="linear", **attrs)],
-                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
-                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "c", "h", "w"])],
-                      initializers=[helper.make_tensor("scales", TensorProto.FLOAT, [4], scales)])
-
-    x = np.random.default_rng(0).standard_normal((1, 1, 4, 4)).astype(np.float32)
-    for scales in ([1, 1, 2, 2], [1, 1, 0.5, 1.5]):
-        graph = model(scales)
-        np.testing.assert_allclose(tvmsoftmax.compile(graph).run({"x": x})["y"], run_ort(graph, {"x": x})[0],
-                                   rtol=1e-5, atol=1e-6)
-    with pytest.raises(ModelError, match=r"Resize.*4 x 0.6.* not a whole number"):
-        tvmsoftmax.compile(model([1, 1, 0.6, 0.6]))
-    with pytest.raises(ModelError, match="antialias"):
-        tvmsoftmax.compile(model([1, 1, 0.5, 0.5], antialias=1))
-    sizes = _model([helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], mode="nearest")],
-                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
-                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 7, 8])],
-                   initializers=[helper.make_tensor("sizes", TensorProto.INT64, [4], [1, 1, 7, 8])])
-    with pytest.raises(ModelError, match="nearest Resize of 2 to 7 pixels"):  # exact ties, TVM's inexact 2/7
-        tvmsoftmax.compile(sizes)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 2, 8, 8)).astype(np.float32)
+    cases = {
+        "whole-pixel linear": model([1, 2, 8, 8], ["", "scales"], [1, 1, 2, 0.5], [1, 2, 16, 4], mode="linear"),
+        "fractional linear": model([1, 2, 8, 8], ["", "scales"], [1, 1, 0.6, 0.7], [1, 2, 4, 5], mode="linear"),
+        "antialias linear": model([1, 2, 8, 8], ["", "scales"], [1, 1, 0.5, 0.375], [1, 2, 4, 3], mode="linear",
+                                  antialias=1),
+        "antialias cubic": model([1, 2, 8, 8], ["", "", "sizes"], [1, 2, 5, 3], [1, 2, 5, 3], mode="cubic", antialias=1),
+        "cubic down exclude_outside": model([1, 2, 8, 8], ["", "scales"], [1, 1, 0.5, 0.75], [1, 2, 4, 6],
+                                            mode="cubic", exclude_outside=1, cubic_coeff_a=-0.5),
+        "nearest exact ties": model([1, 2, 8, 8], ["", "", "sizes"], [1, 2, 28, 8], [1, 2, 28, 8], mode="nearest"),
+    }
+    for name, graph in cases.items():
+        got = tvmsoftmax.compile(graph).run({"x": x})["y"]
+        want = run_ort(graph, {"x": x})[0]
+        assert got.shape == want.shape, name
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 def _half_op_cases():

@@ -338,6 +338,71 @@ def _make_resize_converter():
             return inputs, attr
 
         @classmethod
+        def _weights(cls, attr, size: int, roi, scale, out):
+            """(W [out_size, size], b [out_size]) of one axis, Resize along it being W x + b
+            (b: extrapolation outside tf_crop_and_resize's roi), from the onnx reference
+            implementation applied to the identity (Resize is linear along an axis) and to zeros."""
+            import onnx
+            from onnx import helper as onnx_helper
+            from onnx import numpy_helper
+            from onnx.reference import ReferenceEvaluator
+
+            names = ["X", "roi", "scales" if scale is not None else "", "sizes" if out is not None else ""]
+            while not names[-1]:
+                names.pop()
+            keep = {k: (v.decode("ascii") if isinstance(v, bytes) else v) for k, v in attr.items()
+                    if k in ("antialias", "coordinate_transformation_mode", "cubic_coeff_a", "exclude_outside",
+                             "extrapolation_value", "mode", "nearest_mode")}
+            inits = [numpy_helper.from_array(np.array(roi if roi is not None else [], np.float64), "roi")]
+            if scale is not None:
+                inits.append(numpy_helper.from_array(np.array([scale, 1.0], np.float32), "scales"))
+            if out is not None:
+                inits.append(numpy_helper.from_array(np.array([out, size], np.int64), "sizes"))
+            graph = onnx_helper.make_graph(
+                [onnx_helper.make_node("Resize", names, ["Y"], **keep)], "axis",
+                [onnx_helper.make_tensor_value_info("X", onnx.TensorProto.DOUBLE, [size, None])],
+                [onnx_helper.make_tensor_value_info("Y", onnx.TensorProto.DOUBLE, None)], inits)
+            evaluator = ReferenceEvaluator(onnx_helper.make_model(graph, opset_imports=[onnx_helper.make_opsetid("", 19)]))
+            bias = evaluator.run(None, {"X": np.zeros((size, 1))})[0][:, 0]
+            weights = evaluator.run(None, {"X": np.eye(size)})[0] - bias[:, None]
+            return weights, bias
+
+        @classmethod
+        def _separable(cls, bb, inputs, attr, params, dims):
+            """Resize as one dense matrix product per resized axis (`_weights`): exact ONNX
+            semantics (antialias, any scale, cubic downsampling) for static dims and constant
+            roi / scales / sizes, where TVM's Resize samples wrongly."""
+            roi, scales, sizes = (cls._constant(inputs, i, params) for i in (1, 2, 3))
+            if None in dims or any(v is not None and not isinstance(v, np.ndarray) for v in (roi, scales, sizes)):
+                return None
+            rank = len(dims)
+            roi = roi if isinstance(roi, np.ndarray) and roi.size == 2 * rank else None
+            scales = scales if isinstance(scales, np.ndarray) and scales.size == rank else None
+            sizes = sizes if isinstance(sizes, np.ndarray) and sizes.size == rank else None
+            if scales is None and sizes is None:
+                return None
+            x = inputs[0]
+            dtype = str(x.ty.dtype)
+            work = dtype if dtype in ("float32", "float64") else "float32"
+            y = relax.op.astype(x, work) if work != dtype else x
+            for axis in range(rank):
+                scale = None if scales is None else float(scales[axis])
+                out = None if sizes is None else int(sizes[axis])
+                axis_roi = None if roi is None else [float(roi[axis]), 0.0, float(roi[rank + axis]), 1.0]
+                weights, bias = cls._weights(attr, dims[axis], axis_roi, scale, out)
+                if weights.shape == (dims[axis], dims[axis]) and np.array_equal(weights, np.eye(dims[axis])) \
+                        and not bias.any():
+                    continue
+                perm = [a for a in range(rank) if a != axis] + [axis]
+                moved = relax.op.permute_dims(y, perm)
+                product = relax.op.matmul(moved, relax.const(weights.T.astype(work)))
+                if bias.any():
+                    product = relax.op.add(product, relax.const(bias.astype(work)))
+                back = [perm.index(a) for a in range(rank)]
+                y = bb.normalize(relax.op.permute_dims(product, back))
+            return relax.op.astype(y, dtype) if work != dtype else y
+
+        @classmethod
         def _impl_v18(cls, bb, inputs, attr, params):
             if "axes" in attr or attr.get("keep_aspect_ratio_policy", b"stretch") not in (b"stretch", "stretch"):
                 inputs, attr = cls._full_rank(bb, inputs, attr, params)
@@ -345,9 +410,30 @@ def _make_resize_converter():
                 else None
             values = scales.value.numpy() if isinstance(scales, tvm.ir.GenericConst) else None
             dims = [int(d) if isinstance(d, tvm.tirx.IntImm) else None for d in inputs[0].ty.shape]
+            mode = attr.get("coordinate_transformation_mode", b"half_pixel")
+            mode = mode.decode("ascii") if isinstance(mode, bytes) else mode
+            sampling = attr.get("mode", b"nearest")
+            sampling = sampling.decode("ascii") if isinstance(sampling, bytes) else sampling
+            fractional = values is not None and values.size and mode not in ("align_corners", "tf_crop_and_resize") \
+                and any(d is not None and not float(d * v).is_integer() for d, v in zip(dims, values.tolist()))
+            sizes = cls._constant(inputs, 3, params)
+            shrinks = (values is not None and values.size and (values < 1).any()) or (
+                isinstance(sizes, np.ndarray) and sizes.size == len(dims)
+                and any(d is not None and int(o) < d for d, o in zip(dims, sizes)))
+            outs = [int(o) for o in sizes] if isinstance(sizes, np.ndarray) and sizes.size == len(dims) else [
+                None if d is None or values is None or not values.size else int(np.floor(d * float(v)))
+                for d, v in zip(dims, values.tolist() if values is not None and values.size else dims)]
+            single = mode == "align_corners" and 1 in outs
+            if attr.get("antialias", 0) or fractional or (sampling == "cubic" and shrinks) or single:
+                # TVM's Resize ignores antialias, samples by out/in instead of the scale, its cubic
+                # downsampling differs from ONNX's, and align_corners to one pixel divides by
+                # zero (out - 1) in it: exact per-axis weights instead.
+                separable = cls._separable(bb, inputs, {**attr, "coordinate_transformation_mode": mode,
+                                                        "mode": sampling}, params, dims)
+                if separable is not None:
+                    return separable
             if attr.get("antialias", 0) and (values is None or (values < 1).any()):
                 raise ValueError("Resize with antialias=1 is not supported: TVM's Resize ignores antialias")
-            mode = attr.get("coordinate_transformation_mode", b"half_pixel").decode("ascii")
             if values is not None and values.size and mode not in ("align_corners", "tf_crop_and_resize"):
                 for dim, scale in zip(dims, values.tolist()):
                     if dim is None or float(dim * scale).is_integer():
@@ -356,8 +442,15 @@ def _make_resize_converter():
                         f"Resize by scales {values.tolist()} of dims {dims} is not supported: {dim} x {scale} "
                         "is not a whole number of pixels and TVM's Resize then samples with out/in "
                         "instead of the scale (ONNX); give sizes, or scales that divide evenly")
-            if attr.get("mode", b"nearest") in (b"nearest", "nearest") and mode in ("half_pixel", "pytorch_half_pixel"):
-                cls._refuse_inexact_ties(dims, cls._constant(inputs, 3, params), values)
+            if sampling == "nearest" and mode in ("half_pixel", "pytorch_half_pixel"):
+                try:
+                    cls._refuse_inexact_ties(dims, sizes, values)
+                except ValueError:
+                    separable = cls._separable(bb, inputs, {**attr, "coordinate_transformation_mode": mode,
+                                                            "mode": sampling}, params, dims)
+                    if separable is None:
+                        raise
+                    return separable
             return super()._impl_v18(bb, inputs, attr, params)
 
         @classmethod
