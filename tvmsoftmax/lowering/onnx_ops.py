@@ -27,6 +27,7 @@ def converters() -> dict:
         "Col2Im": _make_col2im_converter(),
         "DFT": _make_dft_converter(),
         "STFT": _make_stft_converter(),
+        "DeformConv": _make_deform_conv_converter(),
         **_make_inference_only_converters(),
         **_make_dtype_exact_converters(),
         **_make_math_converters(),
@@ -879,6 +880,84 @@ def _make_stft_converter():
             return bb.emit_te(stft, x, window, step, length, onesided)
 
     return STFTConverter
+
+
+def _make_deform_conv_converter():
+    from tvm import te, tirx
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    def deform_conv(x, w, offset, bias, mask, strides, pads, dilations, group: int, offset_group: int):
+        """2-D deformable convolution (torchvision's and onnxruntime's): each kernel tap samples x
+        bilinearly at its grid position plus its learned offset (zero outside the image), times
+        the tap's mask, in float32 sums."""
+        n_, channels, height, width = (int(d) for d in x.shape)
+        out_channels, per_group, kh_, kw_ = (int(d) for d in w.shape)
+        out_h = (height + pads[0] + pads[2] - (dilations[0] * (kh_ - 1) + 1)) // strides[0] + 1
+        out_w = (width + pads[1] + pads[3] - (dilations[1] * (kw_ - 1) + 1)) // strides[1] + 1
+        taps = kh_ * kw_
+        per_offset_group = channels // offset_group
+        rc = te.reduce_axis((0, per_group), name="c")
+        rh = te.reduce_axis((0, kh_), name="kh")
+        rw = te.reduce_axis((0, kw_), name="kw")
+        f32 = lambda v: v.astype("float32") if v.dtype != "float32" else v  # noqa: E731
+
+        def element(n, oc, oh, ow):
+            c = oc // (out_channels // group) * per_group + rc
+            tap = rh * kw_ + rw
+            g = c // per_offset_group
+            y = f32(offset[n, g * 2 * taps + 2 * tap, oh, ow]) + (oh * strides[0] - pads[0] + rh * dilations[0]).astype("float32")
+            xx = f32(offset[n, g * 2 * taps + 2 * tap + 1, oh, ow]) + (ow * strides[1] - pads[1] + rw * dilations[1]).astype("float32")
+            y0, x0 = tirx.floor(y), tirx.floor(xx)
+            dy, dx = y - y0, xx - x0
+            iy, ix = y0.astype("int32"), x0.astype("int32")
+
+            def corner(cy, cx, weight):
+                inside = tirx.all(cy >= 0, cy < height, cx >= 0, cx < width)
+                value = f32(x[n, c, tirx.max(tirx.min(cy, height - 1), 0), tirx.max(tirx.min(cx, width - 1), 0)])
+                return tirx.Select(inside, value * weight, tirx.const(0.0, "float32"))
+
+            one = tirx.const(1.0, "float32")
+            sample = (corner(iy, ix, (one - dy) * (one - dx)) + corner(iy, ix + 1, (one - dy) * dx)
+                      + corner(iy + 1, ix, dy * (one - dx)) + corner(iy + 1, ix + 1, dy * dx))
+            # Positions at or beyond one pixel outside the image sample 0 (torchvision's rule).
+            sample = tirx.Select(tirx.all(y > -1.0, y < float(height), xx > -1.0, xx < float(width)), sample,
+                                 tirx.const(0.0, "float32"))
+            if mask is not None:
+                sample = sample * f32(mask[n, g * taps + tap, oh, ow])
+            return te.sum(f32(w[oc, rc, rh, rw]) * sample, axis=[rc, rh, rw])
+
+        acc = te.compute((n_, out_channels, out_h, out_w), element, name="deform_conv")
+        if bias is not None:
+            return te.compute(acc.shape, lambda n, o, i, j: (acc[n, o, i, j] + f32(bias[o])).astype(x.dtype),
+                              name="deform_conv_bias")
+        return te.compute(acc.shape, lambda *i: acc(*i).astype(x.dtype), name="deform_conv_cast")
+
+    class DeformConvConverter(OnnxOpConverter):
+        """DeformConv (absent in TVM 0.27), 2-D, static shapes."""
+
+        @classmethod
+        def _impl_v19(cls, bb, inputs, attr, params):
+            x, w, offset = inputs[0], inputs[1], inputs[2]
+            bias = inputs[3] if len(inputs) > 3 and inputs[3] is not None else None
+            mask = inputs[4] if len(inputs) > 4 and inputs[4] is not None else None
+            if len(x.ty.shape) != 4 or not all(isinstance(d, tirx.IntImm) for v in (x, w, offset) for d in v.ty.shape):
+                raise ValueError("DeformConv: only 2-D deformable convolution with static shapes is supported")
+            strides = list(attr.get("strides", [1, 1]))
+            pads = list(attr.get("pads", [0, 0, 0, 0]))
+            dilations = list(attr.get("dilations", [1, 1]))
+            group, offset_group = int(attr.get("group", 1)), int(attr.get("offset_group", 1))
+
+            def call(*args):
+                values = list(args[:3])
+                rest = list(args[3:])
+                b = rest.pop(0) if bias is not None else None
+                m = rest.pop(0) if mask is not None else None
+                return deform_conv(*values, b, m, strides, pads, dilations, group, offset_group)
+
+            operands = [x, w, offset] + [v for v in (bias, mask) if v is not None]
+            return bb.emit_te(call, *operands)
+
+    return DeformConvConverter
 
 
 def _make_inference_only_converters() -> dict:
