@@ -899,7 +899,9 @@ def _make_deform_conv_converter():
         rc = te.reduce_axis((0, per_group), name="c")
         rh = te.reduce_axis((0, kh_), name="kh")
         rw = te.reduce_axis((0, kw_), name="kw")
-        f32 = lambda v: v.astype("float32") if v.dtype != "float32" else v  # noqa: E731
+
+        def f32(value):
+            return value.astype("float32") if value.dtype != "float32" else value
 
         def element(n, oc, oh, ow):
             c = oc // (out_channels // group) * per_group + rc
