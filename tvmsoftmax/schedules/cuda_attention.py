@@ -117,8 +117,9 @@ def _tensor_core_problems(knobs: CudaAttentionKnobs, spec) -> list[str]:
 
 
 def _warp_grid(rows: int, cols: int, warps: int) -> tuple[int, int] | None:
-    """(warp rows, warp columns) splitting a rows x cols grid of fragments evenly over `warps`,
-    as many warps along the columns as divide them (a warp's fragments then share their A)."""
+    """(warp rows, warp columns) splitting a rows x cols grid of fragments evenly over `warps`:
+    as many warps along the columns as divide them, the rest along the rows (None when the rows
+    do not split that way)."""
     import math
 
     across = math.gcd(cols, warps)
