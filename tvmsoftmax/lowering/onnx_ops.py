@@ -589,10 +589,28 @@ def _make_integer_converters() -> dict:
             "QLinearMatMul": QLinearMatMulConverter}
 
 
-def _make_cumprod_converter():
+def _constant_ints(value, params, op: str, what: str) -> list[int]:
+    """The integers of a constant input (a graph input feeding it is specialised per value at
+    run, `frontend.VALUE_INPUTS`); a ValueError naming `op` and `what` otherwise."""
     import tvm
+    from tvm.relax.frontend.onnx.onnx_frontend import get_constant
+
+    constant = get_constant(value, params)
+    if not isinstance(constant, tvm.ir.GenericConst):
+        raise ValueError(f"{op} needs its {what} as a constant")
+    return [int(v) for v in constant.value.numpy().reshape(-1)]
+
+
+def _constant_int(value, params, op: str, what: str) -> int:
+    values = _constant_ints(value, params, op, what)
+    if len(values) != 1:
+        raise ValueError(f"{op} needs its {what} as a constant scalar")
+    return values[0]
+
+
+def _make_cumprod_converter():
     from tvm import relax, topi
-    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter, get_constant
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
     class CumProdConverter(OnnxOpConverter):
         """CumProd (opset 26, absent in TVM 0.27): TVM's CumSum converter with cumprod; the axis
@@ -600,10 +618,7 @@ def _make_cumprod_converter():
 
         @classmethod
         def _impl_v26(cls, bb, inputs, attr, params):
-            axis = get_constant(inputs[1], params)
-            if not isinstance(axis, tvm.ir.GenericConst) or axis.value.numpy().size != 1:
-                raise ValueError("CumProd needs its axis as a constant scalar")
-            axis = int(axis.value.numpy().reshape(()))
+            axis = _constant_int(inputs[1], params, "CumProd", "axis")
             data, reverse = inputs[0], attr.get("reverse", 0) != 0
             if reverse:
                 data = bb.emit_te(topi.flip, data, axis=axis)
@@ -664,9 +679,8 @@ def _make_reverse_sequence_converter():
 
 
 def _make_col2im_converter():
-    import tvm
     from tvm import te, tirx
-    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter, get_constant
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
     def col2im(x, image, block, dilations, pads, strides):
         rank, per_channel = len(image), math.prod(block)
@@ -695,13 +709,8 @@ def _make_col2im_converter():
 
         @classmethod
         def _impl_v18(cls, bb, inputs, attr, params):
-            sizes = []
-            for index, what in ((1, "image_shape"), (2, "block_shape")):
-                value = get_constant(inputs[index], params)
-                if not isinstance(value, tvm.ir.GenericConst):
-                    raise ValueError(f"Col2Im needs its {what} as a constant")
-                sizes.append([int(v) for v in value.value.numpy().reshape(-1)])
-            image, block = sizes
+            image = _constant_ints(inputs[1], params, "Col2Im", "image_shape")
+            block = _constant_ints(inputs[2], params, "Col2Im", "block_shape")
             rank = len(image)
             dilations = list(attr.get("dilations", [1] * rank))
             pads = list(attr.get("pads", [0] * 2 * rank))
@@ -734,9 +743,8 @@ def _dft_term(real, imag, cos, sin, part, inverse: bool = False):
 
 
 def _make_dft_converter():
-    import tvm
     from tvm import te, tirx
-    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter, get_constant
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
     def dft(x, axis: int, length: int, inverse: bool, onesided: bool):
         """numpy's fft / ifft / (onesided) rfft / (onesided inverse) irfft along `axis` of
@@ -782,13 +790,6 @@ def _make_dft_converter():
         (opset 20) axis must be constants (graph inputs are specialised per value)."""
 
         @classmethod
-        def _constant(cls, value, params, what):
-            constant = get_constant(value, params)
-            if not isinstance(constant, tvm.ir.GenericConst):
-                raise ValueError(f"DFT needs its {what} as a constant")
-            return int(constant.value.numpy().reshape(()))
-
-        @classmethod
         def _convert(cls, bb, inputs, attr, params, axis):
             x = inputs[0]
             rank = len(x.ty.shape)
@@ -800,7 +801,7 @@ def _make_dft_converter():
             inverse, onesided = bool(attr.get("inverse", 0)), bool(attr.get("onesided", 0))
             given = int(x.ty.shape[axis])
             if len(inputs) > 1 and inputs[1] is not None:
-                length = cls._constant(inputs[1], params, "dft_length")
+                length = _constant_int(inputs[1], params, "DFT", "dft_length")
             else:
                 length = 2 * (given - 1) if inverse and onesided else given
             if length < 1:
@@ -813,16 +814,15 @@ def _make_dft_converter():
 
         @classmethod
         def _impl_v20(cls, bb, inputs, attr, params):
-            axis = cls._constant(inputs[2], params, "axis") if len(inputs) > 2 and inputs[2] is not None else -2
+            axis = _constant_int(inputs[2], params, "DFT", "axis") if len(inputs) > 2 and inputs[2] is not None else -2
             return cls._convert(bb, inputs, attr, params, axis)
 
     return DFTConverter
 
 
 def _make_stft_converter():
-    import tvm
     from tvm import te, tirx
-    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter, get_constant
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
     def stft(x, window, step: int, length: int, onesided: bool):
         """Frames of `window`'s size every `step` samples (zeros past the signal's end), weighted by
@@ -856,19 +856,13 @@ def _make_stft_converter():
 
         @classmethod
         def _impl_v17(cls, bb, inputs, attr, params):
-            def constant(index, what):
-                value = get_constant(inputs[index], params)
-                if not isinstance(value, tvm.ir.GenericConst):
-                    raise ValueError(f"STFT needs its {what} as a constant")
-                return int(value.value.numpy().reshape(()))
-
             x = inputs[0]
             if len(x.ty.shape) != 3 or int(x.ty.shape[-1]) not in (1, 2):
                 raise ValueError(f"STFT: the signal must be [batch, samples, 1 or 2], got {list(x.ty.shape)}")
             window = inputs[2] if len(inputs) > 2 and inputs[2] is not None else None
-            step = constant(1, "frame_step")
+            step = _constant_int(inputs[1], params, "STFT", "frame_step")
             if len(inputs) > 3 and inputs[3] is not None:
-                length = constant(3, "frame_length")
+                length = _constant_int(inputs[3], params, "STFT", "frame_length")
             else:
                 length = int(window.ty.shape[0]) if window is not None else int(x.ty.shape[1])
             if step < 1 or length < 1 or length > int(x.ty.shape[1]):
