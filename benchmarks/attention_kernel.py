@@ -4,7 +4,8 @@
 
 One thread (TVM_NUM_THREADS=1 is set here). Peak: a C loop of 12 independent AVX-512 (or AVX2)
 FMA chains in registers, built with the system C compiler (skipped when there is none). Kernel:
-`ops.attention.flash_attention` scheduled by `schedules.x86_attention` with the `auto` knobs,
+`ops.attention.flash_attention` scheduled by `schedules.x86_attention` with the `auto` knobs and
+built by the models' TIR pipeline,
 inputs pre-bound, TVM's time_evaluator (median of 7 repeats). FLOPs 4*B*H*S^2*D as in
 `tvmsoftmax bench attention`.
 """
@@ -76,6 +77,7 @@ def peak_gflops(avx512: bool) -> float | None:
 def kernel_gflops(shape) -> dict:
     import tvm
 
+    from tvmsoftmax.lowering.pipeline import TIR_PIPELINE
     from tvmsoftmax.lowering.targets import resolve
     from tvmsoftmax.ops.attention import AttentionSpec, flash_attention
     from tvmsoftmax.schedules import choose_attention, schedule_attention
@@ -86,7 +88,7 @@ def kernel_gflops(shape) -> dict:
     dims = {"batch": b, "q_len": s, "kv_len": s}
     _strategy, knobs = choose_attention(spec, "flash", dims, attention)
     func = schedule_attention(flash_attention(attention, knobs.tiling(), dims), spec, "flash", knobs)
-    executable = tvm.compile(tvm.IRModule({"main": func}), spec.tvm_target())
+    executable = tvm.compile(tvm.IRModule({"main": func}), spec.tvm_target(), tir_pipeline=TIR_PIPELINE)
     device = tvm.cpu()
     rng = np.random.default_rng(0)
     args = [tvm.runtime.tensor(rng.standard_normal(shape).astype(np.float32), device) for _ in range(3)]

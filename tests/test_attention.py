@@ -19,6 +19,7 @@ from onnx import TensorProto, helper
 import tvm
 import tvmsoftmax
 from attention_reference import reference
+from tvmsoftmax.lowering.pipeline import TIR_PIPELINE
 from tvmsoftmax.lowering.targets import resolve
 from tvmsoftmax.models import build
 from tvmsoftmax.ops.attention import AttentionSpec, flash_attention
@@ -39,7 +40,7 @@ def _close(got, want, dtype, what=""):
 
 def _flash(spec, knobs, dims, arrays):
     func = schedule_flash(flash_attention(spec, knobs.tiling(), dims), knobs)
-    lib = tvm.compile(func, target=resolve("x86").tvm_target())
+    lib = tvm.compile(func, target=resolve("x86").tvm_target(), tir_pipeline=TIR_PIPELINE)  # as models
     dev = tvm.cpu()
     args = [tvm.runtime.tensor(a, dev) for a in arrays]
     q = arrays[0]
@@ -111,6 +112,22 @@ def test_flash_matches_reference(name, tiles):
     got = _flash(spec, knobs, dims, arrays)
     want = reference(*arrays[:3], spec, **kwargs)
     _close(got, want, spec.dtype, name)
+
+
+def test_flash_block_buffers_on_the_stack():
+    """The models' TIR pipeline keeps the flash kernel's per-query-block buffers (scores tile,
+    running states) as stack arrays: only the per-head packed K tiles stay a TVM workspace
+    allocation. TVM's default pipeline allocates each block buffer per task."""
+    spec = AttentionSpec(q_heads=2, kv_heads=2, head_size=64, v_head_size=64, scale=0.125)
+    knobs = X86AttentionKnobs(vector_lanes=resolve("x86").vector_lanes)
+    func = schedule_flash(flash_attention(spec, knobs.tiling(), {"batch": 1, "q_len": 128, "kv_len": 128}), knobs)
+
+    def workspace_calls(pipeline):
+        ir = tvm.compile(func, target=resolve("x86").tvm_target(), tir_pipeline=pipeline).mod.inspect_source("ll")
+        return ir.count("load ptr, ptr @__TVMBackendAllocWorkspace")
+
+    assert workspace_calls("default") >= 4
+    assert workspace_calls(TIR_PIPELINE) == 1
 
 
 def test_flash_dynamic_lengths_float16():

@@ -11,6 +11,7 @@ import numpy as np
 from .._native import quiet_native_stderr
 from ..ops.softmax import softmax
 from ..schedules import choose_knobs, schedule_softmax
+from .pipeline import TIR_PIPELINE
 from .targets import TargetSpec
 
 
@@ -30,7 +31,7 @@ class SoftmaxKernel:
         y = softmax(x, algorithm=chosen, log=log, partitioning=self.knobs.partitioning(self.view[2] == 1))
         func = schedule_softmax(te.create_prim_func([x, y]), spec, self.knobs)
         with quiet_native_stderr():
-            self.executable = tvm.compile(tvm.IRModule({"main": func}), spec.tvm_target())
+            self.executable = tvm.compile(tvm.IRModule({"main": func}), spec.tvm_target(), tir_pipeline=TIR_PIPELINE)
         self.device = tvm.cuda(0) if spec.name == "cuda" else tvm.cpu(0)
         self.dtype = dtype
 

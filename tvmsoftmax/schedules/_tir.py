@@ -5,6 +5,11 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 
 
+# PrimFunc attribute set by a CPU schedule: its block buffers (scores tiles, running states) may be
+# stack arrays instead of TVM workspace allocations; `lowering.pipeline.TIR_PIPELINE` honours it.
+STACK_SCRATCH_ATTR = "tvmsoftmax.stack_scratch"
+
+
 def static_extent(expr) -> int | None:
     """The value of a constant extent or dim; None when it is symbolic."""
     return int(expr) if isinstance(expr, (int, tirx.IntImm)) else None

@@ -17,7 +17,7 @@ from tvm import s_tir, tirx
 
 from ..ops.attention import FlashTiling
 from ._tir import all_blocks as _blocks
-from ._tir import reduce_loop_index, static_extent
+from ._tir import STACK_SCRATCH_ATTR, reduce_loop_index, static_extent
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ def schedule_flash(func: tirx.PrimFunc, knobs: X86AttentionKnobs) -> tirx.PrimFu
             unchecked.compute_inline(unchecked.get_sblock(name.replace("flash_pv", "flash_v")))
     # Likewise Q K^T reads Q's rows where they are (the block's copy: 4% at S=128).
     unchecked.compute_inline(unchecked.get_sblock("flash_q"))
-    return unchecked.mod["main"].with_attr("tirx.is_scheduled", True)
+    return unchecked.mod["main"].with_attrs({"tirx.is_scheduled": True, STACK_SCRATCH_ATTR: True})
 
 
 def choose(requested: str, dims: dict, spec, vector_lanes: int, algorithm: str = "auto"):
