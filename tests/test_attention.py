@@ -11,6 +11,7 @@ at 0.5, plus the input rounding of a graph that computes in float16)."""
 import types
 
 import numpy as np
+import onnx
 import onnx.backend.test.case.node as node_cases
 import onnxruntime as ort
 import pytest
@@ -362,6 +363,27 @@ def test_family_every_attention_fused(family, exporter):
     layers = 2
     assert len(attention) == layers and all(s["rewritten"] for s in attention), attention
     assert not [s for s in report.sites if s.get("kind") != "attention"]  # no softmax left unfused
+    assert report.passed, [(o.name, o.max_abs, o.max_rel) for o in report.outputs]
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_onnxruntime_optimized_family_every_attention_fused(family, tmp_path):
+    """A model after onnxruntime's transformer optimizer (com.microsoft SkipLayerNormalization,
+    EmbedLayerNormalization, BiasGelu; no shapes past them from ONNX's inference): onnxruntime's
+    symbolic shape inference gives the attention sites their ranks, so each is still fused."""
+    import warnings
+
+    from onnxruntime.transformers import optimizer
+
+    path = tmp_path / f"{family}.onnx"
+    onnx.save(build(family), path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optimized = optimizer.optimize_model(str(path), model_type=family, num_heads=4, hidden_size=64).model
+    assert any(n.domain == "com.microsoft" and n.op_type == "SkipLayerNormalization" for n in optimized.graph.node)
+    report = tvmsoftmax.check(optimized, shapes={i.name: [2, 16] for i in optimized.graph.input})
+    attention = [s for s in report.sites if s.get("kind") == "attention"]
+    assert len(attention) == 2 and all(s["rewritten"] for s in attention), report.sites
     assert report.passed, [(o.name, o.max_abs, o.max_rel) for o in report.outputs]
 
 

@@ -681,3 +681,77 @@ def test_deform_conv_matches_onnxruntime():
     want = run_ort(model, values)[0]
     assert got.shape == want.shape == (2, 6, out_h, out_w)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _fused_norm_model(op, inputs, outputs, dtype, domain="com.microsoft", stat_axes=1, **attrs):
+    t = ONNX_DTYPES[dtype]
+    shape = list(inputs[0][1])
+    shapes = [shape, shape[:-stat_axes] + [1] * stat_axes, shape[:-stat_axes] + [1] * stat_axes, shape]
+    node = helper.make_node(op, [name for name, _ in inputs], [name or "" for name in outputs], domain=domain, **attrs)
+    stat = {1: TensorProto.FLOAT, 2: TensorProto.FLOAT}  # mean, inv_std_var are float32
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info(name, t, list(shape)) for name, shape in inputs],
+        [helper.make_tensor_value_info(name, stat.get(i, t), shapes[i]) for i, name in enumerate(outputs) if name],
+    )
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("op, optional, outputs", [
+    ("SkipLayerNormalization", ["beta", "bias"], ["y", "mean", "inv_std", "sum"]),
+    ("SkipLayerNormalization", [], ["y", None, None, "sum"]),  # as onnxruntime's optimizer writes it
+    ("SkipLayerNormalization", ["", "bias"], ["y"]),  # bias without beta (an empty input name)
+    ("SkipSimplifiedLayerNormalization", ["bias"], ["y", None, "inv_std", "sum"]),
+    ("SkipSimplifiedLayerNormalization", [], ["y", None, None, "sum"]),
+])
+@pytest.mark.parametrize("skip_rows", [False, True], ids=["skip-full", "skip-broadcast"])
+def test_fused_skip_normalizations_match_onnxruntime(op, optional, outputs, dtype, skip_rows):
+    """onnxruntime's fused residual + LayerNorm/RMSNorm (its transformer optimizer's output; TVM
+    refused SkipLayerNormalization without beta and bias and returned 0 for its other outputs):
+    every output against onnxruntime. Tolerances: float32 1e-5; float16 2e-3 (output rounding)."""
+    b, s, h = 2, 5, 24
+    rng = np.random.default_rng(0)
+    shapes = {"x": (b, s, h), "skip": (s, h) if skip_rows else (b, s, h), "gamma": (h,), "beta": (h,), "bias": (h,)}
+    names = ["x", "skip", "gamma", *optional]
+    inputs = [(name, shapes[name]) for name in names if name]
+    model = _fused_norm_model(op, inputs, outputs, dtype, epsilon=1e-5)
+    if "" in names:  # an omitted optional input keeps its position
+        model.graph.node[0].input[:] = names
+    feeds = {name: (rng.standard_normal(shape) * 3 + 1).astype(dtype) for name, shape in inputs}
+    got = tvmsoftmax.compile(model).run(feeds)
+    want = run_ort(model, feeds)
+    tol = 1e-5 if dtype == "float32" else 2e-3
+    for (name, value), expected in zip(got.items(), want):
+        assert value.shape == expected.shape and value.dtype == expected.dtype, name
+        np.testing.assert_allclose(value.astype(np.float64), expected, rtol=tol, atol=tol, err_msg=name)
+
+
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_simplified_layer_normalization_matches_onnxruntime(axis):
+    """RMSNorm as onnxruntime's SimplifiedLayerNormalization (ONNX domain; TVM lacks it): Y and
+    inv_std_var, over the axes from `axis` on."""
+    x = np.random.default_rng(1).standard_normal((2, 3, 16)).astype(np.float32) * 4
+    scale = np.random.default_rng(2).standard_normal(x.shape[axis % 3:]).astype(np.float32)
+    model = _fused_norm_model("SimplifiedLayerNormalization", [("x", x.shape), ("scale", scale.shape)],
+                              ["y", None, "inv_std"], "float32", domain="", axis=axis, epsilon=1e-6,
+                              stat_axes=3 - axis % 3)
+    model.graph.node[0].output[:] = ["y", "inv_std"]
+    model.graph.output[1].type.tensor_type.elem_type = TensorProto.FLOAT
+    got = tvmsoftmax.compile(model).run({"x": x, "scale": scale})
+    want = run_ort(model, {"x": x, "scale": scale})
+    for (name, value), expected in zip(got.items(), want):
+        assert value.shape == expected.shape, name
+        np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_layer_normalization_in_an_opset_before_17():
+    """onnxruntime's optimizer writes LayerNormalization into graphs of opsets before 17 (its own
+    ONNX-domain registration); ONNX's checker knows none there, the model still loads and runs."""
+    node = helper.make_node("LayerNormalization", ["x", "g", "b"], ["y"], axis=-1, epsilon=1e-5)
+    value = lambda name, shape: helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)  # noqa: E731
+    model = _model([node], [value("x", [2, 3, 8]), value("g", [8]), value("b", [8])], [value("y", [2, 3, 8])], opset=14)
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal((2, 3, 8)).astype(np.float32) * 3,
+             "g": rng.standard_normal(8).astype(np.float32), "b": rng.standard_normal(8).astype(np.float32)}
+    np.testing.assert_allclose(tvmsoftmax.compile(model).run(feeds)["y"], run_ort(model, feeds)[0], rtol=1e-5, atol=1e-6)

@@ -59,7 +59,7 @@ def load_model(model) -> LoadedModel:
     if not proto.graph.node:
         raise ModelError(f"{source}: the graph has no nodes")
     try:
-        onnx.checker.check_model(proto)
+        onnx.checker.check_model(_as_checkable(proto))
     except (onnx.checker.ValidationError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"{source}: not a valid ONNX model: {first}") from None
@@ -76,6 +76,28 @@ def load_model(model) -> LoadedModel:
     _refuse_types_tvm_lacks(proto, source)
     _name_nodes(proto.graph)
     return LoadedModel(proto, source, hashlib.sha256(raw).hexdigest())
+
+
+# Ops onnxruntime registers in the ONNX domain itself (contrib ops its transformer optimizer
+# writes there): SimplifiedLayerNormalization (RMSNorm), and LayerNormalization into graphs of
+# opsets before 17, where ONNX has none.
+ORT_ONNX_DOMAIN_OPS = {"SimplifiedLayerNormalization", "LayerNormalization"}
+
+
+def _as_checkable(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The model as ONNX's checker can accept it: onnxruntime's ONNX-domain contrib ops, which
+    the checker finds unregistered, are checked as custom-domain ops (graph structure only)."""
+    opset = default_opset(proto)
+    nodes = [n for n in proto.graph.node if n.domain in ("", "ai.onnx") and n.op_type in ORT_ONNX_DOMAIN_OPS
+             and not (n.op_type == "LayerNormalization" and opset >= 17)]
+    if not nodes:
+        return proto
+    checkable = copy.deepcopy(proto)
+    for node in checkable.graph.node:
+        if node.domain in ("", "ai.onnx") and node.op_type in ORT_ONNX_DOMAIN_OPS:
+            node.domain = "tvmsoftmax.ort_onnx_domain"
+    checkable.opset_import.append(helper.make_opsetid("tvmsoftmax.ort_onnx_domain", 1))
+    return checkable
 
 
 # Element types TVM 0.27 has no type for: it read them as its own float8 (other NaN encoding and
@@ -320,7 +342,7 @@ def _onnxscript_optimize(model: onnx.ModelProto) -> onnx.ModelProto:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             folded = onnxscript.optimizer.optimize(copy.deepcopy(model), num_iterations=3)
-        onnx.checker.check_model(folded)
+        onnx.checker.check_model(_as_checkable(folded))
         return folded
     except Exception as err:  # noqa: BLE001 - an optimizer failure must not stop the compile
         warnings.warn(f"onnxscript optimizer failed ({type(err).__name__}: {err}); using the model as is", stacklevel=2)
@@ -336,13 +358,45 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
         model = _onnxscript_optimize(model)
     try:
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-        model = _constant_shapes(model)
+        model = _constant_shapes(_contrib_shapes(model))
     except Exception as err:  # noqa: BLE001
         warnings.warn(f"ONNX shape inference failed ({err}); continuing without it", stacklevel=2)
     _empty_reductions(model)
     _constant_tensors(model.graph)
     _name_nodes(model.graph)
     return model
+
+
+def _contrib_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX's shape inference stops at com.microsoft ops (an onnxruntime-optimised model's
+    SkipLayerNormalization, EmbedLayerNormalization, BiasGelu...): nothing after them has a shape,
+    so no attention there could be recognised (its rank is unknown). onnxruntime's symbolic shape
+    inference knows those ops; it runs only for models that have them, and where it fails the
+    model stays as ONNX's inference left it."""
+    if not any(node.domain not in ("", "ai.onnx") or node.op_type in ORT_ONNX_DOMAIN_OPS - {"LayerNormalization"}
+               for node in model.graph.node):
+        return model
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+    except Exception as err:  # noqa: BLE001 - an inference failure must not stop the compile
+        warnings.warn(f"onnxruntime's symbolic shape inference failed ({type(err).__name__}: {err}); "
+                      "shapes after com.microsoft ops stay unknown", stacklevel=2)
+        return model
+    if inferred is None:
+        return model
+    # It may leave a type it does not know as undefined (SkipLayerNormalization's float32 mean
+    # output): what the model declared stays, and an untyped inference is dropped.
+    for declared, got in zip(model.graph.output, inferred.graph.output):
+        if declared.type.tensor_type.elem_type:
+            got.CopyFrom(declared)
+    typed = [v for v in inferred.graph.value_info if v.type.tensor_type.elem_type]
+    del inferred.graph.value_info[:]
+    inferred.graph.value_info.extend(typed)
+    return inferred
 
 
 def _weights_not_inputs(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -31,6 +31,7 @@ def converters() -> dict:
         **_make_inference_only_converters(),
         **_make_dtype_exact_converters(),
         **_make_math_converters(),
+        **_make_fused_norm_converters(),
     }
 
 
@@ -1102,3 +1103,87 @@ def _make_inference_only_converters() -> dict:
     return {"SpaceToDepth": SpaceToDepthConverter, "BatchNormalization": BatchNormalizationConverter,
             "Dropout": DropoutConverter, "OneHot": OneHotConverter, "Mod": ModConverter,
             "ConvTranspose": ConvTransposeConverter, "RoiAlign": RoiAlignConverter}
+
+
+def _make_fused_norm_converters() -> dict:
+    """onnxruntime's fused normalisations, which its transformer optimizer writes into a model
+    (com.microsoft SkipLayerNormalization / SkipSimplifiedLayerNormalization; ONNX-domain
+    SimplifiedLayerNormalization, RMSNorm before opset 23). TVM 0.27 has only the first, and it
+    refused it without beta and bias (the optimizer leaves them out) and returned constant 0 for the
+    mean, inverse std and residual-sum outputs the next layer reads. Every output here is
+    computed, in float32 for float16/bfloat16 inputs (as onnxruntime), over the last axis:
+
+        sum = input + skip (+ bias)                  (output 3, input_skip_bias_sum)
+        LayerNorm: y = (sum - mean) * inv_std * gamma (+ beta), inv_std = 1 / sqrt(var + eps)
+        RMSNorm:   y = sum * inv_std * gamma,                   inv_std = 1 / sqrt(mean(sum^2) + eps)
+
+    mean and inv_std keep the normalised axis as 1 (onnxruntime's shapes); SkipSimplified's mean
+    output is 0 there (onnxruntime 1.32 writes zeros: RMSNorm has no mean)."""
+    from tvm import relax
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    def work_dtype(x) -> str:
+        dtype = str(x.ty.dtype)
+        return dtype if dtype in ("float32", "float64") else "float32"
+
+    def widen(x, work):
+        return x if str(x.ty.dtype) == work else relax.op.astype(x, work)
+
+    def statistics(x, work, axes, eps, simplified):
+        if simplified:
+            mean = relax.op.zeros_like(relax.op.sum(x, axes, keepdims=True))
+            square = relax.op.mean(relax.op.multiply(x, x), axes, keepdims=True)
+            centred = x
+        else:
+            mean = relax.op.mean(x, axes, keepdims=True)
+            centred = relax.op.subtract(x, mean)
+            square = relax.op.mean(relax.op.multiply(centred, centred), axes, keepdims=True)
+        inv_std = relax.op.divide(relax.const(1.0, work), relax.op.sqrt(relax.op.add(square, relax.const(eps, work))))
+        return centred, mean, inv_std
+
+    def skip_norm(inputs, attr, simplified):
+        data, skip, gamma = inputs[0], inputs[1], inputs[2]
+        beta = None if simplified else (inputs[3] if len(inputs) > 3 else None)
+        bias = inputs[3 if simplified else 4] if len(inputs) > (3 if simplified else 4) else None
+        dtype, work = str(data.ty.dtype), work_dtype(data)
+        total = relax.op.add(widen(data, work), widen(skip, work))
+        if bias is not None:
+            total = relax.op.add(total, widen(bias, work))
+        centred, mean, inv_std = statistics(total, work, [-1], float(attr.get("epsilon", 1e-12)), simplified)
+        y = relax.op.multiply(relax.op.multiply(centred, inv_std), widen(gamma, work))
+        if beta is not None:
+            y = relax.op.add(y, widen(beta, work))
+        narrow = (lambda v: v) if dtype == work else (lambda v: relax.op.astype(v, dtype))
+        return relax.Tuple([narrow(y), mean, inv_std, narrow(total)])
+
+    class SkipLayerNormalizationConverter(OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            return skip_norm(inputs, attr, simplified=False)
+
+    class SkipSimplifiedLayerNormalizationConverter(OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            return skip_norm(inputs, attr, simplified=True)
+
+    class SimplifiedLayerNormalizationConverter(OnnxOpConverter):
+        """Inputs X, scale; axis (default -1: the axes from it to the last), epsilon (1e-5);
+        outputs Y and inv_std_var."""
+
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            x, scale = inputs[0], inputs[1]
+            rank = len(x.ty.shape)
+            axis = int(attr.get("axis", -1))
+            axes = list(range(axis % rank, rank))
+            dtype, work = str(x.ty.dtype), work_dtype(x)
+            wide = widen(x, work)
+            _centred, _mean, inv_std = statistics(wide, work, axes, float(attr.get("epsilon", 1e-5)), True)
+            y = relax.op.multiply(relax.op.multiply(wide, inv_std), widen(scale, work))
+            return relax.Tuple([y if dtype == work else relax.op.astype(y, dtype), inv_std])
+
+    return {
+        "SkipLayerNormalization": SkipLayerNormalizationConverter,
+        "SkipSimplifiedLayerNormalization": SkipSimplifiedLayerNormalizationConverter,
+        "SimplifiedLayerNormalization": SimplifiedLayerNormalizationConverter,
+    }
