@@ -348,6 +348,71 @@ def test_multihead_attention_matches_onnxruntime(unidirectional):
     np.testing.assert_allclose(compiled.run(feeds)["y"], _ort(model, feeds)[0], rtol=1e-5, atol=1e-5)
 
 
+MS_ATTENTION_CASES = {
+    # name: (attributes, mask form, extras)
+    "plain": ({}, None, ()),
+    "unidirectional": ({"unidirectional": 1}, None, ()),
+    "2d-mask-fully-masked-row": ({}, "2d", ()),
+    "1d-lengths": ({}, "1d", ()),
+    "3d-mask": ({"mask_filter_value": -1e9}, "3d", ()),
+    "attention-bias": ({}, None, ("bias",)),
+    "past-present-unidirectional": ({"unidirectional": 1}, "2d-total", ("past",)),
+    "qkv-hidden-sizes-scale": ({"qkv_hidden_sizes": [32, 32, 16], "scale": 0.3}, "1d", ()),
+    "float16": ({}, "2d", ("float16",)),
+}
+
+
+@pytest.mark.parametrize("name", list(MS_ATTENTION_CASES))
+def test_com_microsoft_attention_fused_matches_onnxruntime(name):
+    """onnxruntime's packed-projection Attention (its optimizer's fusion of BERT-style attention;
+    TVM's converter refused it): fused, and equal to onnxruntime (additive mask_filter_value masks,
+    a fully masked row averaging the values, packed past/present). float32 1e-5, float16 2e-3."""
+    attrs, mask, extras = MS_ATTENTION_CASES[name]
+    b, s, hidden_in, heads, past_len = 2, 7, 24, 4, 3
+    dtype = "float16" if "float16" in extras else "float32"
+    t = TensorProto.FLOAT16 if dtype == "float16" else TensorProto.FLOAT
+    q_size, k_size, v_size = attrs.get("qkv_hidden_sizes", [32, 32, 32])
+    total = s + (past_len if "past" in extras else 0)
+    rng = np.random.default_rng(4)
+    feeds = {"x": rng.standard_normal((b, s, hidden_in)), "w": rng.standard_normal((hidden_in, q_size + k_size + v_size)) * 0.4,
+             "bias": rng.standard_normal(q_size + k_size + v_size)}
+    names = ["x", "w", "bias"]
+    if mask:
+        names.append("mask")
+        if mask == "1d":
+            feeds["mask"] = np.array([s, 4], np.int32)
+        elif mask == "3d":
+            feeds["mask"] = (rng.random((b, s, total)) < 0.7).astype(np.int32)
+        else:
+            feeds["mask"] = np.ones((b, total), np.int32)
+            feeds["mask"][1, :] = 0 if mask == "2d" else feeds["mask"][1, :]  # a fully masked batch row
+            feeds["mask"][0, -2:] = 0
+    if "past" in extras:
+        names += [""] * (4 - len(names)) + ["past"]
+        feeds["past"] = rng.standard_normal((2, b, heads, past_len, k_size // heads))
+    if "bias" in extras:
+        names += [""] * (5 - len(names)) + ["attn_bias"]
+        feeds["attn_bias"] = rng.standard_normal((1, heads, s, total))
+    feeds = {k: v.astype(dtype) if v.dtype.kind == "f" else v for k, v in feeds.items()}
+    outputs = ["y"] + (["present"] if "past" in extras else [])
+    node = helper.make_node("Attention", names, outputs, domain="com.microsoft", num_heads=heads, **attrs)
+    graph = helper.make_graph(
+        [node], "g",
+        [helper.make_tensor_value_info(n, TensorProto.INT32 if n == "mask" else t, list(feeds[n].shape)) for n in names if n],
+        [helper.make_tensor_value_info("y", t, [b, s, v_size])]
+        + ([helper.make_tensor_value_info("present", t, [2, b, heads, total, k_size // heads])] if "past" in extras else []),
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    feeds = {n: feeds[n] for n in names if n}
+    compiled = tvmsoftmax.compile(model)
+    (site,) = compiled.sites
+    assert site["form"] == "com.microsoft.Attention" and site["rewritten"], site
+    tol = TOL[dtype]
+    for (out, got), want in zip(compiled.run(feeds).items(), _ort(model, feeds)):
+        assert got.shape == want.shape, out
+        np.testing.assert_allclose(got.astype(np.float64), want, rtol=tol, atol=tol, err_msg=out)
+
+
 # --------------------------------------------------------------------------- transformer families
 
 SHAPES = {"vit": {"pixel_values": [2, 3, 32, 32]}}

@@ -17,6 +17,8 @@ Forms, and why each exists:
   ``qk_matmul_output`` requested (it needs the score matrix), sliding windows (opset 25).
 * com.microsoft ``MultiHeadAttention``: onnxruntime's fused op (3-D Q/K/V, optional packed bias,
   key padding mask -> ``mask_filter_value`` added, attention bias, past key/value, unidirectional).
+* com.microsoft ``Attention``: what onnxruntime's transformer optimizer fuses BERT-style attention
+  into (input @ packed Q/K/V weights + bias, 1-D/2-D/3-D ``mask_index``, packed past/present).
 * Decomposed graphs (torch exporters), matched from each Softmax(axis=-1) outwards:
   ``MatMul(Q, K^T)`` -> [Mul|Div by a constant] -> [Where(keep, s, fill)] -> [Add(bias)]* ->
   Softmax -> [Where(IsNaN(p), 0, p)] -> ``MatMul(p, V)``, where
@@ -178,6 +180,18 @@ def _broadcast_flags(graph: _Graph, name: str) -> list[bool]:
     return [d == 1 for d in dims]
 
 
+def _heads_first(graph: _Graph, name: str, heads: int) -> str:
+    """[B, S, heads * d] -> [B, heads, S, d]."""
+    shape = graph.constant(np.array([0, 0, heads, -1], np.int64), "shape")
+    return graph.add("Transpose", [graph.add("Reshape", [name, shape], rank=4)], perm=[0, 2, 1, 3])
+
+
+def _heads_last(graph: _Graph, y4: str, output: str) -> str:
+    """[B, heads, S, d] -> [B, S, heads * d]."""
+    t = graph.add("Transpose", [y4], perm=[0, 2, 1, 3])
+    return graph.add("Reshape", [t, graph.constant(np.array([0, 0, -1], np.int64), "shape")], [output])
+
+
 def _site_node(graph: _Graph, site: AttentionSite, q, k, v, bias, keep, lengths, output, **attrs) -> str:
     site.attributes.update(attrs)
     return graph.add(
@@ -213,12 +227,7 @@ def _rewrite_onnx_attention(graph: _Graph, node, site: AttentionSite, opset: int
         hq, hkv = a.get("q_num_heads"), a.get("kv_num_heads")
         if not hq or not hkv:
             raise NoMatch("3-D inputs need q_num_heads and kv_num_heads")
-
-        def heads_first(name, heads):
-            shape = graph.constant(np.array([0, 0, heads, -1], np.int64), "shape")
-            return graph.add("Transpose", [graph.add("Reshape", [name, shape], rank=4)], perm=[0, 2, 1, 3])
-
-        q, k, v = heads_first(q, hq), heads_first(k, hkv), heads_first(v, hkv)
+        q, k, v = _heads_first(graph, q, hq), _heads_first(graph, k, hkv), _heads_first(graph, v, hkv)
         head_size = _dim(graph, inputs[0], 2)
         head_size = head_size // hq if head_size is not None else None
     else:
@@ -314,11 +323,7 @@ def _rewrite_mha(graph: _Graph, node, site: AttentionSite) -> None:
         graph.add("Split", [proj_bias, sizes], parts, axis=0)
         q, k, v = (graph.add("Add", [x, b]) for x, b in zip((q, k, v), parts))
 
-    def heads_first(name):
-        shape = graph.constant(np.array([0, 0, heads, -1], np.int64), "shape")
-        return graph.add("Transpose", [graph.add("Reshape", [name, shape], rank=4)], perm=[0, 2, 1, 3])
-
-    q, k, v = heads_first(q), heads_first(k), heads_first(v)
+    q, k, v = (_heads_first(graph, x, heads) for x in (q, k, v))
     outputs = list(node.output) + [""] * (3 - len(node.output))
     if past_k:
         k = graph.add("Concat", [past_k, k], [outputs[1] or graph.fresh("present_key")], axis=2)
@@ -345,8 +350,109 @@ def _rewrite_mha(graph: _Graph, node, site: AttentionSite) -> None:
         scale=float(scale), softcap=0.0, causal=2 * int(a.get("unidirectional", 0)),
         fill=float(-np.finfo(np.float32).max), empty_row="nan",
     )
-    t = graph.add("Transpose", [y4], perm=[0, 2, 1, 3])
-    graph.add("Reshape", [t, graph.constant(np.array([0, 0, -1], np.int64), "shape")], [outputs[0]])
+    _heads_last(graph, y4, outputs[0])
+
+
+# --------------------------------------------------------------------------- com.microsoft Attention
+
+
+def _rewrite_ms_attention(graph: _Graph, node, site: AttentionSite) -> None:
+    """onnxruntime's packed-projection Attention (what its transformer optimizer fuses BERT-style
+    self-attention into): Q, K, V = split(input @ weights + bias) by ``qkv_hidden_sizes`` (equal
+    thirds by default), then multi-head attention. Its masks are additive, as onnxruntime applies
+    them: ``mask_filter_value`` (-10000 by default) on masked keys, so a fully masked row averages
+    every value (no NaN). ``unidirectional``: a key after its query (bottom-right with a past) is
+    skipped. The packed past [2, B, heads, S_past, d] is concatenated in front; ``present`` is the
+    same packing of the keys and values used."""
+    a = _attrs(node)
+    inputs = list(node.input) + [""] * (8 - len(node.input))
+    x, weights, proj_bias, mask, past, attn_bias, past_length = inputs[:7]
+    heads = a.get("num_heads")
+    if not heads:
+        raise NoMatch("num_heads missing")
+    for name in ("do_rotary", "past_present_share_buffer"):
+        if a.get(name):
+            raise NoMatch(f"{name} is not fused")
+    if past_length:
+        raise NoMatch("past_sequence_length (a shared past/present buffer) is not fused")
+    dtype = graph.dtype(x)
+    if dtype not in FLOAT_TYPES:
+        raise NoMatch(f"input dtype {dtype} (ours: {', '.join(FLOAT_TYPES)})")
+    if graph.rank(x) != 3:
+        raise NoMatch(f"input rank {graph.rank(x)} unknown or not 3")
+    sizes = list(a.get("qkv_hidden_sizes") or [])
+    if not sizes:
+        total = _dim(graph, weights, 1)
+        if total is None or total % 3:
+            raise NoMatch("projection width unknown or not a multiple of 3 (needed to split Q, K, V)")
+        sizes = [total // 3] * 3
+    if sizes[0] != sizes[1] or any(size % heads for size in sizes):
+        raise NoMatch(f"qkv_hidden_sizes {sizes} do not split into {heads} heads of equal Q/K width")
+    # Half models: onnxruntime keeps the projected Q, K, V in float32 (rounding them to half
+    # first put us 3x further from the float64 result than it); so do we, to the output.
+    work = "float32" if dtype != "float32" else dtype
+
+    def widened(name):
+        return graph.add("Cast", [name], to=onnx.TensorProto.FLOAT) if work != dtype else name
+
+    projected = graph.add("MatMul", [widened(x), widened(weights)], rank=3)
+    if proj_bias:
+        projected = graph.add("Add", [projected, widened(proj_bias)], rank=3)
+    parts = [graph.fresh(n) for n in ("q", "k", "v")]
+    graph.add("Split", [projected, graph.constant(np.array(sizes, np.int64), "split")], parts, axis=2)
+    q, k, v = (_heads_first(graph, part, heads) for part in parts)
+    outputs = list(node.output) + [""] * (2 - len(node.output))
+    if past:
+        index = [graph.constant(np.array(i, np.int64), "index") for i in (0, 1)]
+        k = graph.add("Concat", [widened(graph.add("Gather", [past, index[0]], axis=0, rank=4)), k], axis=2)
+        v = graph.add("Concat", [widened(graph.add("Gather", [past, index[1]], axis=0, rank=4)), v], axis=2)
+    if outputs[1]:
+        zero = graph.constant(np.array([0], np.int64), "axes")
+        present = graph.add("Concat", [graph.add("Unsqueeze", [k, zero]), graph.add("Unsqueeze", [v, zero])],
+                            [outputs[1] if work == dtype else graph.fresh("present")], axis=0)
+        if work != dtype:
+            graph.add("Cast", [present], [outputs[1]], to=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
+    bias = None
+    if mask:
+        bias = _ms_mask_bias(graph, mask, k, work, float(a.get("mask_filter_value", -10000.0)))
+    if attn_bias:
+        extra = graph.to_rank4(widened(attn_bias), graph.rank(attn_bias))
+        bias = graph.add("Add", [bias, extra]) if bias else extra
+    y4 = graph.fresh("attention_y")
+    _site_node(
+        graph, site, q, k, v, bias, None, None, y4,
+        scale=float(a.get("scale") or 1.0 / math.sqrt(sizes[0] // heads)), softcap=0.0,
+        causal=2 * int(a.get("unidirectional", 0)), fill=float(-np.finfo(np.float32).max), empty_row="nan",
+    )
+    if work == dtype:
+        _heads_last(graph, y4, outputs[0])
+    else:
+        y = _heads_last(graph, y4, graph.fresh("attention_y3"))
+        graph.add("Cast", [y], [outputs[0]], to=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
+
+
+def _ms_mask_bias(graph: _Graph, mask: str, k: str, dtype: str, filter_value: float) -> str:
+    """com.microsoft Attention's mask_index as an additive [B, 1, 1 or S, S_total] bias: 1-D
+    [B] valid key counts (keys from the count on are masked), 2-D [B, S_total] or 3-D
+    [B, S, S_total] 0/1 masks (0 masked)."""
+    rank = graph.rank(mask)
+    values = [graph.constant(np.array(x, dtype)) for x in (0.0, filter_value)]
+    if rank == 1:
+        if _dim(graph, mask, 0) is not None and _dim(graph, mask, 0) == 2 * (_dim(graph, k, 0) or -1):
+            raise NoMatch("a 1-D mask_index with start positions ([2 * batch]) is not fused")
+        total = graph.add("Gather", [graph.add("Shape", [k]), graph.constant(np.array(2, np.int64), "index")], axis=0)
+        keys = graph.add("Range", [graph.constant(np.array(0, np.int64)), total, graph.constant(np.array(1, np.int64))])
+        counts = graph.add("Unsqueeze", [graph.add("Cast", [mask], to=onnx.TensorProto.INT64),
+                                         graph.constant(np.array([1], np.int64), "axes")])
+        keep = graph.add("Less", [keys, counts])  # [B, S_total]
+        axes = [1, 2]
+    elif rank in (2, 3):
+        keep = graph.add("Cast", [mask], to=onnx.TensorProto.BOOL)
+        axes = [1, 2] if rank == 2 else [1]
+    else:
+        raise NoMatch(f"mask_index of rank {rank} is not fused (1-D lengths, 2-D and 3-D masks are)")
+    padding = graph.add("Where", [keep, *values])
+    return graph.add("Unsqueeze", [padding, graph.constant(np.array(axes, np.int64), "axes")], rank=4)
 
 
 # --------------------------------------------------------------------------- decomposed
@@ -575,12 +681,13 @@ def _unrepeat(graph: _Graph, name: str) -> str:
 
 
 def _candidate_kind(node) -> str | None:
-    """Where an attention may be: ONNX Attention, com.microsoft MultiHeadAttention, ONNX Softmax."""
+    """Where an attention may be: ONNX Attention, com.microsoft MultiHeadAttention and Attention,
+    ONNX Softmax."""
     onnx_domain = node.domain in ("", "ai.onnx")
-    if (node.op_type in ("Attention", "Softmax") and onnx_domain) or (
-        node.op_type == "MultiHeadAttention" and node.domain == "com.microsoft"
-    ):
+    if node.op_type in ("Attention", "Softmax") and onnx_domain:
         return node.op_type
+    if node.op_type in ("MultiHeadAttention", "Attention") and node.domain == "com.microsoft":
+        return f"com.microsoft.{node.op_type}"
     return None
 
 
@@ -606,8 +713,7 @@ def rewrite_attention(model: onnx.ModelProto, strategy: str = "auto", algorithm:
         kind = _candidate_kind(node)
         if kind is None or id(node) in graph.removed:
             continue
-        form = {"Attention": f"ONNX Attention-{opset}", "MultiHeadAttention": "com.microsoft.MultiHeadAttention",
-                "Softmax": "decomposed MatMul-Softmax-MatMul"}[kind]
+        form = {"Attention": f"ONNX Attention-{opset}", "Softmax": "decomposed MatMul-Softmax-MatMul"}.get(kind, kind)
         site = AttentionSite(id=f"attention{len(sites)}", node=node.name, form=form, requested=strategy)
         site.attributes["algorithm"] = algorithm
         mark = len(graph.new_nodes)
@@ -618,8 +724,8 @@ def rewrite_attention(model: onnx.ModelProto, strategy: str = "auto", algorithm:
                 _rewrite_onnx_attention(graph, node, site, opset)
                 graph.removed.add(id(node))
                 site.nodes = [node.name]
-            elif kind == "MultiHeadAttention":
-                _rewrite_mha(graph, node, site)
+            elif kind.startswith("com.microsoft."):
+                (_rewrite_mha if kind.endswith("MultiHeadAttention") else _rewrite_ms_attention)(graph, node, site)
                 graph.removed.add(id(node))
                 site.nodes = [node.name]
             else:
