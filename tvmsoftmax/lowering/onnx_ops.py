@@ -19,6 +19,7 @@ def converters() -> dict:
         "Softplus": _make_softplus_converter(),
         "NonMaxSuppression": _make_nms_converter(),
         "Resize": _make_resize_converter(),
+        "Upsample": _make_upsample_converter(),
         "PRelu": _make_prelu_converter(),
         **_make_integer_converters(),
         "CumProd": _make_cumprod_converter(),
@@ -32,6 +33,7 @@ def converters() -> dict:
         **_make_dtype_exact_converters(),
         **_make_math_converters(),
         **_make_fused_norm_converters(),
+        **_make_edge_converters(),
     }
 
 
@@ -280,6 +282,48 @@ def _make_nms_converter():
             return super()._impl_v10(bb, fixed, attr, params)
 
     return NonMaxSuppressionConverter
+
+
+def _make_upsample_converter():
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    resize = _make_resize_converter()
+
+    class UpsampleConverter(OnnxOpConverter):
+        """Upsample (opsets 7-9, deprecated since 10 but in older exports, e.g. YOLOv3's) as the
+        Resize it is: asymmetric coordinates (x_in = x_out / scale), nearest rounding down
+        (onnxruntime's rule for scales >= 1) or N-linear. TVM 0.27's converter read the scales
+        attribute of opset 7 only (it failed on opset 9's input) and handled 4-D NCHW only."""
+
+        @classmethod
+        def _resize(cls, bb, x, scales, attr, params):
+            mode = attr.get("mode", b"nearest")
+            attrs = {"mode": mode if isinstance(mode, bytes) else mode.encode("ascii"),
+                     "coordinate_transformation_mode": b"asymmetric", "nearest_mode": b"floor"}  # as the importer gives them
+            inputs = [x, None, scales, None]
+            values = resize._constant(inputs, 2, params)
+            if len(x.ty.shape) != 4 or (isinstance(values, np.ndarray) and (values[:2] != 1).any()):
+                # TVM's Resize scales the spatial dims of 4-D input only: exact per-axis weights
+                dims = [int(d) if isinstance(d, tvm.tirx.IntImm) else None for d in x.ty.shape]
+                separable = resize._separable(bb, inputs, attrs, params, dims)
+                if separable is None:
+                    raise ValueError("Upsample of a batch/channel axis or of a non-4-D input needs static "
+                                     "dims and constant scales")
+                return separable
+            return resize._impl_v18(bb, inputs, attrs, params)
+
+        @classmethod
+        def _impl_v7(cls, bb, inputs, attr, params):
+            scales = relax.const(np.array(attr["scales"], np.float32))
+            return cls._resize(bb, inputs[0], scales, attr, params)
+
+        @classmethod
+        def _impl_v9(cls, bb, inputs, attr, params):
+            return cls._resize(bb, inputs[0], inputs[1], attr, params)
+
+    return UpsampleConverter
 
 
 def _make_resize_converter():
@@ -1187,3 +1231,68 @@ def _make_fused_norm_converters() -> dict:
         "SkipSimplifiedLayerNormalization": SkipSimplifiedLayerNormalizationConverter,
         "SimplifiedLayerNormalization": SimplifiedLayerNormalizationConverter,
     }
+
+
+def _make_edge_converters() -> dict:
+    """Cases TVM 0.27's converters fail on: EyeLike with a `dtype` other than its input's (TVM
+    refused it), ReduceMax/ReduceMin of bool (opset 20: any/all; TVM had no identity for bool), and
+    Split into pieces of size 0 (TVM's split needs increasing indices)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    table = onnx_frontend._get_convert_map()
+
+    class EyeLikeConverter(table["EyeLike"]):
+        @classmethod
+        def _impl_v9(cls, bb, inputs, attr, params):
+            dtype = onnx_frontend.get_type(attr["dtype"]) if "dtype" in attr else inputs[0].ty.dtype
+            return relax.op.eye_like(inputs[0], attr.get("k", 0), dtype)
+
+    def bool_as_uint8(base):
+        class BoolReduce(base):
+            @classmethod
+            def _on_bool(cls, impl, bb, inputs, attr, params):
+                if str(inputs[0].ty.dtype) != "bool":
+                    return impl(bb, inputs, attr, params)
+                inputs = [relax.op.astype(inputs[0], "uint8"), *inputs[1:]]
+                return relax.op.astype(impl(bb, inputs, attr, params), "bool")
+
+            @classmethod
+            def _impl_v11(cls, bb, inputs, attr, params):
+                return cls._on_bool(super()._impl_v11, bb, inputs, attr, params)
+
+            @classmethod
+            def _impl_v18(cls, bb, inputs, attr, params):
+                return cls._on_bool(super()._impl_v18, bb, inputs, attr, params)
+
+        return BoolReduce
+
+    class SplitConverter(table["Split"]):
+        @classmethod
+        def _pieces(cls, x, sizes, axis):
+            starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+            return relax.Tuple([
+                relax.op.strided_slice(x, axes=[axis], begin=[int(b)], end=[int(b + n)])
+                for b, n in zip(starts, sizes)
+            ])
+
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            sizes = attr.get("split")
+            if sizes is not None and 0 in list(sizes):
+                return cls._pieces(inputs[0], list(sizes), attr.get("axis", 0))
+            return super()._impl_v1(bb, inputs, attr, params)
+
+        @classmethod
+        def _impl_v13(cls, bb, inputs, attr, params):
+            sizes = onnx_frontend.get_constant(inputs[1], params) if len(inputs) > 1 and inputs[1] is not None \
+                else None
+            if isinstance(sizes, tvm.ir.GenericConst):
+                values = sizes.value.numpy().reshape(-1).tolist()
+                if 0 in values:
+                    return cls._pieces(inputs[0], values, attr.get("axis", 0))
+            return super()._impl_v13(bb, inputs, attr, params)
+
+    return {"EyeLike": EyeLikeConverter, "ReduceMax": bool_as_uint8(table["ReduceMax"]),
+            "ReduceMin": bool_as_uint8(table["ReduceMin"]), "Split": SplitConverter}
