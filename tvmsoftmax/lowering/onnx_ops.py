@@ -1234,9 +1234,11 @@ def _make_fused_norm_converters() -> dict:
 
 
 def _make_edge_converters() -> dict:
-    """Cases TVM 0.27's converters fail on: EyeLike with a `dtype` other than its input's (TVM
-    refused it), ReduceMax/ReduceMin of bool (opset 20: any/all; TVM had no identity for bool), and
-    Split into pieces of size 0 (TVM's split needs increasing indices)."""
+    """Cases TVM 0.27's converters fail on or get wrong: EyeLike with a `dtype` other than its
+    input's (TVM refused it), ReduceMax/ReduceMin of bool (opset 20: any/all; TVM had no identity
+    for bool), Split into pieces of size 0 (TVM's split needs increasing indices), SequenceInsert at
+    a negative position (one place off), SequenceLength of a computed sequence (failed), and Slice
+    before opset 10 (attributes; failed)."""
     import tvm
     from tvm import relax
     from tvm.relax.frontend.onnx import onnx_frontend
@@ -1294,5 +1296,46 @@ def _make_edge_converters() -> dict:
                     return cls._pieces(inputs[0], values, attr.get("axis", 0))
             return super()._impl_v13(bb, inputs, attr, params)
 
-    return {"EyeLike": EyeLikeConverter, "ReduceMax": bool_as_uint8(table["ReduceMax"]),
-            "ReduceMin": bool_as_uint8(table["ReduceMin"]), "Split": SplitConverter}
+    class SequenceInsertConverter(table["SequenceInsert"]):
+        """A given negative position counts from the back (-1: before the last tensor); TVM added
+        1 to it as for the absent position (append), inserting one place too far."""
+
+        @classmethod
+        def _impl_v11(cls, bb, inputs, attr, params):
+            if len(inputs) == 3 and isinstance(inputs[2], tvm.ir.GenericConst):
+                position = int(inputs[2].value.numpy())
+                if position < 0:
+                    inputs = [inputs[0], inputs[1], relax.const(len(inputs[0]) + position, "int64")]
+            return super()._impl_v11(bb, inputs, attr, params)
+
+    class SequenceLengthConverter(table["SequenceLength"]):
+        """The length of any sequence whose length is known at import (TVM's took len() of its
+        input and failed on a sequence computed by an op, e.g. SplitToSequence)."""
+
+        @classmethod
+        def _impl_v11(cls, bb, inputs, attr, params):
+            sequence = inputs[0] if isinstance(inputs[0], relax.Tuple) else bb.normalize(inputs[0])
+            if isinstance(sequence, relax.Tuple):
+                return relax.const(len(sequence), "int64")
+            if isinstance(sequence.ty, relax.TupleType):
+                return relax.const(len(sequence.ty.fields), "int64")
+            raise ValueError("SequenceLength of a sequence whose length is not known at import")
+
+    class SliceConverter(table["Slice"]):
+        """Slice before opset 10 takes starts/ends/axes as attributes (TVM's converter has the
+        input form only, and failed on them)."""
+
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            starts, ends = attr["starts"], attr["ends"]
+            axes = attr.get("axes", list(range(len(starts))))
+            constants = [relax.const(np.array(v, np.int64)) for v in (starts, ends, axes)]
+            return super()._impl_v13(bb, [inputs[0], *constants, None], {}, params)
+
+        @classmethod
+        def _impl_v10(cls, bb, inputs, attr, params):
+            return super()._impl_v13(bb, inputs, attr, params)
+
+    return {"EyeLike": EyeLikeConverter, "ReduceMax": bool_as_uint8(table["ReduceMax"]), "Slice": SliceConverter,
+            "ReduceMin": bool_as_uint8(table["ReduceMin"]), "Split": SplitConverter,
+            "SequenceInsert": SequenceInsertConverter, "SequenceLength": SequenceLengthConverter}
