@@ -122,3 +122,24 @@ def test_backend_data_model(path):
     assert len(got) == len(outputs)
     for value, want in zip(got, outputs):
         assert_close(value, want, rtol=1e-3, atol=1e-5, what=os.path.basename(path))
+
+
+LIGHT = os.path.join(DATA, "light")
+LIGHT_MODELS = sorted(os.path.basename(p)[len("light_"):-len(".onnx")] for p in glob.glob(os.path.join(LIGHT, "light_*.onnx")))
+SLOW_LIGHT = {"densenet121", "inception_v2"}  # 35 s and 16 s to compile here
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_LIGHT else n for n in LIGHT_MODELS])
+def test_light_model_zoo_model(name):
+    """The onnx package's "light" model-zoo CNNs (AlexNet, DenseNet-121, Inception v1/v2,
+    ResNet-50, ShuffleNet, SqueezeNet, VGG-19, ZFNet-512; opsets 3-9, weights generated in-graph)
+    on the backend runner's dummy input, against their stored output (rtol 1e-3 as the runner)."""
+    from onnx.backend.test.runner import Runner
+
+    model = onnx.load(os.path.join(LIGHT, f"light_{name}.onnx"))
+    weights = {t.name for t in model.graph.initializer}
+    feeds = {x.name: Runner.generate_dummy_data(x, seed=0, name=name, random=False)
+             for x in model.graph.input if x.name not in weights}
+    want = numpy_helper.to_array(onnx.load_tensor(os.path.join(LIGHT, f"light_{name}_output_0.pb")))
+    (got,) = tvmsoftmax.compile(model).run(feeds).values()
+    assert_close(got, want, rtol=1e-3, atol=1e-7, what=name)
