@@ -782,3 +782,34 @@ def test_upsample_matches_onnxruntime(opset, mode, scales):
     want = run_ort(model, {"x": x})[0]
     assert got.shape == want.shape == tuple(out)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["linear", "circular"])
+@pytest.mark.parametrize("symbolic", [False, True], ids=["static", "symbolic"])
+@pytest.mark.parametrize("writes", [True, False], ids=["write-indices", "prefill"])
+def test_tensor_scatter_matches_onnxruntime(mode, symbolic, writes):
+    """TensorScatter (opset 24 KV-cache update; our converter, TVM has none): 4-D caches, updates
+    of 3 rows written per batch (circular ones wrapping around the end), with symbolic batch and
+    cache length too (one compiled model for every shape). The output is declared without a shape
+    (onnxruntime runs such models; ONNX's checker wants one: left out of our load check)."""
+    b, h, length, rows, d = 3, 2, 6, 3, 4
+    dims = (lambda static, name: name if symbolic else static)
+    inputs = [helper.make_tensor_value_info("past", TensorProto.FLOAT, [dims(b, "b"), h, dims(length, "s"), d]),
+              helper.make_tensor_value_info("update", TensorProto.FLOAT, [dims(b, "b"), h, rows, d])]
+    names = ["past", "update"]
+    if writes:
+        inputs.append(helper.make_tensor_value_info("w", TensorProto.INT64, [dims(b, "b")]))
+        names.append("w")
+    node = helper.make_node("TensorScatter", names, ["y"], mode=mode)
+    model = _model([node], inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], opset=24)
+    compiled = tvmsoftmax.compile(model)
+    rng = np.random.default_rng(0)
+    for batch, cache in ((b, length), (2, 9)) if symbolic else ((b, length),):
+        feeds = {"past": rng.standard_normal((batch, h, cache, d)).astype(np.float32),
+                 "update": rng.standard_normal((batch, h, rows, d)).astype(np.float32)}
+        if writes:
+            feeds["w"] = rng.integers(0, cache - rows + 1 if mode == "linear" else cache, batch).astype(np.int64)
+        got = compiled.run(feeds)["y"]
+        want = run_ort(model, feeds)[0]
+        assert np.array_equal(got, want), (batch, cache)
+        assert not np.array_equal(got, feeds["past"])  # something was written

@@ -86,17 +86,27 @@ ORT_ONNX_DOMAIN_OPS = {"SimplifiedLayerNormalization", "LayerNormalization"}
 
 def _as_checkable(proto: onnx.ModelProto) -> onnx.ModelProto:
     """The model as ONNX's checker can accept it: onnxruntime's ONNX-domain contrib ops, which
-    the checker finds unregistered, are checked as custom-domain ops (graph structure only)."""
+    the checker finds unregistered, are checked as custom-domain ops (graph structure only), and
+    graph outputs declared without a shape are left out of the check."""
     opset = default_opset(proto)
     nodes = [n for n in proto.graph.node if n.domain in ("", "ai.onnx") and n.op_type in ORT_ONNX_DOMAIN_OPS
              and not (n.op_type == "LayerNormalization" and opset >= 17)]
-    if not nodes:
+    shapeless = [o for o in proto.graph.output if o.type.HasField("tensor_type") and not o.type.tensor_type.HasField("shape")]
+    if not nodes and not shapeless:
         return proto
     checkable = copy.deepcopy(proto)
-    for node in checkable.graph.node:
-        if node.domain in ("", "ai.onnx") and node.op_type in ORT_ONNX_DOMAIN_OPS:
-            node.domain = "tvmsoftmax.ort_onnx_domain"
-    checkable.opset_import.append(helper.make_opsetid("tvmsoftmax.ort_onnx_domain", 1))
+    if nodes:
+        for node in checkable.graph.node:
+            if node.domain in ("", "ai.onnx") and node.op_type in ORT_ONNX_DOMAIN_OPS:
+                node.domain = "tvmsoftmax.ort_onnx_domain"
+        checkable.opset_import.append(helper.make_opsetid("tvmsoftmax.ort_onnx_domain", 1))
+    if shapeless:
+        # Graph outputs without a shape (onnxruntime runs them; ONNX's checker requires one): the
+        # rest of the model is checked, the outputs get their shapes from inference later.
+        kept = [o for o in checkable.graph.output if not (o.type.HasField("tensor_type")
+                                                          and not o.type.tensor_type.HasField("shape"))]
+        del checkable.graph.output[:]
+        checkable.graph.output.extend(kept)
     return checkable
 
 

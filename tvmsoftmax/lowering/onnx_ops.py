@@ -34,6 +34,7 @@ def converters() -> dict:
         **_make_math_converters(),
         **_make_fused_norm_converters(),
         **_make_edge_converters(),
+        "TensorScatter": _make_tensor_scatter_converter(),
     }
 
 
@@ -1339,3 +1340,49 @@ def _make_edge_converters() -> dict:
     return {"EyeLike": EyeLikeConverter, "ReduceMax": bool_as_uint8(table["ReduceMax"]), "Slice": SliceConverter,
             "ReduceMin": bool_as_uint8(table["ReduceMin"]), "Split": SplitConverter,
             "SequenceInsert": SequenceInsertConverter, "SequenceLength": SequenceLengthConverter}
+
+
+def _make_tensor_scatter_converter():
+    from tvm import relax
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    class TensorScatterConverter(OnnxOpConverter):
+        """TensorScatter (opset 24, KV-cache updates; absent in TVM): present = past with the
+        update's `L` rows written at write_indices[b] along `axis` ("circular": modulo the cache
+        length). As a gather: cache row s of batch b takes update row j = s - w[b] (mod the
+        length when circular) where 0 <= j < L, else keeps the past row."""
+
+        @classmethod
+        def _impl_v24(cls, bb, inputs, attr, params):
+            past, update = inputs[0], inputs[1]
+            writes = inputs[2] if len(inputs) > 2 else None
+            rank = len(past.ty.shape)
+            axis = int(attr.get("axis", -2)) % rank
+            if axis == 0:
+                raise ValueError("TensorScatter along the batch axis (axis 0) is not defined")
+            mode = attr.get("mode", b"linear")
+            mode = mode.decode("ascii") if isinstance(mode, bytes) else mode
+
+            n = bb.normalize  # relax's op constructors need typed arguments
+
+            def dim(x, i):  # a dim as an int64 scalar tensor (symbolic dims included)
+                shape = n(relax.op.shape_to_tensor(n(relax.op.shape_of(x))))
+                return n(relax.op.take(shape, relax.const(i, "int64"), axis=0))
+
+            length, rows = dim(past, axis), dim(update, axis)
+            positions = n(relax.op.reshape(n(relax.op.arange(0, past.ty.shape[axis], 1, "int64")), (1, -1)))
+            starts = n(relax.op.reshape(n(relax.op.astype(writes, "int64")), (-1, 1))) if writes is not None \
+                else relax.const(np.zeros((1, 1), np.int64), "int64")
+            source = n(relax.op.subtract(positions, starts))  # [B or 1, length]: update row per cache row
+            if mode == "circular":
+                source = n(relax.op.floor_mod(source, length))
+            zero, one = relax.const(0, "int64"), relax.const(1, "int64")
+            valid = n(relax.op.logical_and(n(relax.op.greater_equal(source, zero)), n(relax.op.less(source, rows))))
+            source = n(relax.op.minimum(n(relax.op.maximum(source, zero)), n(relax.op.subtract(rows, one))))
+            view = [source.ty.shape[0]] + [-1 if i == axis else 1 for i in range(1, rank)]
+            shape = past.ty.shape
+            index = n(relax.op.broadcast_to(n(relax.op.reshape(source, view)), shape))
+            keep = n(relax.op.broadcast_to(n(relax.op.reshape(valid, view)), shape))
+            return relax.op.where(keep, n(relax.op.gather_elements(update, index, axis)), past)
+
+    return TensorScatterConverter
