@@ -143,7 +143,7 @@ PLAIN_CASES = [
                           "test_reduce_sum_empty_set", "test_reduce_max_empty_set", "test_reduce_prod_empty_set",
                           "test_reduce_sum_keepdims", "test_top_k", "test_onehot", "test_spacetodepth",
                           "test_training_dropout_zero_ratio", "test_mod_", "test_nonmaxsuppression",
-                          "test_convtranspose_kernel_shape", "test_hannwindow", "test_hammingwindow",
+                          "test_convtranspose_kernel_shape", "test_convtranspose_output_shape", "test_hannwindow", "test_hammingwindow",
                           "test_blackmanwindow", "test_rms_normalization", "test_affine_grid_2d", "test_bitcast",
                           "test_resize_",
                           "test_reversesequence", "test_col2im", "test_stft", "test_basic_deform_conv",
@@ -813,3 +813,24 @@ def test_tensor_scatter_matches_onnxruntime(mode, symbolic, writes):
         want = run_ort(model, feeds)[0]
         assert np.array_equal(got, want), (batch, cache)
         assert not np.array_equal(got, feeds["past"])  # something was written
+
+
+@pytest.mark.parametrize("auto_pad", ["NOTSET", "SAME_UPPER"])
+def test_conv_transpose_output_shape_beyond_its_inputs(auto_pad):
+    """ConvTranspose whose output_shape exceeds what its inputs reach (negative pads: rows no input
+    touches hold the bias), with a bias, against onnxruntime (TVM's converter ignored output_shape;
+    ours refused this case before)."""
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 2, 3, 3)).astype(np.float32)
+    w, bias = rng.standard_normal((2, 3, 3, 3)).astype(np.float32), rng.standard_normal(3).astype(np.float32)
+    node = helper.make_node("ConvTranspose", ["x", "w", "b"], ["y"], strides=[3, 2], output_shape=[11, 8],
+                            auto_pad=auto_pad)
+    model = _model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 11, 8])],
+                   initializers=[numpy_helper.from_array(w, "w"), numpy_helper.from_array(bias, "b")])
+    got = tvmsoftmax.compile(model).run({"x": x})["y"]
+    want = run_ort(model, {"x": x})[0]
+    assert got.shape == want.shape == (1, 3, 11, 8)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

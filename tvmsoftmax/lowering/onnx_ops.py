@@ -1116,13 +1116,23 @@ def _make_inference_only_converters() -> dict:
             begin, end = [], []
             for i in range(spatial):
                 total = strides[i] * (sizes[i] - 1) + output_padding[i] + (kernel[i] - 1) * dilations[i] + 1 - wanted[i]
-                if total < 0:
-                    raise ValueError(f"ConvTranspose output_shape {wanted} is larger than its inputs can give")
                 first = total // 2 if mode == "SAME_UPPER" else total - total // 2
+                first = first if total >= 0 else 0  # beyond the inputs: every extra row at the end (onnxruntime)
                 begin.append(first)
                 end.append(total - first)
-            attr["pads"] = begin + end
-            return super()._impl_v1(bb, inputs, attr, params)
+            if min(begin + end) >= 0:
+                attr["pads"] = begin + end
+                return super()._impl_v1(bb, inputs, attr, params)
+            # An output larger than the inputs reach: negative pads, i.e. rows no input touches
+            # (0, then the bias), as onnxruntime and the reference give them.
+            attr["pads"] = [max(p, 0) for p in begin + end]
+            y = bb.normalize(super()._impl_v1(bb, [inputs[0], inputs[1], None], attr, params))
+            width = [0, 0, 0, 0] + [w for b, e in zip(begin, end) for w in (max(-b, 0), max(-e, 0))]
+            y = relax.op.nn.pad(y, width)
+            bias = inputs[2] if len(inputs) > 2 else None
+            if bias is not None:
+                y = relax.op.add(y, relax.op.reshape(bias, [1, -1] + [1] * spatial))
+            return y
 
     class RoiAlignConverter(table["RoiAlign"]):
         """mode=max refused by name: TVM's max pooling of the samples differs from onnxruntime's
