@@ -148,7 +148,8 @@ PLAIN_CASES = [
                           "test_resize_",
                           "test_reversesequence", "test_col2im", "test_stft", "test_basic_deform_conv",
                           "test_deform_conv", "test_eyelike", "test_upsample", "test_reduce_max_bool",
-                          "test_reduce_min_bool", "test_split_zero_size"))
+                          "test_reduce_min_bool", "test_split_zero_size", "test_scan9", "test_loop11",
+                          "test_linear_attention"))
     and "uint64" not in c.name  # TVM 0.27's TopK has no uint64
 ]
 
@@ -176,7 +177,9 @@ def test_plain_op_conformance(case):
     an input (an integer scalar input is compiled per value when the general model fails);
     RMSNormalization over a leading axis (its function body); AffineGrid with a run-time size;
     BitCast (our converter); EyeLike with a dtype of its own, Upsample (opset 9's scales input),
-    bool ReduceMax/ReduceMin, Split into empty pieces (our converters: TVM's failed)."""
+    bool ReduceMax/ReduceMin, Split into empty pieces (our converters: TVM's failed); Scan and Loop
+    (unrolled, `lowering.control_flow`; Loop's trip count is a graph input: compiled per value) and
+    LinearAttention through its function body, whose Scan is unrolled."""
     compiled = tvmsoftmax.compile(case.model)
     if case.name.startswith("test_sce") and "_expanded" not in case.name:  # the body's LogSoftmax is ours
         assert [s["op"] for s in compiled.sites if s.get("rewritten")] == ["LogSoftmax"], compiled.sites
@@ -834,3 +837,55 @@ def test_conv_transpose_output_shape_beyond_its_inputs(auto_pad):
     want = run_ort(model, {"x": x})[0]
     assert got.shape == want.shape == (1, 3, 11, 8)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_scan_directions_and_axes_match_onnxruntime():
+    """Scan unrolled (`lowering.control_flow`; TVM has no Scan): two states, a forward scan input
+    along axis 1 and a reverse one along axis 0, a forward scan output stacked on axis 1 and a
+    reverse one on axis 0, the body reading a weight from the enclosing graph."""
+    from onnx import numpy_helper
+
+    f = TensorProto.FLOAT
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["h", "w"], ["hw"]), helper.make_node("Add", ["hw", "a"], ["t"]),
+         helper.make_node("Tanh", ["t"], ["h_out"]), helper.make_node("Add", ["acc", "b"], ["acc_out"]),
+         helper.make_node("Mul", ["h_out", "b"], ["y1"]), helper.make_node("Identity", ["acc_out"], ["y2"])],
+        "body",
+        [helper.make_tensor_value_info(n, f, [4]) for n in ("h", "acc", "a", "b")],
+        [helper.make_tensor_value_info(n, f, [4]) for n in ("h_out", "acc_out", "y1", "y2")],
+    )
+    node = helper.make_node("Scan", ["h0", "acc0", "xa", "xb"], ["h_n", "acc_n", "ys1", "ys2"], body=body,
+                            num_scan_inputs=2, scan_input_axes=[1, 0], scan_input_directions=[0, 1],
+                            scan_output_axes=[1, 0], scan_output_directions=[0, 1])
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((4, 4)) * 0.5).astype(np.float32)
+    model = _model([node], [helper.make_tensor_value_info("h0", f, [4]), helper.make_tensor_value_info("acc0", f, [4]),
+                            helper.make_tensor_value_info("xa", f, [4, 5]), helper.make_tensor_value_info("xb", f, [5, 4])],
+                   [helper.make_tensor_value_info(n, f, s) for n, s in (("h_n", [4]), ("acc_n", [4]), ("ys1", [4, 5]), ("ys2", [5, 4]))],
+                   opset=17, initializers=[numpy_helper.from_array(w, "w")])
+    feeds = {"h0": rng.standard_normal(4).astype(np.float32), "acc0": np.zeros(4, np.float32),
+             "xa": rng.standard_normal((4, 5)).astype(np.float32), "xb": rng.standard_normal((5, 4)).astype(np.float32)}
+    got = tvmsoftmax.compile(model).run(feeds)
+    for (name, value), want in zip(got.items(), run_ort(model, feeds)):
+        np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_loop_with_a_data_dependent_exit_is_refused_by_name():
+    """A Loop whose condition the body computes cannot be unrolled: refused, naming the node."""
+    body = helper.make_graph(
+        [helper.make_node("Add", ["v", "v"], ["v_out"]),
+         helper.make_node("ReduceSum", ["v_out"], ["s"], keepdims=0),
+         helper.make_node("Less", ["s", "limit"], ["cond_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [2])],
+    )
+    from onnx import numpy_helper
+
+    node = helper.make_node("Loop", ["", "", "v0"], ["v_n"], body=body, name="doubling")
+    model = _model([node], [helper.make_tensor_value_info("v0", TensorProto.FLOAT, [2])],
+                   [helper.make_tensor_value_info("v_n", TensorProto.FLOAT, [2])], opset=17,
+                   initializers=[numpy_helper.from_array(np.array(100.0, np.float32), "limit")])
+    with pytest.raises(tvmsoftmax.ModelError, match="node 'doubling': Loop is unrolled only with a known number"):
+        tvmsoftmax.compile(model)

@@ -14,6 +14,7 @@ from .artifact import FORMAT, FORMAT_VERSION, CompiledModel, check_feed_names, o
 from .frontend import bind_constants, bind_shapes, dims_of, elem_dtype, graph_inputs, load_model, normalize, value_inputs
 from .attention import FUNCTION_BODY, AttentionSite, rewrite_attention
 from .function_body import expand_nodes, falls_short
+from .control_flow import unroll_control_flow
 from .recurrent import expand_recurrent
 from .rewrite import DTYPES_BY_TARGET, rewrite
 from .targets import TargetSpec, resolve
@@ -40,7 +41,9 @@ def prepare(model, *, algorithm: str = "auto", shapes: dict | None = None, atten
     started = time.perf_counter()
     loaded = load_model(model)
     bound = bind_constants(bind_shapes(loaded.proto, shapes), constants)
-    normalized = normalize(bound)
+    # Scan / Loop (TVM has neither) unrolled first: the optimizer in `normalize` loses the values
+    # their bodies read from the graph around them.
+    normalized = normalize(unroll_control_flow(bound))
     unrolled = expand_recurrent(normalized)  # RNN / GRU / LSTM: TVM has no importer for them
     if unrolled is not normalized:
         normalized = normalize(unrolled)
@@ -49,7 +52,7 @@ def prepare(model, *, algorithm: str = "auto", shapes: dict | None = None, atten
         replace = falls_short(normalized) - kept  # (a body may use an op with a body of its own)
         if not replace:
             break
-        expanded = expand_nodes(normalized, replace)
+        expanded = unroll_control_flow(expand_nodes(normalized, replace))  # a body may hold a Scan
         kept |= replace & {n.name for n in expanded.graph.node}
         normalized = normalize(expanded)
     fused, attention_sites, not_attention = rewrite_attention(normalized, attention, algorithm)

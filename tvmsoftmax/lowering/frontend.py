@@ -266,7 +266,7 @@ VALUE_INPUTS = {
     "Pad": {1, 2, 3}, "Resize": {1, 2, 3}, "Slice": {1, 2, 3, 4}, "NonMaxSuppression": {2, 3, 4},
     "ConstantOfShape": {0}, "Range": {0, 1, 2}, "Dropout": {1, 2}, "OneHot": {1, 2},
     **{op: {0} for op in ("HannWindow", "HammingWindow", "BlackmanWindow")}, "AffineGrid": {1}, "Col2Im": {1, 2},
-    "DFT": {1, 2}, "STFT": {1, 3},
+    "DFT": {1, 2}, "STFT": {1, 3}, "Loop": {0, 1},  # Loop: unrolled for a known trip count and condition
 }
 
 

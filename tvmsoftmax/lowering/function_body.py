@@ -25,6 +25,9 @@ TVM_FALLS_SHORT = {
 }
 
 
+from .control_flow import rename_free  # noqa: E402
+
+
 class NoFunctionBody(Exception):
     """The node's schema has no function body for this opset (the message says why)."""
 
@@ -53,8 +56,6 @@ def expand(node: NodeProto, opset: int, input_types: list[TypeProto | None]) -> 
         rename[formal] = actual or prefix + formal
     nodes = []
     for index, inner in enumerate(function.node):
-        if any(a.type in (AttributeProto.GRAPH, AttributeProto.GRAPHS) for a in inner.attribute):
-            raise NoFunctionBody(f"the {node.op_type} body has subgraphs (not supported)")
         new = NodeProto()
         new.CopyFrom(inner)
         new.name = f"{prefix}{inner.op_type}_{index}"
@@ -71,6 +72,10 @@ def expand(node: NodeProto, opset: int, input_types: list[TypeProto | None]) -> 
                 new.attribute.append(resolved)
             else:
                 new.attribute.append(attribute)
+        for attribute in new.attribute:  # a subgraph (e.g. a Scan body) reads the body's values
+            for graph in ([attribute.g] if attribute.type == AttributeProto.GRAPH else
+                          list(attribute.graphs) if attribute.type == AttributeProto.GRAPHS else []):
+                rename_free(graph, rename)
         nodes.append(new)
     return nodes
 

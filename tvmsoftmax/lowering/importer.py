@@ -24,6 +24,7 @@ from ..ops.softmax import in_shape, softmax
 from ..schedules import choose_knobs
 from ..schedules._tir import static_extent
 from .attention import ATTENTION_OP
+from .control_flow import MAX_ITERATIONS
 from .rewrite import SITE_OP, Site, row_view
 from .targets import TargetSpec
 
@@ -172,6 +173,14 @@ def check_supported(model: onnx.ModelProto) -> None:
 
     known = set(onnx_frontend._get_convert_map()) | set(_our_table()) | {"If", "Constant"}
     for node in model.graph.node:
+        if node.op_type in ("Scan", "Loop") and node.domain in ("", "ai.onnx"):
+            # not unrolled (`control_flow`): a ModelError, not an unsupported op, so that a model
+            # whose trip count or lengths come from its inputs is compiled per input value/shape
+            raise ModelError(
+                f"node {node.name!r}: {node.op_type} is unrolled only with a known number of "
+                "iterations (constant trip count and condition, static sequence length, opset >= 9 "
+                f"for Scan, at most {MAX_ITERATIONS}); this one's is not known when compiling"
+            )
         if node.op_type not in known:
             domain = node.domain or "ai.onnx"
             raise UnsupportedOperatorError(
