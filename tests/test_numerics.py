@@ -889,3 +889,33 @@ def test_loop_with_a_data_dependent_exit_is_refused_by_name():
                    initializers=[numpy_helper.from_array(np.array(100.0, np.float32), "limit")])
     with pytest.raises(tvmsoftmax.ModelError, match="node 'doubling': Loop is unrolled only with a known number"):
         tvmsoftmax.compile(model)
+
+
+def test_nested_loop_in_scan_unrolled():
+    """A Loop (constant trip count) inside a Scan body: both unrolled, against onnxruntime."""
+    from onnx import numpy_helper
+
+    f = TensorProto.FLOAT
+    loop_body = helper.make_graph(
+        [helper.make_node("Mul", ["acc", "x"], ["acc_out"]), helper.make_node("Identity", ["c"], ["c_out"])],
+        "loop_body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc", f, [3])],
+        [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []), helper.make_tensor_value_info("acc_out", f, [3])],
+    )
+    scan_body = helper.make_graph(
+        [helper.make_node("Loop", ["three", "", "s"], ["cubed"], body=loop_body),
+         helper.make_node("Add", ["s", "x"], ["s_out"]), helper.make_node("Identity", ["cubed"], ["y"])],
+        "scan_body",
+        [helper.make_tensor_value_info("s", f, [3]), helper.make_tensor_value_info("x", f, [3])],
+        [helper.make_tensor_value_info("s_out", f, [3]), helper.make_tensor_value_info("y", f, [3])],
+    )
+    node = helper.make_node("Scan", ["s0", "xs"], ["s_n", "ys"], body=scan_body, num_scan_inputs=1)
+    model = _model([node], [helper.make_tensor_value_info("s0", f, [3]), helper.make_tensor_value_info("xs", f, [4, 3])],
+                   [helper.make_tensor_value_info("s_n", f, [3]), helper.make_tensor_value_info("ys", f, [4, 3])],
+                   opset=17, initializers=[numpy_helper.from_array(np.array(3, np.int64), "three")])
+    rng = np.random.default_rng(1)
+    feeds = {"s0": rng.standard_normal(3).astype(np.float32), "xs": rng.standard_normal((4, 3)).astype(np.float32)}
+    got = tvmsoftmax.compile(model).run(feeds)
+    for (name, value), want in zip(got.items(), run_ort(model, feeds)):
+        np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-6, err_msg=name)

@@ -13,8 +13,9 @@ the body reads from the enclosing graph keep their names, in nested subgraphs to
   through an Identity) or a constant true; a false condition runs no iteration. Scan outputs stack
   along a new first axis.
 
-Anything else (opset-8 Scan with its batch axis, a symbolic sequence length, a data-dependent
-exit, more than `MAX_ITERATIONS` iterations) is left as it is, and the importer refuses the node by
+Scan / Loop nodes inside an unrolled body are unrolled in turn. Anything else (opset-8 Scan with
+its batch axis, a symbolic sequence length, a data-dependent exit, more than `MAX_ITERATIONS`
+iterations or `MAX_NODES` unrolled nodes) is left as it is, and the importer refuses the node by
 name.
 """
 
@@ -25,6 +26,7 @@ import onnx
 from onnx import AttributeProto, GraphProto, NodeProto, helper, numpy_helper
 
 MAX_ITERATIONS = 1024  # unrolled bodies per node: beyond this the model would be too large
+MAX_NODES = 100_000  # iterations x body nodes per node, likewise
 
 
 class CannotUnroll(Exception):
@@ -33,7 +35,17 @@ class CannotUnroll(Exception):
 
 def unroll_control_flow(model: onnx.ModelProto) -> onnx.ModelProto:
     """`model` (a copy) with every Scan / Loop of its main graph that can be unrolled replaced by
-    its iterations (the model itself when there is none)."""
+    its iterations, nested ones (inside an unrolled body) too (the model itself when there is
+    none)."""
+    for _ in range(4):  # each pass unrolls one level of nesting
+        unrolled = _unroll_once(model)
+        if unrolled is model:
+            break
+        model = unrolled
+    return model
+
+
+def _unroll_once(model: onnx.ModelProto) -> onnx.ModelProto:
     from .frontend import default_opset, value_infos
 
     if not any(n.op_type in ("Scan", "Loop") and n.domain in ("", "ai.onnx") for n in model.graph.node):
@@ -190,6 +202,8 @@ def _unroll_scan(node: NodeProto, infos: dict, constants: dict, opset: int) -> l
     if len(lengths) != 1 or not 0 < next(iter(lengths)) <= MAX_ITERATIONS:
         raise CannotUnroll(f"scan lengths {sorted(lengths)}")
     length = lengths.pop()
+    if length * len(body.node) > MAX_NODES:
+        raise CannotUnroll(f"{length} iterations of {len(body.node)} nodes")
     build = _Builder(f"{node.name or 'Scan'}/", opset)
     current = list(node.input[:states])
     per_step: list[list[str]] = [[] for _ in range(outputs)]
@@ -253,8 +267,8 @@ def _unroll_loop(node: NodeProto, infos: dict, constants: dict, opset: int) -> l
         iterations = int(np.asarray(constants[trip]).reshape(()))
     else:
         raise CannotUnroll("no trip count and a condition that never turns false")
-    if not 0 <= iterations <= MAX_ITERATIONS:
-        raise CannotUnroll(f"{iterations} iterations")
+    if not 0 <= iterations <= MAX_ITERATIONS or iterations * len(body.node) > MAX_NODES:
+        raise CannotUnroll(f"{iterations} iterations of {len(body.node)} nodes")
     carried = len(node.input) - 2
     scans = len(body.output) - 1 - carried
     if iterations == 0 and scans:
