@@ -452,6 +452,28 @@ def test_onnxruntime_optimized_family_every_attention_fused(family, tmp_path):
     assert report.passed, [(o.name, o.max_abs, o.max_rel) for o in report.outputs]
 
 
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama", "vit"])
+def test_onnxruntime_saved_optimized_family_every_attention_fused(family, tmp_path):
+    """A model as onnxruntime saves it after its extended graph optimizations
+    (`optimized_model_filepath`): the score MatMul and its scale become com.microsoft FusedMatMul,
+    SiLU a QuickGelu, and the nodes need not be in topological order. Every attention still fused,
+    outputs matching onnxruntime on the original."""
+    source = tmp_path / f"{family}.onnx"
+    saved = tmp_path / f"{family}_optimized.onnx"
+    onnx.save(build(family), source)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(saved)
+    options.log_severity_level = 3
+    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(saved)
+    assert any(n.op_type == "FusedMatMul" for n in optimized.graph.node)
+    report = tvmsoftmax.check(optimized, shapes=SHAPES.get(family) or {i.name: [2, 16] for i in optimized.graph.input})
+    attention = [s for s in report.sites if s.get("kind") == "attention"]
+    assert len(attention) == 2 and all(s["rewritten"] for s in attention), report.sites
+    assert report.passed, [(o.name, o.max_abs, o.max_rel) for o in report.outputs]
+
+
 def test_fused_model_artifact_round_trip(tmp_path):
     """The manifest of a model with fused attention is JSON (the demo's save) and loads back."""
     model = build("gpt2")

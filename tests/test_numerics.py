@@ -919,3 +919,61 @@ def test_nested_loop_in_scan_unrolled():
     got = tvmsoftmax.compile(model).run(feeds)
     for (name, value), want in zip(got.items(), run_ort(model, feeds)):
         np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def _contrib_model(op, inputs, attrs, out_shape):
+    node = helper.make_node(op, list(inputs), ["y"], domain="com.microsoft", **attrs)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(v.shape)) for n, v in inputs.items()],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+
+def _contrib_cases():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((2, 3, 8)) * 3).astype(np.float32)
+    image = rng.standard_normal((1, 3, 6, 6)).astype(np.float32)
+    conv = {"w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "b": rng.standard_normal(4).astype(np.float32)}
+    a = rng.standard_normal((3, 8)).astype(np.float32)
+    cases = {
+        "QuickGelu": ({"x": x}, {}, [2, 3, 8]),
+        "QuickGelu-alpha": ({"x": x}, {"alpha": 1.5}, [2, 3, 8]),
+        "FusedMatMul": ({"a": x, "b": rng.standard_normal((2, 8, 5)).astype(np.float32)}, {"alpha": 0.5}, [2, 3, 5]),
+        "FusedMatMul-transB": ({"a": x, "b": rng.standard_normal((2, 5, 8)).astype(np.float32)}, {"alpha": 0.5, "transB": 1}, [2, 3, 5]),
+        "FusedMatMul-transA": ({"a": rng.standard_normal((2, 8, 3)).astype(np.float32), "b": rng.standard_normal((2, 8, 5)).astype(np.float32)},
+                               {"transA": 1}, [2, 3, 5]),
+        "FusedConv-Relu-Z": ({"x": image, **conv, "z": rng.standard_normal((1, 4, 6, 6)).astype(np.float32)},
+                             {"activation": "Relu", "pads": [1, 1, 1, 1]}, [1, 4, 6, 6]),
+        "FusedConv-Clip": ({"x": image, **conv}, {"activation": "Clip", "activation_params": [-1.0, 1.0], "pads": [1, 1, 1, 1]}, [1, 4, 6, 6]),
+        "FusedConv-HardSigmoid": ({"x": image, **conv}, {"activation": "HardSigmoid", "activation_params": [0.3, 0.4]}, [1, 4, 4, 4]),
+        "FusedGemm-LeakyRelu": ({"a": a, "b": rng.standard_normal((8, 5)).astype(np.float32), "c": rng.standard_normal(5).astype(np.float32)},
+                                {"activation": "LeakyRelu", "activation_alpha": 0.1, "alpha": 0.7, "beta": 0.3}, [3, 5]),
+    }
+    return {name: (name.split("-")[0], *case) for name, case in cases.items()}
+
+
+CONTRIB_CASES = _contrib_cases()
+
+
+@pytest.mark.parametrize("name", list(CONTRIB_CASES))
+def test_onnxruntime_fused_ops_match_onnxruntime(name):
+    """com.microsoft ops of onnxruntime's saved optimised models (TVM has none): QuickGelu,
+    FusedMatMul (alpha, transA/transB), FusedConv (activation and its params, summand Z),
+    FusedGemm (activation_alpha)."""
+    op, inputs, attrs, out_shape = CONTRIB_CASES[name]
+    model = _contrib_model(op, inputs, attrs, out_shape)
+    got = tvmsoftmax.compile(model).run(inputs)["y"]
+    want = run_ort(model, inputs)[0]
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_nodes_out_of_topological_order_load():
+    """A graph whose nodes are not in topological order (onnxruntime saves such models) is
+    reordered and runs."""
+    nodes = [helper.make_node("Softmax", ["t"], ["y"], axis=-1), helper.make_node("Mul", ["x", "x"], ["t"])]
+    value = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [2, 5])  # noqa: E731
+    model = _model(nodes, [value("x")], [value("y")])
+    x = np.random.default_rng(0).standard_normal((2, 5)).astype(np.float32)
+    compiled = tvmsoftmax.compile(model)
+    assert compiled.sites and compiled.sites[0]["rewritten"]
+    np.testing.assert_allclose(compiled.run({"x": x})["y"], run_ort(model, {"x": x})[0], rtol=1e-6, atol=1e-7)

@@ -22,6 +22,8 @@ Forms, and why each exists:
 * Decomposed graphs (torch exporters), matched from each Softmax(axis=-1) outwards:
   ``MatMul(Q, K^T)`` -> [Mul|Div by a constant] -> [Where(keep, s, fill)] -> [Add(bias)]* ->
   Softmax -> [Where(IsNaN(p), 0, p)] -> ``MatMul(p, V)``, where
+  - the score MatMul may be onnxruntime's com.microsoft ``FusedMatMul`` (its saved optimised
+    models: the scale in ``alpha``, ``transB`` reading K untransposed);
   - the scale is a Mul or Div after the MatMul (eager form) or a Mul of Q and of K^T by d^-1/4
     before it (the TorchScript SDPA form);
   - K^T is Transpose(K, 0,1,3,2) of BHSD keys, Transpose(K, 0,2,3,1) of BSHD keys, either one
@@ -547,13 +549,15 @@ def _rewrite_decomposed(graph: _Graph, softmax, site: AttentionSite, opset: int)
         s = chain
         node = _single_producer(graph, s, node)
         node, s = uncast(node, s)
-    if node is None or node.op_type != "MatMul":
+    if node is None or not _is_score_matmul(node):
         raise NoMatch("the softmax input is not built from MatMul(Q, K^T) [scale] [mask]")
     qk = node
     consumed.append(qk)
+    fused = _attrs(qk) if qk.op_type == "FusedMatMul" else {}
+    scale *= float(fused.get("alpha", 1.0))
     q, scale = _unscale(graph, qk.input[0], qk, scale)
     kt, scale = _unscale(graph, qk.input[1], qk, scale)
-    k = _untranspose_keys(graph, kt, qk)
+    k = kt if fused.get("transB", 0) else _untranspose_keys(graph, kt, qk)
     k_source, v_source = _unrepeat(graph, k), _unrepeat(graph, v)
     if (k_source == k) != (v_source == v):  # only one side's repeat recognised: keep both repeated
         k_source, v_source = k, v
@@ -581,6 +585,18 @@ def _rewrite_decomposed(graph: _Graph, softmax, site: AttentionSite, opset: int)
         graph.add("Cast", [target], [out], to=onnx.TensorProto.FLOAT)
     for n in consumed:
         graph.removed.add(id(n))
+
+
+def _is_score_matmul(node) -> bool:
+    """MatMul(Q, K^T), or onnxruntime's FusedMatMul(Q, K^T or K, transB, alpha) that its saved
+    optimised models hold instead (the scale folded into alpha; transA and the batch
+    transposes are other layouts, not matched)."""
+    if node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
+        return True
+    if node.op_type != "FusedMatMul" or node.domain != "com.microsoft":
+        return False
+    a = _attrs(node)
+    return not (a.get("transA", 0) or a.get("transBatchA", 0) or a.get("transBatchB", 0))
 
 
 def _widening_cast(graph: _Graph, node, narrowing: bool) -> bool:
@@ -618,7 +634,7 @@ def _leads_to_matmul(graph: _Graph, name: str, depth: int = 6) -> bool:
     node = graph.producer.get(name)
     if node is None or depth == 0:
         return False
-    if node.op_type == "MatMul":
+    if _is_score_matmul(node):
         return True
     if node.op_type == "Cast":
         return _leads_to_matmul(graph, node.input[0], depth - 1)

@@ -59,7 +59,7 @@ def load_model(model) -> LoadedModel:
     if not proto.graph.node:
         raise ModelError(f"{source}: the graph has no nodes")
     try:
-        onnx.checker.check_model(_as_checkable(proto))
+        onnx.checker.check_model(_as_checkable(_topologically_sorted(proto)))  # normalize sorts it too
     except (onnx.checker.ValidationError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"{source}: not a valid ONNX model: {first}") from None
@@ -346,22 +346,38 @@ def fold_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 
 
 def _onnxscript_optimize(model: onnx.ModelProto) -> onnx.ModelProto:
-    try:
-        import onnxscript.optimizer
+    """onnxscript's optimizer (constant folding, shape subgraphs included, and its rewrite rules);
+    where its result is not a valid model (its rules wrote an opset-18 Split into an opset-17 model
+    saved by onnxruntime), its constant folding alone; where that fails too, the model as is."""
+    import onnxscript.optimizer
+    from onnxscript import ir
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            folded = onnxscript.optimizer.optimize(copy.deepcopy(model), num_iterations=3)
-        onnx.checker.check_model(_as_checkable(folded))
-        return folded
-    except Exception as err:  # noqa: BLE001 - an optimizer failure must not stop the compile
-        warnings.warn(f"onnxscript optimizer failed ({type(err).__name__}: {err}); using the model as is", stacklevel=2)
-        return model
+    def full():
+        return onnxscript.optimizer.optimize(copy.deepcopy(model), num_iterations=3)
+
+    def folding_only():
+        graph = ir.serde.deserialize_model(copy.deepcopy(model))
+        onnxscript.optimizer.fold_constants(graph, onnx_shape_inference=True)
+        onnxscript.optimizer.remove_unused_nodes(graph)
+        return ir.serde.serialize_model(graph)
+
+    failures = []
+    for attempt in (full, folding_only):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                folded = _topologically_sorted(attempt())  # a rewrite may leave a node before its producer
+            onnx.checker.check_model(_as_checkable(folded))
+            return folded
+        except Exception as err:  # noqa: BLE001 - an optimizer failure must not stop the compile
+            failures.append(f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}")
+    warnings.warn(f"onnxscript optimizer failed ({'; '.join(failures)}); using the model as is", stacklevel=2)
+    return model
 
 
 def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     """Shape inference and constant folding (shape subgraphs included) for TVM's importer."""
-    model = _weights_not_inputs(model)
+    model = _weights_not_inputs(_topologically_sorted(model))
     model = _onnxscript_optimize(model)
     model, folded = fold_constants(model)
     if folded:  # what our folder settled may unlock more of onnxscript's
@@ -374,6 +390,50 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     _empty_reductions(model)
     _constant_tensors(model.graph)
     _name_nodes(model.graph)
+    return model
+
+
+def _topologically_sorted(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The main graph's nodes in an order where each comes after the producers of its inputs (the
+    models onnxruntime saves after optimising are not always in one; ONNX requires it, its
+    optimizer and checker refuse them). Stable: an ordered graph stays as it is. Values read only
+    inside subgraphs count as inputs too."""
+    graph = model.graph
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+
+    def needs(node) -> set:
+        names = set(node.input)
+        for attribute in node.attribute:
+            for sub in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)):
+                inner = {o for n in sub.node for o in n.output} | {i.name for i in sub.input}
+                names |= {i for n in sub.node for i in n.input} - inner
+        return names
+
+    produced = {o for n in graph.node for o in n.output if o}
+    order, ready, pending = [], set(available), list(graph.node)
+    in_order = True
+    for node in graph.node:
+        if not (needs(node) & produced) <= ready:
+            in_order = False
+            break
+        ready.update(node.output)
+    if in_order:
+        return model
+    ready = set(available)
+    while pending:
+        rest = []
+        for node in pending:
+            if (needs(node) & produced) <= ready:
+                order.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            return model  # a cycle or a missing value: the checker will say which
+        pending = rest
+    model = copy.deepcopy(model)
+    del model.graph.node[:]
+    model.graph.node.extend(order)
     return model
 
 

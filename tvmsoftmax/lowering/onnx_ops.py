@@ -35,6 +35,7 @@ def converters() -> dict:
         **_make_fused_norm_converters(),
         **_make_edge_converters(),
         "TensorScatter": _make_tensor_scatter_converter(),
+        **_make_ort_fused_converters(),
     }
 
 
@@ -1396,3 +1397,89 @@ def _make_tensor_scatter_converter():
             return relax.op.where(keep, n(relax.op.gather_elements(update, index, axis)), past)
 
     return TensorScatterConverter
+
+
+def _make_ort_fused_converters() -> dict:
+    """com.microsoft ops that onnxruntime's graph optimizations write into the models it saves
+    (``optimized_model_filepath``; TVM 0.27 has none of them), as onnxruntime computes them:
+
+    * FusedMatMul: alpha * op(A) @ op(B), transA / transB swapping the last two axes
+      (transBatchA / transBatchB, which move the batch axes, are refused by name);
+    * FusedConv / FusedGemm: Conv (plus an optional summand Z) / Gemm, then ``activation``
+      (Relu, Tanh, Sigmoid, LeakyRelu, Clip, HardSigmoid with ``activation_params``, FusedGemm's
+      ``activation_alpha`` / ``activation_beta``);
+    * QuickGelu: x * sigmoid(alpha * x), alpha 1.702 by default.
+    """
+    from tvm import relax
+    from tvm.relax.frontend.onnx import onnx_frontend
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    table = onnx_frontend._get_convert_map()
+
+    def swap_last(x):
+        rank = len(x.ty.shape)
+        if rank < 2:
+            return x
+        return relax.op.permute_dims(x, list(range(rank - 2)) + [rank - 1, rank - 2])
+
+    class FusedMatMulConverter(OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            if attr.get("transBatchA", 0) or attr.get("transBatchB", 0):
+                raise ValueError("FusedMatMul with transBatchA/transBatchB is not supported")
+            a, b = inputs[0], inputs[1]
+            a = swap_last(a) if attr.get("transA", 0) else a
+            b = swap_last(b) if attr.get("transB", 0) else b
+            y = relax.op.matmul(a, b)
+            alpha = float(attr.get("alpha", 1.0))
+            return y if alpha == 1.0 else relax.op.multiply(y, relax.const(alpha, str(inputs[0].ty.dtype)))
+
+    def activate(y, attr, dtype):
+        name = attr.get("activation", b"")
+        name = name.decode("ascii") if isinstance(name, bytes) else name
+        args = list(attr.get("activation_params", []))  # FusedConv; FusedGemm names them:
+        args = args or [attr[k] for k in ("activation_alpha", "activation_beta") if k in attr]
+        const = lambda v: relax.const(v, dtype)  # noqa: E731
+        if not name:
+            return y
+        if name == "Relu":
+            return relax.op.nn.relu(y)
+        if name == "Tanh":
+            return relax.op.tanh(y)
+        if name == "Sigmoid":
+            return relax.op.sigmoid(y)
+        if name == "LeakyRelu":
+            return relax.op.nn.leakyrelu(y, args[0] if args else 0.01)
+        if name == "Clip":
+            low, high = (args + [-3.4028234663852886e38, 3.4028234663852886e38][len(args):])[:2]
+            return relax.op.clip(y, low, high)
+        if name == "HardSigmoid":
+            alpha, beta = (args + [0.2, 0.5][len(args):])[:2]
+            return relax.op.clip(relax.op.add(relax.op.multiply(y, const(alpha)), const(beta)), 0.0, 1.0)
+        raise ValueError(f"fused activation {name!r} is not supported")
+
+    class FusedConvConverter(OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            conv_attr = {k: v for k, v in attr.items() if k not in ("activation", "activation_params")}
+            y = table["Conv"].get_converter(11)(bb, list(inputs[:3]) + [None] * (3 - len(inputs[:3])), conv_attr, params)
+            if len(inputs) > 3 and inputs[3] is not None:
+                y = relax.op.add(bb.normalize(y), inputs[3])
+            return activate(bb.normalize(y), attr, str(inputs[0].ty.dtype))
+
+    class FusedGemmConverter(OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            gemm_attr = {k: v for k, v in attr.items() if not k.startswith("activation")}
+            y = table["Gemm"].get_converter(13)(bb, list(inputs[:3]) + [None] * (3 - len(inputs[:3])), gemm_attr, params)
+            return activate(bb.normalize(y), attr, str(inputs[0].ty.dtype))
+
+    class QuickGeluConverter(OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            x = inputs[0]
+            alpha = relax.const(float(attr.get("alpha", 1.702)), str(x.ty.dtype))
+            return relax.op.multiply(x, relax.op.sigmoid(relax.op.multiply(x, alpha)))
+
+    return {"FusedMatMul": FusedMatMulConverter, "FusedConv": FusedConvConverter,
+            "FusedGemm": FusedGemmConverter, "QuickGelu": QuickGeluConverter}
