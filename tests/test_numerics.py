@@ -149,7 +149,7 @@ PLAIN_CASES = [
                           "test_reversesequence", "test_col2im", "test_stft", "test_basic_deform_conv",
                           "test_deform_conv", "test_eyelike", "test_upsample", "test_reduce_max_bool",
                           "test_reduce_min_bool", "test_split_zero_size", "test_scan9", "test_loop11",
-                          "test_linear_attention"))
+                          "test_linear_attention", "test_maxpool_with_argmax"))
     and "uint64" not in c.name  # TVM 0.27's TopK has no uint64
 ]
 
@@ -977,3 +977,28 @@ def test_nodes_out_of_topological_order_load():
     compiled = tvmsoftmax.compile(model)
     assert compiled.sites and compiled.sites[0]["rewritten"]
     np.testing.assert_allclose(compiled.run({"x": x})["y"], run_ort(model, {"x": x})[0], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape, attrs", [
+    ((2, 3, 9), {"kernel_shape": [3], "strides": [2]}),
+    ((1, 2, 7, 8), {"kernel_shape": [3, 2], "strides": [2, 3], "pads": [1, 0, 1, 1], "dilations": [2, 1], "ceil_mode": 1}),
+    ((1, 2, 6, 6), {"kernel_shape": [2, 2], "storage_order": 1, "auto_pad": "SAME_UPPER"}),
+    ((1, 1, 4, 5, 6), {"kernel_shape": [2, 3, 2], "strides": [2, 1, 2]}),
+    ((1, 2, 6, 6), {"kernel_shape": [3, 3], "strides": [1, 1], "ties": True}),
+], ids=["1d", "2d-dilated-ceil-pads", "2d-column-major-same", "3d", "2d-ties"])
+def test_maxpool_indices_match_onnxruntime(shape, attrs):
+    """MaxPool's Indices output (our converter; TVM's gave none): flat indices into the
+    unpadded input, the first maximum of a window on ties, column-major with storage_order=1."""
+    attrs = dict(attrs)
+    ties = attrs.pop("ties", False)
+    rng = np.random.default_rng(0)
+    x = (np.round(rng.standard_normal(shape)) if ties else rng.standard_normal(shape)).astype(np.float32)
+    node = helper.make_node("MaxPool", ["x"], ["y", "i"], **attrs)
+    model = _model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                    helper.make_tensor_value_info("i", TensorProto.INT64, None)])
+    got = tvmsoftmax.compile(model).run({"x": x})
+    want = run_ort(model, {"x": x})
+    assert got["y"].shape == want[0].shape and got["i"].shape == want[1].shape
+    np.testing.assert_array_equal(got["y"], want[0])
+    np.testing.assert_array_equal(got["i"], want[1])

@@ -36,6 +36,7 @@ def converters() -> dict:
         **_make_edge_converters(),
         "TensorScatter": _make_tensor_scatter_converter(),
         **_make_ort_fused_converters(),
+        "MaxPool": _make_maxpool_converter(),
     }
 
 
@@ -1483,3 +1484,86 @@ def _make_ort_fused_converters() -> dict:
 
     return {"FusedMatMul": FusedMatMulConverter, "FusedConv": FusedConvConverter,
             "FusedGemm": FusedGemmConverter, "QuickGelu": QuickGeluConverter}
+
+
+def _make_maxpool_converter():
+    import itertools
+
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    base = onnx_frontend._get_convert_map()["MaxPool"]
+
+    class MaxPoolConverter(base):
+        """MaxPool's second output, Indices (TVM's converter gave none and the import failed):
+        each window's first maximum in row-major window order (onnxruntime's), as a flat index
+        into the unpadded input, row-major or, with storage_order=1, column-major per image.
+        Built from one strided slice per kernel offset (static spatial dims); nodes without
+        Indices keep TVM's pooling."""
+
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            custom = attr.get("tvm_custom", {})
+            if custom.get("num_outputs", 1) < 2:
+                return super()._impl_v1(bb, inputs, attr, params)
+            return cls._with_indices(bb, inputs[0], attr)
+
+        @classmethod
+        def _with_indices(cls, bb, x, attr):
+            shape = [int(d) if isinstance(d, tvm.tirx.IntImm) else None for d in x.ty.shape]
+            if None in shape:
+                raise ValueError("MaxPool with Indices needs static input dims")
+            batch, channels, sizes = shape[0], shape[1], shape[2:]
+            n = len(sizes)
+            kernel = list(attr["kernel_shape"])
+            strides = list(attr.get("strides", [1] * n))
+            dilations = list(attr.get("dilations", [1] * n))
+            pads = list(attr.get("pads", [0] * 2 * n))
+            mode = attr.get("auto_pad", b"NOTSET")
+            mode = mode.decode("ascii") if isinstance(mode, bytes) else mode
+            span = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+            if mode in ("SAME_UPPER", "SAME_LOWER"):
+                outs = [-(-size // st) for size, st in zip(sizes, strides)]
+                total = [max((o - 1) * st + sp - size, 0) for o, st, sp, size in zip(outs, strides, span, sizes)]
+                begin = [t // 2 if mode == "SAME_UPPER" else t - t // 2 for t in total]
+                pads = begin + [t - b for t, b in zip(total, begin)]
+            elif mode == "VALID":
+                pads = [0] * 2 * n
+            outs = []
+            for i in range(n):
+                room = sizes[i] + pads[i] + pads[n + i] - span[i]
+                out = (-(-room // strides[i]) if attr.get("ceil_mode", 0) else room // strides[i]) + 1
+                if attr.get("ceil_mode", 0) and (out - 1) * strides[i] >= sizes[i] + pads[i]:
+                    out -= 1  # a last window starting in the end padding is dropped
+                outs.append(out)
+            # padded with the lowest value, far enough for every window (ceil_mode included)
+            ends = [max(pads[n + i], (outs[i] - 1) * strides[i] + span[i] - sizes[i] - pads[i]) for i in range(n)]
+            dtype = str(x.ty.dtype)
+            lowest = float("-inf") if "float" in dtype else float(np.iinfo(np.dtype(dtype)).min)
+            padded = bb.normalize(relax.op.nn.pad(x, [0, 0, 0, 0] + [w for i in range(n) for w in (pads[i], ends[i])],
+                                                  pad_value=lowest))
+            windows = []
+            for offset in itertools.product(*[range(k) for k in kernel]):
+                begin = [o * d for o, d in zip(offset, dilations)]
+                end = [b + (o - 1) * st + 1 for b, o, st in zip(begin, outs, strides)]
+                window = relax.op.strided_slice(padded, axes=list(range(2, 2 + n)), begin=begin, end=end, strides=strides)
+                windows.append(relax.op.expand_dims(bb.normalize(window), 0))
+            stacked = bb.normalize(relax.op.concat(windows, axis=0))  # [K, N, C, *outs]
+            values = relax.op.max(stacked, axis=0)
+            chosen = bb.normalize(relax.op.astype(relax.op.argmax(stacked, axis=0), "int64"))  # first maximum
+            column = bool(attr.get("storage_order", 0))
+            index = None
+            for i in range(n):
+                inner = int(np.prod(kernel[i + 1:]))
+                offset = relax.op.floor_mod(relax.op.floor_divide(chosen, relax.const(inner, "int64")),
+                                            relax.const(kernel[i], "int64"))
+                grid = np.arange(outs[i], dtype=np.int64).reshape([outs[i]] + [1] * (n - 1 - i)) * strides[i] - pads[i]
+                position = relax.op.add(relax.op.multiply(offset, relax.const(dilations[i], "int64")), relax.const(grid, "int64"))
+                weight = int(np.prod(sizes[:i])) if column else int(np.prod(sizes[i + 1:]))
+                term = relax.op.multiply(position, relax.const(weight, "int64"))
+                index = term if index is None else relax.op.add(index, term)
+            image = np.arange(batch * channels, dtype=np.int64).reshape([batch, channels] + [1] * n) * int(np.prod(sizes))
+            return relax.Tuple([values, bb.normalize(relax.op.add(index, relax.const(image, "int64")))])
+
+    return MaxPoolConverter
