@@ -149,7 +149,8 @@ PLAIN_CASES = [
                           "test_reversesequence", "test_col2im", "test_stft", "test_basic_deform_conv",
                           "test_deform_conv", "test_eyelike", "test_upsample", "test_reduce_max_bool",
                           "test_reduce_min_bool", "test_split_zero_size", "test_scan9", "test_loop11",
-                          "test_linear_attention", "test_maxpool_with_argmax"))
+                          "test_linear_attention", "test_maxpool_with_argmax", "test_ai_onnx_ml_binarizer",
+                          "test_ai_onnx_ml_array_feature_extractor"))
     and "uint64" not in c.name  # TVM 0.27's TopK has no uint64
 ]
 
@@ -1002,3 +1003,19 @@ def test_maxpool_indices_match_onnxruntime(shape, attrs):
     assert got["y"].shape == want[0].shape and got["i"].shape == want[1].shape
     np.testing.assert_array_equal(got["y"], want[0])
     np.testing.assert_array_equal(got["i"], want[1])
+
+
+@pytest.mark.parametrize("shape", [(5,), (2, 5), (2, 3, 5)])
+def test_array_feature_extractor_matches_onnxruntime(shape):
+    """ai.onnx.ml ArrayFeatureExtractor (our converter): repeated indices, a 1-D input as a row."""
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    indices = np.array([4, 0, 4], np.int64)
+    node = helper.make_node("ArrayFeatureExtractor", ["x", "i"], ["y"], domain="ai.onnx.ml")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape)),
+                                            helper.make_tensor_value_info("i", TensorProto.INT64, [3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)])
+    feeds = {"x": x, "i": indices}
+    got, want = tvmsoftmax.compile(model).run(feeds)["y"], run_ort(model, feeds)[0]
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(got, want)

@@ -37,6 +37,7 @@ def converters() -> dict:
         "TensorScatter": _make_tensor_scatter_converter(),
         **_make_ort_fused_converters(),
         "MaxPool": _make_maxpool_converter(),
+        **_make_ml_converters(),
     }
 
 
@@ -1567,3 +1568,28 @@ def _make_maxpool_converter():
             return relax.Tuple([values, bb.normalize(relax.op.add(index, relax.const(image, "int64")))])
 
     return MaxPoolConverter
+
+
+def _make_ml_converters() -> dict:
+    """ai.onnx.ml's elementwise/indexing ops (TVM 0.27 has no ai.onnx.ml op):
+    Binarizer (1 where x > threshold, else 0, in x's type) and ArrayFeatureExtractor (the
+    elements at `indices` along the last axis; a 1-D input gives a [1, k] row, as onnxruntime)."""
+    from tvm import relax
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    class BinarizerConverter(OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            x = inputs[0]
+            dtype = str(x.ty.dtype)
+            above = relax.op.greater(x, relax.const(float(attr.get("threshold", 0.0)), dtype))
+            return relax.op.astype(above, dtype)
+
+    class ArrayFeatureExtractorConverter(OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            x, indices = inputs[0], inputs[1]
+            taken = relax.op.take(x, bb.normalize(relax.op.reshape(indices, [-1])), axis=len(x.ty.shape) - 1)
+            return relax.op.expand_dims(taken, 0) if len(x.ty.shape) == 1 else taken
+
+    return {"Binarizer": BinarizerConverter, "ArrayFeatureExtractor": ArrayFeatureExtractorConverter}
