@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import heapq
 import os
 import warnings
 from dataclasses import dataclass
@@ -409,28 +410,29 @@ def _topologically_sorted(model: onnx.ModelProto) -> onnx.ModelProto:
                 names |= {i for n in sub.node for i in n.input} - inner
         return names
 
-    produced = {o for n in graph.node for o in n.output if o}
-    order, ready, pending = [], set(available), list(graph.node)
-    in_order = True
-    for node in graph.node:
-        if not (needs(node) & produced) <= ready:
-            in_order = False
-            break
-        ready.update(node.output)
-    if in_order:
+    nodes = list(graph.node)
+    producer = {o: index for index, n in enumerate(nodes) for o in n.output if o}
+    waits = [{producer[i] for i in needs(n) if i in producer and i not in available} for n in nodes]
+    if all(all(p < index for p in wait) for index, wait in enumerate(waits)):
         return model
-    ready = set(available)
-    while pending:
-        rest = []
-        for node in pending:
-            if (needs(node) & produced) <= ready:
-                order.append(node)
-                ready.update(node.output)
-            else:
-                rest.append(node)
-        if len(rest) == len(pending):
-            return model  # a cycle or a missing value: the checker will say which
-        pending = rest
+    # Kahn's algorithm, the earliest ready node first: an ordered stretch keeps its order
+    users: dict[int, list[int]] = {}
+    for index, wait in enumerate(waits):
+        for p in wait:
+            users.setdefault(p, []).append(index)
+    remaining = [len(wait) for wait in waits]
+    ready = [index for index, count in enumerate(remaining) if count == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        index = heapq.heappop(ready)
+        order.append(nodes[index])
+        for user in users.get(index, []):
+            remaining[user] -= 1
+            if remaining[user] == 0:
+                heapq.heappush(ready, user)
+    if len(order) != len(nodes):
+        return model  # a cycle: the checker will say where
     model = copy.deepcopy(model)
     del model.graph.node[:]
     model.graph.node.extend(order)
