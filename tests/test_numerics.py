@@ -1019,3 +1019,29 @@ def test_array_feature_extractor_matches_onnxruntime(shape):
     got, want = tvmsoftmax.compile(model).run(feeds)["y"], run_ort(model, feeds)[0]
     assert got.shape == want.shape
     np.testing.assert_array_equal(got, want)
+
+
+def test_loop_whose_trip_count_comes_from_a_shape_is_unrolled():
+    """The trip count computed from an input's shape (Shape -> Gather): a constant once folded, so
+    the Loop is unrolled after normalisation; a symbolic dim compiles per input shape."""
+    from onnx import numpy_helper
+
+    body = helper.make_graph(
+        [helper.make_node("Add", ["acc", "one"], ["acc_out"]), helper.make_node("Identity", ["c"], ["c_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc", TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []), helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [3])],
+    )
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("Gather", ["shape", "zero"], ["trips"], axis=0),
+             helper.make_node("Loop", ["trips", "", "acc0"], ["acc_n"], body=body, name="count")]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2]),
+                           helper.make_tensor_value_info("acc0", TensorProto.FLOAT, [3])],
+                   [helper.make_tensor_value_info("acc_n", TensorProto.FLOAT, [3])], opset=17,
+                   initializers=[numpy_helper.from_array(np.array(0, np.int64), "zero"),
+                                 numpy_helper.from_array(np.ones(3, np.float32), "one")])
+    compiled = tvmsoftmax.compile(model)
+    for n in (4, 7):
+        feeds = {"x": np.zeros((n, 2), np.float32), "acc0": np.arange(3, dtype=np.float32)}
+        np.testing.assert_array_equal(compiled.run(feeds)["acc_n"], run_ort(model, feeds)[0])

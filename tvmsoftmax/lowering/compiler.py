@@ -14,7 +14,7 @@ from .artifact import FORMAT, FORMAT_VERSION, CompiledModel, check_feed_names, o
 from .frontend import bind_constants, bind_shapes, dims_of, elem_dtype, graph_inputs, load_model, normalize, value_inputs
 from .attention import FUNCTION_BODY, AttentionSite, rewrite_attention
 from .function_body import expand_nodes, falls_short
-from .control_flow import unroll_control_flow
+from .control_flow import all_defined, unroll_control_flow
 from .recurrent import expand_recurrent
 from .rewrite import DTYPES_BY_TARGET, rewrite
 from .targets import TargetSpec, resolve
@@ -44,6 +44,9 @@ def prepare(model, *, algorithm: str = "auto", shapes: dict | None = None, atten
     # Scan / Loop (TVM has neither) unrolled first: the optimizer in `normalize` loses the values
     # their bodies read from the graph around them.
     normalized = normalize(unroll_control_flow(bound))
+    again = unroll_control_flow(normalized)  # trip counts / lengths that folding settled
+    if again is not normalized and all_defined(again):
+        normalized = normalize(again)
     unrolled = expand_recurrent(normalized)  # RNN / GRU / LSTM: TVM has no importer for them
     if unrolled is not normalized:
         normalized = normalize(unrolled)

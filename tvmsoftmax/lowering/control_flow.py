@@ -45,6 +45,15 @@ def unroll_control_flow(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def all_defined(model: onnx.ModelProto) -> bool:
+    """Whether every value the main graph's nodes read is defined in it (an unrolled body whose
+    outer values an optimizer dropped is not)."""
+    graph = model.graph
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    defined |= {o for n in graph.node for o in n.output}
+    return all(i in defined for n in graph.node for i in n.input)
+
+
 def _unroll_once(model: onnx.ModelProto) -> onnx.ModelProto:
     from .frontend import default_opset, value_infos
 
