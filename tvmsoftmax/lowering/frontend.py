@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import heapq
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -363,8 +364,12 @@ def _onnxscript_optimize(model: onnx.ModelProto) -> onnx.ModelProto:
         return ir.serde.serialize_model(graph)
 
     failures = []
+    # its folder logs each value the onnx reference evaluator could not compute (left unfolded)
+    folder_log = logging.getLogger("onnxscript.optimizer._constant_folding")
     for attempt in (full, folding_only):
+        level = folder_log.level
         try:
+            folder_log.setLevel(logging.ERROR)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 folded = _topologically_sorted(attempt())  # a rewrite may leave a node before its producer
@@ -372,6 +377,8 @@ def _onnxscript_optimize(model: onnx.ModelProto) -> onnx.ModelProto:
             return folded
         except Exception as err:  # noqa: BLE001 - an optimizer failure must not stop the compile
             failures.append(f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}")
+        finally:
+            folder_log.setLevel(level)
     warnings.warn(f"onnxscript optimizer failed ({'; '.join(failures)}); using the model as is", stacklevel=2)
     return model
 
