@@ -182,3 +182,26 @@ def test_real_export_compiles_and_matches(family, dynamo, tmp_path):
     sites = [s for s in report.sites if s["rewritten"]]
     assert len(sites) >= 2, report.sites  # one attention Softmax per layer at least
     assert report.passed, [o for o in report.outputs if not o.passed]
+
+
+def test_bert_through_onnxruntime_transformer_optimizer(tmp_path):
+    """A Hugging Face BERT (eager attention) exported, then fused by onnxruntime's transformer
+    optimizer into com.microsoft EmbedLayerNormalization (its mask_index: the valid token counts),
+    Attention (1-D mask_index), SkipLayerNormalization and BiasGelu: every Attention fused, dims
+    left symbolic (one compile), outputs matching onnxruntime with a padded second sequence."""
+    from onnxruntime.transformers import optimizer
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, max_position_embeddings=64, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64)
+    config._attn_implementation = "eager"  # the form onnxruntime's Attention fusion matches
+    inputs = _text_inputs(100)
+    path, fused = tmp_path / "bert.onnx", tmp_path / "bert_fused.onnx"
+    _export(_Plain(transformers.BertModel(config).eval(), list(inputs)), inputs, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optimizer.optimize_model(str(path), model_type="bert", num_heads=4, hidden_size=32).save_model_to_file(str(fused))
+    report = tvmsoftmax.check(str(fused), inputs={k: v.numpy() for k, v in inputs.items()})
+    attention = [s for s in report.sites if s.get("kind") == "attention"]
+    assert len(attention) == 2 and all(s["form"] == "com.microsoft.Attention" and s["rewritten"] for s in attention), report.sites
+    assert report.passed, [o for o in report.outputs if not o.passed]

@@ -442,18 +442,26 @@ def _ms_mask_bias(graph: _Graph, mask: str, k: str, dtype: str, filter_value: fl
     if rank == 1:
         if _dim(graph, mask, 0) is not None and _dim(graph, mask, 0) == 2 * (_dim(graph, k, 0) or -1):
             raise NoMatch("a 1-D mask_index with start positions ([2 * batch]) is not fused")
-        total = graph.add("Gather", [graph.add("Shape", [k]), graph.constant(np.array(2, np.int64), "index")], axis=0)
-        keys = graph.add("Range", [graph.constant(np.array(0, np.int64)), total, graph.constant(np.array(1, np.int64))])
-        counts = graph.add("Unsqueeze", [graph.add("Cast", [mask], to=onnx.TensorProto.INT64),
-                                         graph.constant(np.array([1], np.int64), "axes")])
-        keep = graph.add("Less", [keys, counts])  # [B, S_total]
-        axes = [1, 2]
+        # key positions 0..S_total-1 as [1, 1, 1, S_total], from K's own shape without a Range
+        # (TVM cannot build a Range whose length is computed at run time)
+        column = graph.add("Slice", [k, graph.constant(np.zeros(4, np.int64), "starts"),
+                                     graph.constant(np.array([1, 1, np.iinfo(np.int64).max, 1], np.int64), "ends")])
+        one = graph.constant(np.array(1, np.int64))
+        ones = graph.add("Where", [graph.add("IsNaN", [column]), one, one])  # [1, 1, S_total, 1]
+        counted = graph.add("CumSum", [ones, graph.constant(np.array(2, np.int64), "axis")])
+        positions = graph.add("Transpose", [graph.add("Sub", [counted, one])], perm=[0, 1, 3, 2])
+        counts = graph.add("Reshape", [graph.add("Cast", [mask], to=onnx.TensorProto.INT64),
+                                       graph.constant(np.array([-1, 1, 1, 1], np.int64), "shape")])
+        keep = graph.add("Less", [positions, counts])  # [B, 1, 1, S_total]
+        axes = []
     elif rank in (2, 3):
         keep = graph.add("Cast", [mask], to=onnx.TensorProto.BOOL)
         axes = [1, 2] if rank == 2 else [1]
     else:
         raise NoMatch(f"mask_index of rank {rank} is not fused (1-D lengths, 2-D and 3-D masks are)")
-    padding = graph.add("Where", [keep, *values])
+    padding = graph.add("Where", [keep, *values], rank=4 if not axes else None)
+    if not axes:
+        return padding
     return graph.add("Unsqueeze", [padding, graph.constant(np.array(axes, np.int64), "axes")], rank=4)
 
 
