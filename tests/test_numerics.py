@@ -267,6 +267,30 @@ def test_constant_attribute_forms():
     np.testing.assert_array_equal(got["y"], [11.0, 18.0])
 
 
+@pytest.mark.parametrize("dims", [[], [3], [300, 300]], ids=["scalar", "vector", "large"])
+@pytest.mark.parametrize("kind", ["bool", "int64"])
+def test_constant_of_shape_of_constant_dims(dims, kind):
+    """ConstantOfShape of a constant shape, the empty one included (a scalar: torch's TorchScript
+    exports of BART/T5 build `And(ConstantOfShape([]) of True, mask)`, and TVM's converter failed
+    on it), combined with a run-time input; checked against onnxruntime."""
+    i64 = TensorProto.INT64
+    onnx_type, value, op = (TensorProto.BOOL, True, "And") if kind == "bool" else (i64, 7, "Add")
+    nodes = [helper.make_node("Constant", [], ["shape"], value=helper.make_tensor("s", i64, [len(dims)], dims)),
+             helper.make_node("ConstantOfShape", ["shape"], ["c"], value=helper.make_tensor("v", onnx_type, [1], [value])),
+             helper.make_node(op, ["c", "x"], ["y"])]
+    model = _model(nodes, [helper.make_tensor_value_info("x", onnx_type, [])],
+                   [helper.make_tensor_value_info("y", onnx_type, dims)])
+    from tvmsoftmax.lowering.importer import import_model
+    from tvmsoftmax.lowering.targets import resolve
+
+    import_model(model, [], resolve("x86"))  # unfolded, as in those exports (their folding leaves it)
+    x = np.array(True if kind == "bool" else 5, kind)
+    got = tvmsoftmax.compile(model).run({"x": x})["y"]
+    assert got.shape == tuple(dims) and got.dtype == np.dtype(kind)
+    assert (got == (True if kind == "bool" else 12)).all()
+    np.testing.assert_array_equal(got, run_ort(model, {"x": x})[0])
+
+
 def test_non_max_suppression_parameters():
     """TVM read NMS's parameters at import and silently used 0 / 0.5 / 0.0 for any it could not
     read: an absent score_threshold now means none (ONNX), checked against onnxruntime; a run-time

@@ -1251,8 +1251,9 @@ def _make_edge_converters() -> dict:
     """Cases TVM 0.27's converters fail on or get wrong: EyeLike with a `dtype` other than its
     input's (TVM refused it), ReduceMax/ReduceMin of bool (opset 20: any/all; TVM had no identity
     for bool), Split into pieces of size 0 (TVM's split needs increasing indices), SequenceInsert at
-    a negative position (one place off), SequenceLength of a computed sequence (failed), and Slice
-    before opset 10 (attributes; failed)."""
+    a negative position (one place off), SequenceLength of a computed sequence (failed), Slice
+    before opset 10 (attributes; failed), and ConstantOfShape of an empty shape (a scalar: TVM
+    broadcast its 1-element value to rank 0 and failed; torch's encoder-decoder exports have it)."""
     import tvm
     from tvm import relax
     from tvm.relax.frontend.onnx import onnx_frontend
@@ -1350,7 +1351,22 @@ def _make_edge_converters() -> dict:
         def _impl_v10(cls, bb, inputs, attr, params):
             return super()._impl_v13(bb, inputs, attr, params)
 
+    class ConstantOfShapeConverter(table["ConstantOfShape"]):
+        @classmethod
+        def _impl_v9(cls, bb, inputs, attr, params):
+            shape = onnx_frontend.get_constant(inputs[0], params)
+            if isinstance(shape, tvm.ir.GenericConst):
+                dims = [int(d) for d in shape.value.numpy().reshape(-1)]
+                value = attr.get("value")
+                value = onnx_frontend.get_numpy(value) if value is not None else np.zeros(1, np.float32)
+                scalar = np.array(value.reshape(-1)[0], value.dtype)
+                if int(np.prod(dims)) <= 1 << 16:  # small: a constant later folds see through
+                    return relax.const(np.full(dims, scalar, value.dtype), str(value.dtype))
+                return relax.op.broadcast_to(relax.const(scalar, str(value.dtype)), relax.ShapeExpr(dims))
+            return super()._impl_v9(bb, inputs, attr, params)
+
     return {"EyeLike": EyeLikeConverter, "ReduceMax": bool_as_uint8(table["ReduceMax"]), "Slice": SliceConverter,
+            "ConstantOfShape": ConstantOfShapeConverter,
             "ReduceMin": bool_as_uint8(table["ReduceMin"]), "Split": SplitConverter,
             "SequenceInsert": SequenceInsertConverter, "SequenceLength": SequenceLengthConverter}
 
