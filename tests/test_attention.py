@@ -540,3 +540,49 @@ def test_half_graph_with_float32_softmax_is_fused(widened_v):
     want = (p / p.sum(-1, keepdims=True)) @ v
     _close(got, want, "float16", "fused vs float64")
     np.testing.assert_allclose(got.astype(np.float32), _ort(model, feeds)[0].astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("inner", ["Div", "Mul"])
+def test_softcapped_scores_are_fused(inner):
+    """Gemma 2's logit soft-capping between the scale and the mask, ``Mul(Tanh(Div(s, cap)), cap)``
+    (or a Mul by 1/cap inside): fused with the site's softcap; a Tanh that is not a softcap (its
+    outer factor differs) is left alone. Checked against the float64 reference and onnxruntime."""
+    f32 = TensorProto.FLOAT
+    b, h, s, d, cap = 2, 2, 20, 8, 3.0
+    inner_value = cap if inner == "Div" else 1.0 / cap
+
+    def model(outer):
+        nodes = [
+            helper.make_node("Transpose", ["K"], ["Kt"], perm=[0, 1, 3, 2]),
+            helper.make_node("MatMul", ["Q", "Kt"], ["S"]),
+            helper.make_node("Mul", ["S", "scale"], ["Ss"]),
+            helper.make_node(inner, ["Ss", "inner"], ["Sd"]),
+            helper.make_node("Tanh", ["Sd"], ["St"]),
+            helper.make_node("Mul", ["St", "outer"], ["Sc"]),
+            helper.make_node("Add", ["Sc", "mask"], ["Sm"]),
+            helper.make_node("Softmax", ["Sm"], ["P"], axis=-1),
+            helper.make_node("MatMul", ["P", "V"], ["Y"]),
+        ]
+        io = [helper.make_tensor_value_info(n, f32, [b, h, s, d]) for n in "QKV"]
+        io.append(helper.make_tensor_value_info("mask", f32, [b, 1, s, s]))
+        consts = [helper.make_tensor(n, f32, [], [v]) for n, v in (("scale", d ** -0.5), ("inner", inner_value),
+                                                                    ("outer", outer))]
+        graph = helper.make_graph(nodes, "softcap", io, [helper.make_tensor_value_info("Y", f32, [b, h, s, d])], consts)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    rng = np.random.default_rng(5)
+    feeds = {n: (3 * rng.standard_normal((b, h, s, d))).astype(np.float32) for n in "QKV"}
+    feeds["mask"] = np.where(np.tril(np.ones((s, s), bool)), 0.0, LOWEST).astype(np.float32)[None, None].repeat(b, 0)
+    capped = model(cap)
+    compiled = tvmsoftmax.compile(capped)
+    fused = [x for x in compiled.sites if x.get("kind") == "attention" and x["rewritten"]]
+    assert len(fused) == 1 and fused[0]["attributes"]["softcap"] == pytest.approx(cap), compiled.sites
+    got = compiled.run(feeds)["Y"]
+    q, k, v = (feeds[n].astype(np.float64) for n in "QKV")
+    scores = cap * np.tanh((q @ k.transpose(0, 1, 3, 2)) * np.float32(d ** -0.5) / cap) + feeds["mask"]
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    _close(got, (p / p.sum(-1, keepdims=True)) @ v, "float32", "softcap vs float64")
+    np.testing.assert_allclose(got, _ort(capped, feeds)[0], rtol=1e-5, atol=1e-5)
+    other = tvmsoftmax.compile(model(2 * cap))  # tanh scaled by another factor: not a softcap
+    assert not [x for x in other.sites if x.get("kind") == "attention" and x["rewritten"]], other.sites
+    np.testing.assert_allclose(other.run(feeds)["Y"], _ort(model(2 * cap), feeds)[0], rtol=1e-5, atol=1e-5)

@@ -20,8 +20,9 @@ Forms, and why each exists:
 * com.microsoft ``Attention``: what onnxruntime's transformer optimizer fuses BERT-style attention
   into (input @ packed Q/K/V weights + bias, 1-D/2-D/3-D ``mask_index``, packed past/present).
 * Decomposed graphs (torch exporters), matched from each Softmax(axis=-1) outwards:
-  ``MatMul(Q, K^T)`` -> [Mul|Div by a constant] -> [Where(keep, s, fill)] -> [Add(bias)]* ->
-  Softmax -> [Where(IsNaN(p), 0, p)] -> ``MatMul(p, V)``, where
+  ``MatMul(Q, K^T)`` -> [Mul|Div by a constant] -> [softcap] -> [Where(keep, s, fill)] ->
+  [Add(bias)]* -> Softmax -> [Where(IsNaN(p), 0, p)] -> ``MatMul(p, V)``, where
+  - the softcap is Gemma 2's logit capping ``Mul(Tanh(Div(s, cap)), cap)``;
   - the score MatMul may be onnxruntime's com.microsoft ``FusedMatMul`` (its saved optimised
     models: the scale in ``alpha``, ``transB`` reading K untransposed);
   - the scale is a Mul or Div after the MatMul (eager form) or a Mul of Q and of K^T by d^-1/4
@@ -547,6 +548,14 @@ def _rewrite_decomposed(graph: _Graph, softmax, site: AttentionSite, opset: int)
         s = node.input[1]
         node = _single_producer(graph, s, node)
         node, s = uncast(node, s)
+    softcap = _softcap(graph, node, s)
+    if softcap:
+        cap, tanh, divide = softcap
+        consumed += [node, tanh, divide]
+        s = _chain_operand(graph, divide, tanh.input[0])[0]
+        node = _single_producer(graph, s, divide)
+        node, s = uncast(node, s)
+        softcap = cap
     if node is not None and node.op_type in ("Mul", "Div"):
         chain, other = _chain_operand(graph, node, s)
         value = graph.scalar(other)
@@ -585,7 +594,7 @@ def _rewrite_decomposed(graph: _Graph, softmax, site: AttentionSite, opset: int)
     site.nodes = [n.name for n in consumed]
     _site_node(
         graph, site, q4, k4, v4, bias, keep, None, y4,
-        scale=float(scale), softcap=0.0, causal=0, fill=float(fill), empty_row=empty_row,
+        scale=float(scale), softcap=float(softcap or 0.0), causal=0, fill=float(fill), empty_row=empty_row,
     )
     if rank == 3:
         graph.add("Squeeze", [y4, graph.constant(np.array([0], np.int64), "axes")], [target])
@@ -618,6 +627,29 @@ def _widening_cast(graph: _Graph, node, narrowing: bool) -> bool:
     return to == onnx.TensorProto.FLOAT and source in half.values()
 
 
+def _softcap(graph: _Graph, node, s: str):
+    """(cap, Tanh, Div) where node is Gemma 2's logit soft-capping ``Mul(Tanh(Div(s, cap)), cap)``
+    (or ``Mul(s, 1/cap)`` inside), with cap a positive constant; else None."""
+    if node is None or node.op_type != "Mul":
+        return None
+    chain, other = _chain_operand(graph, node, s)
+    cap, tanh = graph.scalar(other), _single_producer(graph, chain, node)
+    if cap is None or not cap > 0 or tanh is None or tanh.op_type != "Tanh":
+        return None
+    divide = _single_producer(graph, tanh.input[0], tanh)
+    if divide is None or divide.op_type not in ("Div", "Mul"):
+        return None
+    inner, value = _chain_operand(graph, divide, tanh.input[0])
+    value = graph.scalar(value)
+    if value is None:
+        return None
+    if divide.op_type == "Div" and inner == divide.input[0] and math.isclose(value, cap, rel_tol=1e-6):
+        return cap, tanh, divide
+    if divide.op_type == "Mul" and math.isclose(value * cap, 1.0, rel_tol=1e-6):
+        return cap, tanh, divide
+    return None
+
+
 def _single_producer(graph: _Graph, name: str, user):
     node = graph.producer.get(name)
     if node is None or not graph.only_consumer(name, user):
@@ -646,7 +678,7 @@ def _leads_to_matmul(graph: _Graph, name: str, depth: int = 6) -> bool:
         return True
     if node.op_type == "Cast":
         return _leads_to_matmul(graph, node.input[0], depth - 1)
-    if node.op_type in ("Add", "Mul", "Div", "Where"):
+    if node.op_type in ("Add", "Mul", "Div", "Where", "Tanh"):
         operands = node.input[1:] if node.op_type == "Where" else node.input
         return any(_leads_to_matmul(graph, i, depth - 1) for i in operands)
     return False
