@@ -15,7 +15,7 @@ import onnx
 import onnx.backend.test.case.node as node_cases
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 import tvm
 import tvmsoftmax
@@ -444,7 +444,10 @@ def test_onnxruntime_optimized_family_every_attention_fused(family, tmp_path):
     onnx.save(build(family), path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        optimized = optimizer.optimize_model(str(path), model_type=family, num_heads=4, hidden_size=64).model
+        # opt_level 0: its Python fusions alone (a positive level runs onnxruntime first, and imports
+        # torch for a version check; torch is not a dependency)
+        optimized = optimizer.optimize_model(str(path), model_type=family, num_heads=4, hidden_size=64,
+                                             opt_level=0).model
     assert any(n.domain == "com.microsoft" and n.op_type == "SkipLayerNormalization" for n in optimized.graph.node)
     report = tvmsoftmax.check(optimized, shapes={i.name: [2, 16] for i in optimized.graph.input})
     attention = [s for s in report.sites if s.get("kind") == "attention"]
@@ -586,3 +589,125 @@ def test_softcapped_scores_are_fused(inner):
     other = tvmsoftmax.compile(model(2 * cap))  # tanh scaled by another factor: not a softcap
     assert not [x for x in other.sites if x.get("kind") == "attention" and x["rewritten"]], other.sites
     np.testing.assert_allclose(other.run(feeds)["Y"], _ort(model(2 * cap), feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- com.microsoft GroupQueryAttention
+
+
+def _gqa(b, s, past, heads, kv_heads, d, *, packed=False, rotary=None, attrs=None, dtype=TensorProto.FLOAT,
+         symbolic=False):
+    """A GroupQueryAttention node as onnxruntime's LLM exporters emit it (3-D Q/K/V or packed QKV,
+    BNSH past/present, seqlens_k, total_sequence_length, optional cos/sin caches)."""
+    bd, sd, pd = ("batch", "sequence", "past") if symbolic else (b, s, past)
+    width = (heads + 2 * kv_heads) * d if packed else heads * d
+    inputs = [helper.make_tensor_value_info("query", dtype, [bd, sd, width])]
+    names = ["query", "", ""]
+    if not packed:
+        inputs += [helper.make_tensor_value_info(n, dtype, [bd, sd, kv_heads * d]) for n in ("key", "value")]
+        names[1:] = ["key", "value"]
+    if past is not None:
+        inputs += [helper.make_tensor_value_info(n, dtype, [bd, kv_heads, pd, d]) for n in ("past_key", "past_value")]
+    names += ["past_key", "past_value"] if past is not None else ["", ""]
+    inputs += [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [bd]),
+               helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
+    names += ["seqlens_k", "total_sequence_length"]
+    initializers, attrs = [], dict(attrs or {})
+    if rotary:
+        half, interleaved = rotary
+        np_type = helper.tensor_dtype_to_np_dtype(dtype)
+        angles = np.arange(64)[:, None] * 10000.0 ** (-np.arange(half) / half)[None]
+        initializers = [numpy_helper.from_array(np.cos(angles).astype(np_type), "cos_cache"),
+                        numpy_helper.from_array(np.sin(angles).astype(np_type), "sin_cache")]
+        names += ["cos_cache", "sin_cache"]
+        attrs.update(do_rotary=1, rotary_interleaved=int(interleaved))
+    node = helper.make_node("GroupQueryAttention", names, ["output", "present_key", "present_value"],
+                            domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads, **attrs)
+    outputs = [helper.make_tensor_value_info("output", dtype, [bd, sd, heads * d])] + [
+        helper.make_tensor_value_info(n, dtype, [bd, kv_heads, "present", d]) for n in ("present_key", "present_value")]
+    graph = helper.make_graph([node], "gqa", inputs, outputs, initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+
+
+def _gqa_feeds(rng, b, s, past, heads, kv_heads, d, seqlens, total, packed=False, dtype="float32"):
+    feeds = {}
+    if packed:
+        feeds["query"] = rng.standard_normal((b, s, (heads + 2 * kv_heads) * d))
+    else:
+        feeds.update(query=rng.standard_normal((b, s, heads * d)), key=rng.standard_normal((b, s, kv_heads * d)),
+                     value=rng.standard_normal((b, s, kv_heads * d)))
+    if past is not None:
+        feeds.update(past_key=rng.standard_normal((b, kv_heads, past, d)), past_value=rng.standard_normal((b, kv_heads, past, d)))
+    feeds = {k: v.astype(dtype) for k, v in feeds.items()}
+    feeds.update(seqlens_k=np.array(seqlens, np.int32), total_sequence_length=np.array(total, np.int32))
+    return feeds
+
+
+GQA_CASES = {
+    # name: (batch, new tokens, past buffer, seqlens_k, total_sequence_length, options)
+    "prompt": (2, 5, None, [4, 4], 5, {}),
+    "decode-ragged-batch": (2, 1, 5, [5, 3], 6, {}),
+    "decode-larger-buffer": (2, 1, 8, [5, 3], 6, {}),  # present keeps the buffer's length
+    "prompt-into-buffer": (2, 4, 6, [3, 3], 4, {}),
+    "subsequent-prompt": (1, 3, 5, [7], 8, {}),
+    "packed-qkv": (2, 1, 5, [5, 5], 6, {"packed": True}),
+    "rotary": (2, 1, 5, [5, 3], 6, {"rotary": (8, False)}),
+    "rotary-prompt": (2, 5, None, [4, 4], 5, {"rotary": (8, False)}),
+    "rotary-interleaved-partial": (2, 1, 5, [5, 3], 6, {"rotary": (8, True), "d": 32}),
+    "softcap-scale": (2, 1, 5, [5, 3], 6, {"attrs": {"softcap": 2.0, "scale": 0.3}}),
+    "local-window-prompt": (2, 6, None, [5, 5], 6, {"attrs": {"local_window_size": 2}}),
+    "local-window-decode": (2, 1, 5, [5, 3], 6, {"attrs": {"local_window_size": 2}}),
+    "bidirectional": (2, 5, None, [4, 4], 5, {"attrs": {"causal": 0}}),
+    "float16-rotary": (2, 1, 5, [5, 3], 6, {"rotary": (8, False), "dtype": "float16"}),
+}
+
+
+@pytest.mark.parametrize("name", list(GQA_CASES))
+def test_group_query_attention_fused_matches_onnxruntime(name):
+    """onnxruntime's GroupQueryAttention (TVM has no converter): fused into one site, output and
+    present key/value equal to onnxruntime's CPU kernel: first prompt, decode with per-batch past
+    lengths, a past buffer longer than the total, a later prompt with a past, packed QKV, rotary
+    (half-split, interleaved over part of the head), softcap and scale, local windows, causal=0,
+    float16. float32 1e-5, float16 2e-3."""
+    b, s, past, seqlens, total, options = GQA_CASES[name]
+    heads, kv_heads, d = 4, 2, options.get("d", 16)
+    dtype = options.get("dtype", "float32")
+    model = _gqa(b, s, past, heads, kv_heads, d, packed=options.get("packed", False), rotary=options.get("rotary"),
+                 attrs=options.get("attrs"), dtype=TensorProto.FLOAT16 if dtype == "float16" else TensorProto.FLOAT)
+    feeds = _gqa_feeds(np.random.default_rng(6), b, s, past, heads, kv_heads, d, seqlens, total,
+                       packed=options.get("packed", False), dtype=dtype)
+    compiled = tvmsoftmax.compile(model)
+    (site,) = compiled.sites
+    assert site["form"] == "com.microsoft.GroupQueryAttention" and site["rewritten"], site
+    tol = TOL[dtype]
+    for (out, got), want in zip(compiled.run(feeds).items(), _ort(model, feeds)):
+        assert got.shape == want.shape, (out, got.shape, want.shape)
+        np.testing.assert_allclose(got.astype(np.float64), want, rtol=tol, atol=tol, err_msg=out)
+
+
+def test_group_query_attention_symbolic_decode_loop_one_compile():
+    """Symbolic batch/sequence/past dims compile once (no per-shape specialisation): a decode loop
+    feeding present back as past matches onnxruntime at every step."""
+    heads, kv_heads, d = 4, 2, 16
+    model = _gqa(1, 1, 3, heads, kv_heads, d, rotary=(8, False), symbolic=True)
+    compiled = tvmsoftmax.compile(model)
+    assert type(compiled).__name__ == "CompiledModel" and compiled.sites[0]["rewritten"], compiled.sites
+    rng = np.random.default_rng(7)
+    feeds = _gqa_feeds(rng, 1, 4, 0, heads, kv_heads, d, [3], 4)  # a 4-token prompt into an empty buffer
+    for step in range(3):
+        got, want = list(compiled.run(feeds).values()), _ort(model, feeds)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=f"step {step}")
+        length = got[1].shape[2]
+        feeds = _gqa_feeds(rng, 1, 1, None, heads, kv_heads, d, [length], length + 1)
+        feeds.update(past_key=got[1], past_value=got[2])
+
+
+def test_group_query_attention_unsupported_input_is_named():
+    """A GroupQueryAttention with an input we do not fuse (head_sink) is refused with that name."""
+    model = _gqa(1, 1, 3, 4, 2, 16)
+    node = model.graph.node[0]
+    node.input.extend([""] * (11 - len(node.input)) + ["sink"])
+    model.graph.input.append(helper.make_tensor_value_info("sink", TensorProto.FLOAT, [4]))
+    (site,) = tvmsoftmax.inspect(model)
+    assert not site.rewritten and "head_sink" in site.reason

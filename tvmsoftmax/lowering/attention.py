@@ -434,6 +434,178 @@ def _rewrite_ms_attention(graph: _Graph, node, site: AttentionSite) -> None:
         graph.add("Cast", [y], [outputs[0]], to=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
 
 
+# --------------------------------------------------------------------------- com.microsoft GQA
+
+_GQA_INPUTS = ("query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length",
+               "cos_cache", "sin_cache", "position_ids", "attention_bias", "head_sink", "k_scale", "v_scale",
+               "q_norm_weight", "k_norm_weight", "query_seqlens")
+
+
+def _rewrite_gqa(graph: _Graph, node, site: AttentionSite) -> None:
+    """onnxruntime's GroupQueryAttention (what its LLM exporters, onnxruntime-genai's model builder
+    among them, emit): 3-D Q/K/V or packed QKV, BNSH past key/value, per-batch ``seqlens_k``
+    (total length - 1) and the scalar ``total_sequence_length``, as onnxruntime's CPU kernel
+    computes it:
+
+    * first prompt (S == total_sequence_length): no past; key j is attended by query s if j <= s
+      (right-padded rows are don't-cares); later calls: batch b has ``past_b = seqlens_k[b] + 1 - S``
+      valid past keys and query s sits at position past_b + s (bottom-right causal, the site's
+      ``causal=2`` with key counts past_b + S); ``causal=0``: every valid key;
+    * ``local_window_size`` W: a query attends to the W keys up to its own position (as onnxruntime
+      1.32 computes it);
+    * ``present_*`` [B, kv_heads, max(total_sequence_length, past buffer), d]: each batch's
+      past_b valid past keys, then its S new ones, zeros after;
+    * ``do_rotary``: Q and the new K rotated (half-split or interleaved) at positions past_b + s
+      (1 for a first prompt's padding), cos/sin from the caches;
+    * scale (default 1/sqrt(d)) and softcap as the site's."""
+    a = _attrs(node)
+    inputs = dict(zip(_GQA_INPUTS, list(node.input) + [""] * len(_GQA_INPUTS)))
+    for name in _GQA_INPUTS[9:]:
+        if inputs[name]:
+            raise NoMatch(f"input {name} is not fused")
+    for name in ("smooth_softmax", "qk_output", "sliding_window_cache", "kv_cache_bit_width"):
+        if a.get(name):
+            raise NoMatch(f"{name} is not fused")
+    for name in ("k_quant_type", "v_quant_type"):
+        if a.get(name, b"NONE") not in (b"NONE", "NONE"):
+            raise NoMatch(f"{name} (a quantized cache) is not fused")
+    outputs = list(node.output) + [""] * (4 - len(node.output))
+    if outputs[3] and (outputs[3] in graph.outputs or graph.consumers.get(outputs[3])):
+        raise NoMatch("output_qk is requested (it needs the whole score matrix)")
+    heads, kv_heads = a.get("num_heads"), a.get("kv_num_heads")
+    if not heads or not kv_heads or heads % kv_heads:
+        raise NoMatch("num_heads must be a multiple of kv_num_heads")
+    query = inputs["query"]
+    dtype = graph.dtype(query)
+    if dtype not in FLOAT_TYPES:
+        raise NoMatch(f"query dtype {dtype} (ours: {', '.join(FLOAT_TYPES)})")
+    if graph.rank(query) != 3:
+        raise NoMatch(f"query rank {graph.rank(query)} unknown or not 3")
+    hidden = _dim(graph, query, 2)
+    if hidden is None:
+        raise NoMatch("query hidden size unknown (needed to split heads)")
+    packed = not inputs["key"]
+    head_size = hidden // (heads + 2 * kv_heads) if packed else hidden // heads
+    causal, window = int(a.get("causal", 1)), int(a.get("local_window_size", -1))
+    if window > 0 and not causal:
+        raise NoMatch("local_window_size without causal")
+    if packed:
+        parts = [graph.fresh(n) for n in ("q", "k", "v")]
+        sizes = np.array([heads, kv_heads, kv_heads], np.int64) * head_size
+        graph.add("Split", [query, graph.constant(sizes, "split")], parts, axis=2)
+        q, k, v = parts
+    else:
+        q, k, v = query, inputs["key"], inputs["value"]
+    q, k, v = _heads_first(graph, q, heads), _heads_first(graph, k, kv_heads), _heads_first(graph, v, kv_heads)
+
+    int64 = onnx.TensorProto.INT64
+    one = graph.constant(np.array([1], np.int64), "one")
+    s_len = _dim_of(graph, query, 1)  # [1]
+    total = graph.add("Reshape", [graph.add("Cast", [inputs["total_sequence_length"]], to=int64), one])
+    seq_total = graph.add("Add", [graph.add("Cast", [inputs["seqlens_k"]], to=int64), one], rank=1)  # [B]
+    first = graph.add("Equal", [s_len, total])
+    kv_len = graph.add("Where", [first, s_len, seq_total], rank=1)  # past_b + S
+    past = graph.add("Sub", [kv_len, s_len], rank=1)  # past_b
+    past4 = graph.add("Reshape", [past, graph.constant(np.array([-1, 1, 1, 1], np.int64), "shape")], rank=4)
+    q_pos = _positions(graph, q, 2)  # [1, 1, S, 1]
+    if a.get("do_rotary", 0):
+        if not inputs["cos_cache"] or not inputs["sin_cache"]:
+            raise NoMatch("do_rotary without cos_cache/sin_cache")
+        half = _dim(graph, inputs["cos_cache"], 1)
+        if half is None or 2 * half > head_size:
+            raise NoMatch("cos_cache's rotary width unknown or wider than the head")
+        pos = graph.add("Add", [past4, q_pos], rank=4)  # [B, 1, S, 1]
+        total4 = graph.add("Reshape", [seq_total, graph.constant(np.array([-1, 1, 1, 1], np.int64), "shape")])
+        pos = graph.add("Where", [graph.add("Less", [pos, total4]), pos, one], rank=4)
+        pos = graph.add("Squeeze", [pos, graph.constant(np.array([3], np.int64), "axes")])  # [B, 1, S]
+        cos, sin = (graph.add("Gather", [inputs[n], pos], axis=0, rank=4) for n in ("cos_cache", "sin_cache"))
+        interleaved = bool(a.get("rotary_interleaved", 0))
+        q, k = (_rotate(graph, x, cos, sin, half, head_size, interleaved) for x in (q, k))
+
+    present = [outputs[1], outputs[2]]
+    if inputs["past_key"]:
+        cats = [graph.add("Concat", [inputs[p], x], axis=2) for p, x in (("past_key", k), ("past_value", v))]
+        k_pos = _positions(graph, cats[0], 2)  # [1, 1, P + S, 1]
+        buffer = _dim_of(graph, inputs["past_key"], 2)  # P
+        last = graph.add("Sub", [_dim_of(graph, cats[0], 2), one])
+        shifted = graph.add("Min", [graph.add("Add", [graph.add("Sub", [k_pos, past4]), buffer]), last])
+        index = graph.add("Where", [graph.add("Less", [k_pos, past4]), k_pos, shifted], rank=4)
+        valid = graph.add("Less", [k_pos, graph.add("Add", [past4, s_len])])
+        zero = graph.constant(np.array(0, dtype), "zero")
+        full = []
+        for cat in cats:
+            # the index broadcast to cat's shape by adding zeros of that shape (TVM's Expand
+            # needs the shape at import; with symbolic dims it is not)
+            zeros = graph.add("Where", [graph.add("IsNaN", [cat]), graph.constant(np.array(0, np.int64)),
+                                        graph.constant(np.array(0, np.int64))], rank=4)
+            gathered = graph.add("GatherElements", [cat, graph.add("Add", [index, zeros])], axis=2, rank=4)
+            full.append(graph.add("Where", [valid, gathered, zero], rank=4))
+        length = graph.add("Max", [total, buffer])
+        starts, axes = graph.constant(np.array([0], np.int64), "starts"), graph.constant(np.array([2], np.int64), "axes")
+        for name, x in zip(present, full):
+            if name:
+                graph.add("Slice", [x, starts, length, axes], [name])
+        k, v = full
+    else:
+        for name, x in zip(present, (k, v)):
+            if name:
+                graph.add("Identity", [x], [name])
+    keep = None
+    if window > 0:
+        oldest = graph.add("Sub", [graph.add("Add", [past4, q_pos]), graph.constant(np.array(window - 1, np.int64))])
+        keep = graph.add("GreaterOrEqual", [_positions(graph, k, 2, last=True), oldest], rank=4)  # [B, 1, S, L]
+    y4 = graph.fresh("attention_y")
+    _site_node(
+        graph, site, q, k, v, None, keep, kv_len, y4,
+        scale=float(a.get("scale") or 1.0 / math.sqrt(head_size)), softcap=float(a.get("softcap", 0.0)),
+        causal=2 if causal else 0, fill=float("-inf"), empty_row="nan",
+    )
+    _heads_last(graph, y4, outputs[0])
+
+
+def _dim_of(graph: _Graph, x: str, axis: int) -> str:
+    """x's dim `axis` as an int64 [1] tensor (Shape -> Gather: Shape's start/end need opset 15)."""
+    return graph.add("Gather", [graph.add("Shape", [x]), graph.constant(np.array([axis], np.int64), "axis")], axis=0)
+
+
+def _rotate(graph: _Graph, x: str, cos: str, sin: str, half: int, head_size: int, interleaved: bool) -> str:
+    """Rotary embedding of x [B, H, S, d] by cos/sin [B, 1, S, half] over its first 2 * half dims:
+    halves (x1, x2) = (x[:half], x[half:2 half]) or, interleaved, the even and odd dims; out1 =
+    x1 cos - x2 sin, out2 = x2 cos + x1 sin; the dims after 2 * half unchanged."""
+    def part(start, end, step=1):
+        return graph.add("Slice", [x, *(graph.constant(np.array([n], np.int64), t)
+                                        for n, t in ((start, "starts"), (end, "ends"), (3, "axes"), (step, "steps")))],
+                         rank=4)
+
+    x1, x2 = (part(0, 2 * half, 2), part(1, 2 * half, 2)) if interleaved else (part(0, half), part(half, 2 * half))
+    out1 = graph.add("Sub", [graph.add("Mul", [x1, cos]), graph.add("Mul", [x2, sin])], rank=4)
+    out2 = graph.add("Add", [graph.add("Mul", [x2, cos]), graph.add("Mul", [x1, sin])], rank=4)
+    if interleaved:
+        pairs = [graph.add("Unsqueeze", [o, graph.constant(np.array([4], np.int64), "axes")]) for o in (out1, out2)]
+        rotated = graph.add("Reshape", [graph.add("Concat", pairs, axis=4, rank=5),
+                                        graph.constant(np.array([0, 0, 0, -1], np.int64), "shape")], rank=4)
+    else:
+        rotated = graph.add("Concat", [out1, out2], axis=3, rank=4)
+    if 2 * half == head_size:
+        return rotated
+    return graph.add("Concat", [rotated, part(2 * half, head_size)], axis=3, rank=4)
+
+
+def _positions(graph: _Graph, x: str, axis: int, last: bool = False) -> str:
+    """int64 positions 0..n-1 along `axis` of the 4-D float tensor x, as [1, 1, n, 1] or, with
+    `last`, [1, 1, 1, n]: from x's own shape, without a Range (TVM cannot build a Range whose length
+    is computed at run time), through Gathers at index 0 (a Slice to length 1 left TVM with
+    min(1, B) dims it could not broadcast against B when dims are symbolic)."""
+    line, zero = x, graph.constant(np.array(0, np.int64), "index")
+    for other in sorted(set(range(4)) - {axis}, reverse=True):
+        line = graph.add("Gather", [line, zero], axis=other)
+    one = graph.constant(np.array(1, np.int64))
+    ones = graph.add("Where", [graph.add("IsNaN", [line]), one, one])
+    counted = graph.add("Sub", [graph.add("CumSum", [ones, graph.constant(np.array(0, np.int64), "axis")]), one])
+    shape = [1, 1, 1, -1] if last else [1, 1, -1, 1]
+    return graph.add("Reshape", [counted, graph.constant(np.array(shape, np.int64), "shape")], rank=4)
+
+
 def _ms_mask_bias(graph: _Graph, mask: str, k: str, dtype: str, filter_value: float) -> str:
     """com.microsoft Attention's mask_index as an additive [B, 1, 1 or S, S_total] bias: 1-D
     [B] valid key counts (keys from the count on are masked), 2-D [B, S_total] or 3-D
@@ -443,14 +615,7 @@ def _ms_mask_bias(graph: _Graph, mask: str, k: str, dtype: str, filter_value: fl
     if rank == 1:
         if _dim(graph, mask, 0) is not None and _dim(graph, mask, 0) == 2 * (_dim(graph, k, 0) or -1):
             raise NoMatch("a 1-D mask_index with start positions ([2 * batch]) is not fused")
-        # key positions 0..S_total-1 as [1, 1, 1, S_total], from K's own shape without a Range
-        # (TVM cannot build a Range whose length is computed at run time)
-        column = graph.add("Slice", [k, graph.constant(np.zeros(4, np.int64), "starts"),
-                                     graph.constant(np.array([1, 1, np.iinfo(np.int64).max, 1], np.int64), "ends")])
-        one = graph.constant(np.array(1, np.int64))
-        ones = graph.add("Where", [graph.add("IsNaN", [column]), one, one])  # [1, 1, S_total, 1]
-        counted = graph.add("CumSum", [ones, graph.constant(np.array(2, np.int64), "axis")])
-        positions = graph.add("Transpose", [graph.add("Sub", [counted, one])], perm=[0, 1, 3, 2])
+        positions = _positions(graph, k, 2, last=True)  # [1, 1, 1, S_total]
         counts = graph.add("Reshape", [graph.add("Cast", [mask], to=onnx.TensorProto.INT64),
                                        graph.constant(np.array([-1, 1, 1, 1], np.int64), "shape")])
         keep = graph.add("Less", [positions, counts])  # [B, 1, 1, S_total]
@@ -742,7 +907,7 @@ def _candidate_kind(node) -> str | None:
     onnx_domain = node.domain in ("", "ai.onnx")
     if node.op_type in ("Attention", "Softmax") and onnx_domain:
         return node.op_type
-    if node.op_type in ("MultiHeadAttention", "Attention") and node.domain == "com.microsoft":
+    if node.op_type in ("MultiHeadAttention", "Attention", "GroupQueryAttention") and node.domain == "com.microsoft":
         return f"com.microsoft.{node.op_type}"
     return None
 
@@ -781,7 +946,9 @@ def rewrite_attention(model: onnx.ModelProto, strategy: str = "auto", algorithm:
                 graph.removed.add(id(node))
                 site.nodes = [node.name]
             elif kind.startswith("com.microsoft."):
-                (_rewrite_mha if kind.endswith("MultiHeadAttention") else _rewrite_ms_attention)(graph, node, site)
+                rewrite = {"MultiHeadAttention": _rewrite_mha, "GroupQueryAttention": _rewrite_gqa}.get(
+                    kind.split(".")[-1], _rewrite_ms_attention)
+                rewrite(graph, node, site)
                 graph.removed.add(id(node))
                 site.nodes = [node.name]
             else:

@@ -34,6 +34,16 @@ class LoadedModel:
     sha256: str  # of the serialized source model
 
 
+def _import_used_domains(proto: onnx.ModelProto) -> None:
+    """Add version 1 of each domain the graph's nodes use without importing it, as onnxruntime
+    assumes (its transformer optimizer's `optimize_model(..., opt_level=0).model` has
+    com.microsoft nodes and no com.microsoft import; ONNX's checker refused it)."""
+    imported = {o.domain for o in proto.opset_import}
+    used = {n.domain for n in proto.graph.node} - {"", "ai.onnx"} - imported
+    for domain in sorted(used):
+        proto.opset_import.append(onnx.helper.make_opsetid(domain, 1))
+
+
 def load_model(model) -> LoadedModel:
     """Read and validate an ONNX model (path, bytes or ModelProto); raise ModelError if unusable."""
     if isinstance(model, onnx.ModelProto):
@@ -60,6 +70,7 @@ def load_model(model) -> LoadedModel:
         raise ModelError(f"expected a path, bytes or onnx.ModelProto, got {type(model).__name__}")
     if not proto.graph.node:
         raise ModelError(f"{source}: the graph has no nodes")
+    _import_used_domains(proto)
     try:
         onnx.checker.check_model(_as_checkable(_topologically_sorted(proto)))  # normalize sorts it too
     except (onnx.checker.ValidationError, ValueError) as err:
