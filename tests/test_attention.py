@@ -711,3 +711,56 @@ def test_group_query_attention_unsupported_input_is_named():
     model.graph.input.append(helper.make_tensor_value_info("sink", TensorProto.FLOAT, [4]))
     (site,) = tvmsoftmax.inspect(model)
     assert not site.rewritten and "head_sink" in site.reason
+
+
+ROTARY_CASES = {
+    # name: (input shape, position_ids shape ([1]: a start offset), cos_cache width, attributes)
+    "3d": ((2, 5, 64), [2, 5], 8, {}),
+    "3d-offset": ((2, 5, 64), [1], 8, {}),
+    "4d": ((2, 4, 5, 16), [2, 5], 8, {}),
+    "4d-interleaved": ((2, 4, 5, 16), [2, 5], 8, {"interleaved": 1}),
+    "3d-partial": ((2, 5, 64), [2, 5], 4, {"num_heads": 4, "rotary_embedding_dim": 8}),
+    "3d-partial-interleaved-offset": ((2, 5, 64), [1], 4, {"num_heads": 4, "rotary_embedding_dim": 8, "interleaved": 1}),
+}
+
+
+def _rotary_model(shape, positions, half, attrs, dtype, symbolic=False):
+    np_type = helper.tensor_dtype_to_np_dtype(dtype)
+    angles = np.arange(64)[:, None] * 10000.0 ** (-np.arange(half) / half)[None]
+    caches = [numpy_helper.from_array(np.cos(angles).astype(np_type), "cos"),
+              numpy_helper.from_array(np.sin(angles).astype(np_type), "sin")]
+    dims = list(shape)
+    if symbolic:
+        dims[0], dims[1 if len(shape) == 3 else 2] = "batch", "sequence"
+        positions = ["batch", "sequence"]
+    inputs = [helper.make_tensor_value_info("x", dtype, dims), helper.make_tensor_value_info("pos", TensorProto.INT64, positions)]
+    node = helper.make_node("RotaryEmbedding", ["x", "pos", "cos", "sin"], ["y"], domain="com.microsoft", **attrs)
+    graph = helper.make_graph([node], "rotary", inputs, [helper.make_tensor_value_info("y", dtype, dims)], caches)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("name", list(ROTARY_CASES))
+def test_com_microsoft_rotary_embedding_matches_onnxruntime(name, dtype):
+    """onnxruntime's RotaryEmbedding (its LLM fusions write it; TVM has none): 3-D and 4-D inputs,
+    position_ids per token or a start offset, half-split or interleaved, over all or part of the
+    head; float16 computed in float32 and rounded once, as onnxruntime. float32 1e-6, float16 0."""
+    shape, positions, half, attrs = ROTARY_CASES[name]
+    onnx_type = TensorProto.FLOAT16 if dtype == "float16" else TensorProto.FLOAT
+    model = _rotary_model(shape, positions, half, attrs, onnx_type)
+    rng = np.random.default_rng(8)
+    feeds = {"x": rng.standard_normal(shape).astype(dtype),
+             "pos": np.array([3], np.int64) if positions == [1] else rng.integers(0, 40, positions).astype(np.int64)}
+    got, want = tvmsoftmax.compile(model).run(feeds)["y"], _ort(model, feeds)[0]
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 if dtype == "float32" else 0)
+
+
+def test_com_microsoft_rotary_embedding_symbolic_dims_compile_once():
+    model = _rotary_model((2, 5, 64), None, 8, {}, TensorProto.FLOAT, symbolic=True)
+    compiled = tvmsoftmax.compile(model)
+    assert type(compiled).__name__ == "CompiledModel"
+    rng = np.random.default_rng(9)
+    for b, s in ((2, 3), (1, 7)):
+        feeds = {"x": rng.standard_normal((b, s, 64)).astype(np.float32), "pos": rng.integers(0, 40, (b, s)).astype(np.int64)}
+        np.testing.assert_allclose(compiled.run(feeds)["y"], _ort(model, feeds)[0], rtol=0, atol=1e-6)

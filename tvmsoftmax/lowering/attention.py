@@ -520,7 +520,7 @@ def _rewrite_gqa(graph: _Graph, node, site: AttentionSite) -> None:
         pos = graph.add("Squeeze", [pos, graph.constant(np.array([3], np.int64), "axes")])  # [B, 1, S]
         cos, sin = (graph.add("Gather", [inputs[n], pos], axis=0, rank=4) for n in ("cos_cache", "sin_cache"))
         interleaved = bool(a.get("rotary_interleaved", 0))
-        q, k = (_rotate(graph, x, cos, sin, half, head_size, interleaved) for x in (q, k))
+        q, k = (_rotate(graph, x, cos, sin, half, head_size, interleaved, dtype) for x in (q, k))
 
     present = [outputs[1], outputs[2]]
     if inputs["past_key"]:
@@ -568,7 +568,8 @@ def _dim_of(graph: _Graph, x: str, axis: int) -> str:
     return graph.add("Gather", [graph.add("Shape", [x]), graph.constant(np.array([axis], np.int64), "axis")], axis=0)
 
 
-def _rotate(graph: _Graph, x: str, cos: str, sin: str, half: int, head_size: int, interleaved: bool) -> str:
+def _rotate(graph: _Graph, x: str, cos: str, sin: str, half: int, head_size: int, interleaved: bool,
+            dtype: str) -> str:
     """Rotary embedding of x [B, H, S, d] by cos/sin [B, 1, S, half] over its first 2 * half dims:
     halves (x1, x2) = (x[:half], x[half:2 half]) or, interleaved, the even and odd dims; out1 =
     x1 cos - x2 sin, out2 = x2 cos + x1 sin; the dims after 2 * half unchanged."""
@@ -578,8 +579,14 @@ def _rotate(graph: _Graph, x: str, cos: str, sin: str, half: int, head_size: int
                          rank=4)
 
     x1, x2 = (part(0, 2 * half, 2), part(1, 2 * half, 2)) if interleaved else (part(0, half), part(half, 2 * half))
+    half_type = dtype != "float32"
+    if half_type:  # computed in float32 and rounded once, as onnxruntime
+        x1, x2, cos, sin = (graph.add("Cast", [t], to=onnx.TensorProto.FLOAT, rank=4) for t in (x1, x2, cos, sin))
     out1 = graph.add("Sub", [graph.add("Mul", [x1, cos]), graph.add("Mul", [x2, sin])], rank=4)
     out2 = graph.add("Add", [graph.add("Mul", [x2, cos]), graph.add("Mul", [x1, sin])], rank=4)
+    if half_type:
+        to = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+        out1, out2 = (graph.add("Cast", [o], to=to, rank=4) for o in (out1, out2))
     if interleaved:
         pairs = [graph.add("Unsqueeze", [o, graph.constant(np.array([4], np.int64), "axes")]) for o in (out1, out2)]
         rotated = graph.add("Reshape", [graph.add("Concat", pairs, axis=4, rank=5),

@@ -1426,7 +1426,10 @@ def _make_ort_fused_converters() -> dict:
     * FusedConv / FusedGemm: Conv (plus an optional summand Z) / Gemm, then ``activation``
       (Relu, Tanh, Sigmoid, LeakyRelu, Clip, HardSigmoid with ``activation_params``, FusedGemm's
       ``activation_alpha`` / ``activation_beta``);
-    * QuickGelu: x * sigmoid(alpha * x), alpha 1.702 by default.
+    * QuickGelu: x * sigmoid(alpha * x), alpha 1.702 by default;
+    * RotaryEmbedding (its LLM fusions): 3-D [B, S, hidden] or 4-D [B, heads, S, d] input rotated
+      over its first 2 * cos_cache-width dims, half-split or interleaved, at position_ids [B, S] or
+      offset [1] + 0..S-1.
     """
     from tvm import relax
     from tvm.relax.frontend.onnx import onnx_frontend
@@ -1499,8 +1502,68 @@ def _make_ort_fused_converters() -> dict:
             alpha = relax.const(float(attr.get("alpha", 1.702)), str(x.ty.dtype))
             return relax.op.multiply(x, relax.op.sigmoid(relax.op.multiply(x, alpha)))
 
+    class RotaryEmbeddingConverter(OnnxOpConverter):
+        """com.microsoft RotaryEmbedding(input, position_ids, cos_cache, sin_cache) (onnxruntime's
+        LLM optimizer writes it; ONNX's own RotaryEmbedding-23, inputs in another order, is
+        expanded to its function body before import and never reaches this converter)."""
+
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            x, positions, cos, sin = (bb.normalize(v) for v in inputs[:4])
+            if str(positions.ty.dtype).startswith("float"):
+                raise ValueError("RotaryEmbedding with a float second input: ONNX's op (cos_cache second), "
+                                 "not com.microsoft's (position_ids second)")
+            if attr.get("is_packed_batching", 0):
+                raise ValueError("RotaryEmbedding with is_packed_batching is not supported")
+            if float(attr.get("scale", 1.0)) != 1.0:
+                raise ValueError("RotaryEmbedding with a scale other than 1 is not supported")
+            half = int(cos.ty.shape[1])
+            rotary = int(attr.get("rotary_embedding_dim", 0)) or 2 * half
+            if rotary != 2 * half:
+                raise ValueError(f"rotary_embedding_dim {rotary} is not twice cos_cache's width {half}")
+            shape = list(x.ty.shape.values)
+            if len(shape) == 3:  # [B, S, heads * d] -> [B, S, heads, d]
+                heads = int(attr.get("num_heads", 0))
+                if not heads:
+                    heads = int(shape[2]) // rotary  # head size = rotary width when num_heads is absent
+                x4 = bb.normalize(relax.op.reshape(x, [shape[0], shape[1], heads, int(shape[2]) // heads]))
+                seq_axis = 1
+            elif len(shape) == 4:  # [B, heads, S, d]
+                x4, seq_axis = x, 2
+            else:
+                raise ValueError(f"RotaryEmbedding input of rank {len(shape)} (3 or 4 expected)")
+            head_size = int(x4.ty.shape[3])
+            seq = x4.ty.shape[seq_axis]
+            if len(positions.ty.shape) == 1:  # a start offset: positions offset + 0..S-1
+                steps = bb.normalize(relax.op.arange(0, seq, 1, str(positions.ty.dtype)))
+                positions = relax.op.add(relax.op.expand_dims(steps, 0), positions)
+            angle_shape = (lambda t: relax.op.expand_dims(t, 2 if seq_axis == 1 else 1))
+            c, s = (bb.normalize(angle_shape(relax.op.take(t, positions, axis=0))) for t in (cos, sin))
+
+            def part(begin, end, step=1):
+                return relax.op.strided_slice(x4, axes=[3], begin=[begin], end=[end], strides=[step])
+
+            interleaved = bool(attr.get("interleaved", 0))
+            x1, x2 = (part(0, rotary, 2), part(1, rotary, 2)) if interleaved else (part(0, half), part(half, rotary))
+            dtype = str(x.ty.dtype)
+            if dtype != "float32":  # half types: computed in float32, rounded once (as onnxruntime)
+                x1, x2, c, s = (relax.op.astype(t, "float32") for t in (x1, x2, c, s))
+            out1 = relax.op.subtract(relax.op.multiply(x1, c), relax.op.multiply(x2, s))
+            out2 = relax.op.add(relax.op.multiply(x2, c), relax.op.multiply(x1, s))
+            if dtype != "float32":
+                out1, out2 = relax.op.astype(out1, dtype), relax.op.astype(out2, dtype)
+            if interleaved:
+                pairs = bb.normalize(relax.op.stack([out1, out2], axis=4))
+                dims = list(pairs.ty.shape.values)
+                rotated = relax.op.reshape(pairs, dims[:3] + [rotary])
+            else:
+                rotated = relax.op.concat([out1, out2], axis=3)
+            y = rotated if rotary == head_size else relax.op.concat([rotated, part(rotary, head_size)], axis=3)
+            return relax.op.reshape(y, shape) if len(shape) == 3 else y
+
     return {"FusedMatMul": FusedMatMulConverter, "FusedConv": FusedConvConverter,
-            "FusedGemm": FusedGemmConverter, "QuickGelu": QuickGeluConverter}
+            "FusedGemm": FusedGemmConverter, "QuickGelu": QuickGeluConverter,
+            "RotaryEmbedding": RotaryEmbeddingConverter}
 
 
 def _make_maxpool_converter():
