@@ -764,3 +764,46 @@ def test_com_microsoft_rotary_embedding_symbolic_dims_compile_once():
     for b, s in ((2, 3), (1, 7)):
         feeds = {"x": rng.standard_normal((b, s, 64)).astype(np.float32), "pos": rng.integers(0, 40, (b, s)).astype(np.int64)}
         np.testing.assert_allclose(compiled.run(feeds)["y"], _ort(model, feeds)[0], rtol=0, atol=1e-6)
+
+
+def test_swin_v2_window_mask_and_per_head_scale_are_fused():
+    """Swin V2's window attention: cosine scores times a per-head logit scale ([H, 1, 1]: moved
+    onto Q), a relative-position bias, then the shifted-window mask added in a per-window view
+    (Reshape to [B, nW, H, N, N], Add [1, nW, 1, N, N] masks of 0/-100, Reshape back): one fused
+    site, matching the float64 reference and onnxruntime."""
+    f32 = TensorProto.FLOAT
+    b, windows, h, n, d = 2, 3, 2, 9, 8
+    rng = np.random.default_rng(10)
+    logit_scale = np.exp(rng.uniform(1, 3, (h, 1, 1))).astype(np.float32)
+    relative = rng.standard_normal((h, n, n)).astype(np.float32)
+    mask = np.where(rng.random((1, windows, 1, n, n)) < 0.3, -100.0, 0.0).astype(np.float32)
+    nodes = [
+        helper.make_node("Transpose", ["K"], ["Kt"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["Q", "Kt"], ["S"]),
+        helper.make_node("Mul", ["S", "logit_scale"], ["Ss"]),
+        helper.make_node("Add", ["Ss", "relative"], ["Sb"]),
+        helper.make_node("Reshape", ["Sb", "windows_shape"], ["Sw"]),
+        helper.make_node("Add", ["Sw", "mask"], ["Swm"]),
+        helper.make_node("Reshape", ["Swm", "scores_shape"], ["Sm"]),
+        helper.make_node("Softmax", ["Sm"], ["P"], axis=-1),
+        helper.make_node("MatMul", ["P", "V"], ["Y"]),
+    ]
+    shape = [b * windows, h, n, d]
+    inits = [numpy_helper.from_array(logit_scale, "logit_scale"), numpy_helper.from_array(relative, "relative"),
+             numpy_helper.from_array(mask, "mask"),
+             numpy_helper.from_array(np.array([b, windows, h, n, n], np.int64), "windows_shape"),
+             numpy_helper.from_array(np.array([-1, h, n, n], np.int64), "scores_shape")]
+    graph = helper.make_graph(nodes, "swinv2", [helper.make_tensor_value_info(x, f32, shape) for x in "QKV"],
+                              [helper.make_tensor_value_info("Y", f32, shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = {x: rng.standard_normal(shape).astype(np.float32) for x in "QKV"}
+    compiled = tvmsoftmax.compile(model)
+    fused = [x for x in compiled.sites if x.get("kind") == "attention" and x["rewritten"]]
+    assert len(fused) == 1, compiled.sites
+    got = compiled.run(feeds)["Y"]
+    q, k, v = (feeds[x].astype(np.float64) for x in "QKV")
+    scores = (q @ k.transpose(0, 1, 3, 2)) * logit_scale + relative
+    scores = (scores.reshape(b, windows, h, n, n) + mask).reshape(shape[:2] + [n, n])
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    _close(got, (p / p.sum(-1, keepdims=True)) @ v, "float32", "swin v2 vs float64")
+    np.testing.assert_allclose(got, _ort(model, feeds)[0], rtol=1e-5, atol=1e-5)

@@ -1,6 +1,6 @@
 """Real exports: small, randomly initialised Hugging Face models (no download) exported with
 torch.onnx.export(dynamo=False) and (dynamo=True), compiled and checked against onnxruntime: the
-four families with bound shapes in both exporter forms, sixteen more families with their dims left
+four families with bound shapes in both exporter forms, seventeen more families with their dims left
 symbolic, float16 exports that run the softmax in float32, and a Llama export with a KV cache.
 
 Needs torch and transformers (not runtime dependencies): skipped, and said so, when they are not
@@ -59,12 +59,13 @@ def _more_models():
     yield "swin", lambda: t.SwinModel(t.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4)), pixels, "attention"
     yield "gemma2", lambda: t.Gemma2ForCausalLM(t.Gemma2Config(vocab_size=100, hidden_size=32, num_key_value_heads=2, head_dim=8, max_position_embeddings=64, use_cache=False, sliding_window=8, **small)), text, "attention"  # softcap
     yield "bart", lambda: t.BartModel(t.BartConfig(vocab_size=100, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)), text, "attention"  # encoder-decoder
+    yield "swinv2", lambda: t.Swinv2Model(t.Swinv2Config(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4)), pixels, "attention"  # shifted windows, per-head scale
     yield "bloom", lambda: t.BloomForCausalLM(t.BloomConfig(vocab_size=100, hidden_size=32, n_layer=2, n_head=4, use_cache=False)), text, "softmax"  # ALiBi
     yield "deberta_v2", lambda: t.DebertaV2Model(t.DebertaV2Config(vocab_size=100, hidden_size=32, max_position_embeddings=64, **small)), text, "softmax"  # disentangled
 
 
 MORE = ["distilbert", "roberta", "mistral", "qwen2", "phi", "gpt_neox", "opt", "falcon", "gemma", "gemma2", "bart",
-        "clip_text", "deit", "swin", "bloom", "deberta_v2"]
+        "clip_text", "deit", "swin", "swinv2", "bloom", "deberta_v2"]
 
 
 def _export(wrapper, inputs, path):

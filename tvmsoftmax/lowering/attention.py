@@ -26,7 +26,8 @@ Forms, and why each exists:
   - the score MatMul may be onnxruntime's com.microsoft ``FusedMatMul`` (its saved optimised
     models: the scale in ``alpha``, ``transB`` reading K untransposed);
   - the scale is a Mul or Div after the MatMul (eager form) or a Mul of Q and of K^T by d^-1/4
-    before it (the TorchScript SDPA form);
+    before it (the TorchScript SDPA form); a Mul by a constant that varies per head or query only
+    (Swin V2's per-head logit scale) multiplies Q instead;
   - K^T is Transpose(K, 0,1,3,2) of BHSD keys, Transpose(K, 0,2,3,1) of BSHD keys, either one
     possibly scaled; any other K^T is transposed back by an inserted node;
   - GQA keys/values repeated by Unsqueeze -> Expand -> Reshape are read from the unrepeated
@@ -704,6 +705,12 @@ def _rewrite_decomposed(graph: _Graph, softmax, site: AttentionSite, opset: int)
         return node, s
 
     node, s = uncast(node, s)
+    window = _window_mask(graph, node, s) if node is not None and node.op_type == "Reshape" else None
+    if window is not None:  # Swin's shifted-window mask, added in a per-window view of the scores
+        consumed += window["nodes"]
+        s = window["scores"]
+        node = _single_producer(graph, s, window["nodes"][-1])
+        node, s = uncast(node, s)
     while node is not None and node.op_type == "Add":
         chain, other = _chain_operand(graph, node, s)
         biases.append(other)
@@ -728,11 +735,16 @@ def _rewrite_decomposed(graph: _Graph, softmax, site: AttentionSite, opset: int)
         node = _single_producer(graph, s, divide)
         node, s = uncast(node, s)
         softcap = cap
+    q_factor = None  # a constant per head/query factor of the scores, moved onto Q
     if node is not None and node.op_type in ("Mul", "Div"):
         chain, other = _chain_operand(graph, node, s)
         value = graph.scalar(other)
-        if value is None or (node.op_type == "Div" and chain != node.input[0]):
-            raise NoMatch(f"{node.op_type} {node.name!r} before the softmax is not by a constant scalar")
+        q_factor = _query_factor(graph, node, other) if value is None else None
+        if q_factor is not None:
+            value = 1.0
+        elif value is None or (node.op_type == "Div" and chain != node.input[0]):
+            raise NoMatch(f"{node.op_type} {node.name!r} before the softmax is not by a constant scalar "
+                          "(nor by a constant that varies per head or query only)")
         scale *= value if node.op_type == "Mul" else 1.0 / value
         consumed.append(node)
         s = chain
@@ -747,6 +759,12 @@ def _rewrite_decomposed(graph: _Graph, softmax, site: AttentionSite, opset: int)
     q, scale = _unscale(graph, qk.input[0], qk, scale)
     kt, scale = _unscale(graph, qk.input[1], qk, scale)
     k = kt if fused.get("transB", 0) else _untranspose_keys(graph, kt, qk)
+    if window is not None:
+        biases.append(_window_bias(graph, window, q, kt, rank))
+    if q_factor is not None:
+        if q_factor.ndim > (graph.rank(q) or 0) or graph.dtype(q) is None:
+            raise NoMatch("the scores' per-head factor has more dims than Q")
+        q = graph.add("Mul", [q, graph.constant(q_factor.astype(graph.dtype(q)), "q_factor")], rank=graph.rank(q))
     k_source, v_source = _unrepeat(graph, k), _unrepeat(graph, v)
     if (k_source == k) != (v_source == v):  # only one side's repeat recognised: keep both repeated
         k_source, v_source = k, v
@@ -797,6 +815,57 @@ def _widening_cast(graph: _Graph, node, narrowing: bool) -> bool:
     if narrowing:
         return source == "float32" and to in half
     return to == onnx.TensorProto.FLOAT and source in half.values()
+
+
+def _window_mask(graph: _Graph, outer, x: str):
+    """Swin's shifted-window mask: ``Reshape(Add(...Add(Reshape(scores, windows), mask)...), back)``
+    where the outer Reshape restores the scores' shape (both shapes known and equal). Returns the
+    scores, the two shape inputs, the masks and the nodes; None if the chain is not of that form."""
+    adds, masks = [], []
+    a = outer.input[0]
+    node = _single_producer(graph, a, outer)
+    while node is not None and node.op_type == "Add":
+        try:
+            chain, mask = _chain_operand(graph, node, a)
+        except NoMatch:
+            return None
+        adds.append(node)
+        masks.append(mask)
+        a = chain
+        node = _single_producer(graph, a, node)
+    if not adds or node is None or node.op_type != "Reshape":
+        return None
+    scores = node.input[0]
+    before, after = graph.dims(scores), graph.dims(x)
+    if before is None or before != after or any(d is None for d in before):
+        return None
+    return {"scores": scores, "windows": node.input[1], "back": outer.input[1], "masks": masks[::-1],
+            "nodes": [outer, *adds, node]}
+
+
+def _window_bias(graph: _Graph, window: dict, q: str, kt: str, rank: int) -> str:
+    """The window masks as a bias of the scores' shape: the source graph's own Reshape/Add/Reshape
+    applied to zeros of that shape (built from Q's and K^T's shapes, not from the scores)."""
+    def zeros(x, axis):
+        one = graph.add("Slice", [x, *(graph.constant(np.array([v], np.int64), n)
+                                       for v, n in ((0, "starts"), (1, "ends"), (axis, "axes")))])
+        zero = graph.constant(np.array(0, graph.dtype(q)), "zero")
+        return graph.add("Where", [graph.add("IsNaN", [one]), zero, zero])
+
+    acc = graph.add("Reshape", [graph.add("Add", [zeros(q, -1), zeros(kt, -2)]), window["windows"]])
+    for mask in window["masks"]:
+        acc = graph.add("Add", [acc, mask])
+    return graph.add("Reshape", [acc, window["back"]], rank=rank)
+
+
+def _query_factor(graph: _Graph, node, other: str):
+    """The constant of ``Mul(scores, c)`` when c is a float tensor constant along the keys (its last
+    dim 1: per head and/or query, e.g. Swin V2's exp(logit_scale) per head), which may multiply Q
+    instead: (q c) . k = (q . k) c. None otherwise."""
+    value = graph.const(other)
+    if node.op_type != "Mul" or value is None or value.dtype.kind != "f" or value.ndim == 0 or value.shape[-1] != 1:
+        return None
+    return value
 
 
 def _softcap(graph: _Graph, node, s: str):
@@ -850,8 +919,8 @@ def _leads_to_matmul(graph: _Graph, name: str, depth: int = 6) -> bool:
         return True
     if node.op_type == "Cast":
         return _leads_to_matmul(graph, node.input[0], depth - 1)
-    if node.op_type in ("Add", "Mul", "Div", "Where", "Tanh"):
-        operands = node.input[1:] if node.op_type == "Where" else node.input
+    if node.op_type in ("Add", "Mul", "Div", "Where", "Tanh", "Reshape"):
+        operands = node.input[1:] if node.op_type == "Where" else node.input[:1] if node.op_type == "Reshape" else node.input
         return any(_leads_to_matmul(graph, i, depth - 1) for i in operands)
     return False
 
