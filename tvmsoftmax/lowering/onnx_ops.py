@@ -1431,6 +1431,7 @@ def _make_ort_fused_converters() -> dict:
       over its first 2 * cos_cache-width dims, half-split or interleaved, at position_ids [B, S] or
       offset [1] + 0..S-1.
     """
+    import tvm
     from tvm import relax
     from tvm.relax.frontend.onnx import onnx_frontend
     from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
@@ -1561,9 +1562,69 @@ def _make_ort_fused_converters() -> dict:
             y = rotated if rotary == head_size else relax.op.concat([rotated, part(rotary, head_size)], axis=3)
             return relax.op.reshape(y, shape) if len(shape) == 3 else y
 
+    class MatMulNBitsConverter(OnnxOpConverter):
+        """com.microsoft MatMulNBits: Y = A @ W^T (+ bias), W [N, K] block-quantized along K.
+        The weights must be constants: they are dequantized at import (float weights in A's
+        type, so the artifact holds them unpacked)."""
+
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            inputs = list(inputs) + [None] * (6 - len(inputs))
+            a, packed, scales, zero_points, g_idx, bias = inputs[:6]
+
+            def constant(x, what):
+                if x is None:
+                    return None
+                x = onnx_frontend.get_constant(x, params)
+                if not isinstance(x, tvm.ir.GenericConst):
+                    raise ValueError(f"MatMulNBits with a run-time {what} is not supported (constants only)")
+                return x.value.numpy()
+
+            k, n, bits, block = int(attr["K"]), int(attr["N"]), int(attr.get("bits", 4)), int(attr["block_size"])
+            dtype = str(a.ty.dtype)
+            weights = _dequantize_nbits(constant(packed, "B"), constant(scales, "scales"),
+                                        constant(zero_points, "zero_points"), constant(g_idx, "g_idx"),
+                                        k, n, bits, block)
+            transposed = relax.const(np.ascontiguousarray(weights.T).astype(dtype))  # [K, N], rounded to A's type
+            if dtype == "float32":
+                y = relax.op.matmul(a, transposed)
+                return relax.op.add(y, bias) if bias is not None else y
+            # half types: float32 products and sums, rounded once
+            y = relax.op.matmul(relax.op.astype(a, "float32"), relax.op.astype(transposed, "float32"))
+            if bias is not None:
+                y = relax.op.add(y, relax.op.astype(bias, "float32"))
+            return relax.op.astype(y, dtype)
+
     return {"FusedMatMul": FusedMatMulConverter, "FusedConv": FusedConvConverter,
             "FusedGemm": FusedGemmConverter, "QuickGelu": QuickGeluConverter,
-            "RotaryEmbedding": RotaryEmbeddingConverter}
+            "RotaryEmbedding": RotaryEmbeddingConverter, "MatMulNBits": MatMulNBitsConverter}
+
+
+def _unpack_codes(data: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """The `count` unsigned `bits`-bit codes packed low-first in each row of uint8 `data`."""
+    per_byte = 8 // bits
+    shifts = (np.arange(per_byte) * bits).astype(np.uint8)
+    codes = (data[..., None] >> shifts) & np.uint8((1 << bits) - 1)
+    return codes.reshape(*data.shape[:-1], -1)[..., :count]
+
+
+def _dequantize_nbits(packed, scales, zero_points, g_idx, k: int, n: int, bits: int, block: int) -> np.ndarray:
+    """MatMulNBits' weights [N, K] as onnxruntime defines them: (code - zero_point) * scale per
+    block of K; codes packed low-first; zero points packed the same way (uint8) or unpacked in
+    the scales' type, 2^(bits - 1) when absent; g_idx (deprecated) gives each k its block."""
+    if bits not in (2, 4, 8):
+        raise ValueError(f"MatMulNBits with bits={bits} is not supported (2, 4 or 8)")
+    blocks = -(-k // block)
+    codes = _unpack_codes(packed.reshape(n, -1), bits, blocks * block)[:, :k].astype(np.float32)
+    scale = scales.reshape(n, blocks).astype(np.float32)
+    if zero_points is None:
+        zero = np.full((n, blocks), float(1 << (bits - 1)), np.float32)
+    elif zero_points.dtype == np.uint8:
+        zero = _unpack_codes(zero_points.reshape(n, -1), bits, blocks).astype(np.float32)
+    else:
+        zero = zero_points.reshape(n, blocks).astype(np.float32)
+    index = np.arange(k) // block if g_idx is None or g_idx.size == 0 else g_idx.astype(np.int64).reshape(-1)[:k]
+    return (codes - zero[:, index]) * scale[:, index]
 
 
 def _make_maxpool_converter():
