@@ -807,3 +807,75 @@ def test_swin_v2_window_mask_and_per_head_scale_are_fused():
     p = np.exp(scores - scores.max(-1, keepdims=True))
     _close(got, (p / p.sum(-1, keepdims=True)) @ v, "float32", "swin v2 vs float64")
     np.testing.assert_allclose(got, _ort(model, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_llm_decoder_in_onnxruntime_contrib_ops_decode_loop():
+    """A one-layer decoder written the way onnxruntime's LLM exporters write them:
+    SimplifiedLayerNormalization -> MatMulNBits (packed QKV, int4) -> GroupQueryAttention (packed,
+    rotary, seqlens_k from the attention mask) -> MatMulNBits -> SkipSimplifiedLayerNormalization ->
+    MatMulNBits (logits), KV cache in and out, batch/sequence/past symbolic. Compiled once, its
+    attention fused; a prompt and two decode steps (present fed back as past) match onnxruntime."""
+    from onnx import numpy_helper
+
+    hidden, heads, kv_heads, d, vocab = 64, 4, 2, 16, 50
+    rng = np.random.default_rng(14)
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+
+    def nbits(name, k, n):
+        codes = rng.integers(0, 16, (n, k))
+        packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8).reshape(n, k // 32, 16)
+        return [numpy_helper.from_array(packed, f"{name}_B"),
+                numpy_helper.from_array((rng.random(n * k // 32) * 0.05).astype(np.float32), f"{name}_scales")]
+
+    qkv = (heads + 2 * kv_heads) * d
+    angles = np.arange(64)[:, None] * 10000.0 ** (-np.arange(d // 2) / (d // 2))[None]
+    inits = [numpy_helper.from_array(rng.standard_normal((vocab, hidden)).astype(np.float32), "embed"),
+             numpy_helper.from_array(np.ones(hidden, np.float32), "norm_w"),
+             numpy_helper.from_array(np.cos(angles).astype(np.float32), "cos"),
+             numpy_helper.from_array(np.sin(angles).astype(np.float32), "sin"),
+             numpy_helper.from_array(np.array([1], np.int64), "one"),
+             numpy_helper.from_array(np.array(1, np.int64), "axis1"),
+             *nbits("qkv", hidden, qkv), *nbits("o", heads * d, hidden), *nbits("head", hidden, vocab)]
+    ms = "com.microsoft"
+    nodes = [
+        helper.make_node("Gather", ["embed", "input_ids"], ["x"]),
+        helper.make_node("ReduceSum", ["attention_mask", "one"], ["mask_sum"], keepdims=0),
+        helper.make_node("Sub", ["mask_sum", "one"], ["seqlens64"]),
+        helper.make_node("Cast", ["seqlens64"], ["seqlens_k"], to=TensorProto.INT32),
+        helper.make_node("Shape", ["attention_mask"], ["mask_shape"]),
+        helper.make_node("Gather", ["mask_shape", "axis1"], ["total64"]),
+        helper.make_node("Cast", ["total64"], ["total"], to=TensorProto.INT32),
+        helper.make_node("SimplifiedLayerNormalization", ["x", "norm_w"], ["xn"], axis=-1, epsilon=1e-5),
+        helper.make_node("MatMulNBits", ["xn", "qkv_B", "qkv_scales"], ["qkv"], domain=ms, K=hidden, N=qkv, bits=4,
+                         block_size=32),
+        helper.make_node("GroupQueryAttention", ["qkv", "", "", "past_key", "past_value", "seqlens_k", "total", "cos", "sin"],
+                         ["attn", "present_key", "present_value"], domain=ms, num_heads=heads, kv_num_heads=kv_heads,
+                         do_rotary=1),
+        helper.make_node("MatMulNBits", ["attn", "o_B", "o_scales"], ["o"], domain=ms, K=heads * d, N=hidden, bits=4,
+                         block_size=32),
+        helper.make_node("SkipSimplifiedLayerNormalization", ["o", "x", "norm_w"], ["h"], domain=ms, epsilon=1e-5),
+        helper.make_node("MatMulNBits", ["h", "head_B", "head_scales"], ["logits"], domain=ms, K=hidden, N=vocab, bits=4,
+                         block_size=32),
+    ]
+    inputs = [helper.make_tensor_value_info("input_ids", i64, ["batch", "sequence"]),
+              helper.make_tensor_value_info("attention_mask", i64, ["batch", "total_sequence"]),
+              helper.make_tensor_value_info("past_key", f32, ["batch", kv_heads, "past", d]),
+              helper.make_tensor_value_info("past_value", f32, ["batch", kv_heads, "past", d])]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "sequence", vocab]),
+               helper.make_tensor_value_info("present_key", f32, ["batch", kv_heads, "total_sequence", d]),
+               helper.make_tensor_value_info("present_value", f32, ["batch", kv_heads, "total_sequence", d])]
+    graph = helper.make_graph(nodes, "decoder", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ms, 1)])
+    compiled = tvmsoftmax.compile(model)
+    assert type(compiled).__name__ == "CompiledModel"
+    assert [s["form"] for s in compiled.sites if s["rewritten"]] == ["com.microsoft.GroupQueryAttention"], compiled.sites
+    feeds = {"input_ids": rng.integers(0, vocab, (1, 5)), "attention_mask": np.ones((1, 5), np.int64),
+             "past_key": np.zeros((1, kv_heads, 0, d), np.float32), "past_value": np.zeros((1, kv_heads, 0, d), np.float32)}
+    for step in range(3):
+        got, want = list(compiled.run(feeds).values()), _ort(model, feeds)
+        for name, g, w in zip(("logits", "present_key", "present_value"), got, want):
+            assert g.shape == w.shape, (step, name)
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4, err_msg=f"step {step} {name}")
+        total = got[1].shape[2] + 1
+        feeds = {"input_ids": rng.integers(0, vocab, (1, 1)), "attention_mask": np.ones((1, total), np.int64),
+                 "past_key": got[1], "past_value": got[2]}

@@ -53,6 +53,7 @@ from .frontend import default_opset, dims_of, elem_dtype, value_infos
 
 DOMAIN = "ai.tvmsoftmax"
 ATTENTION_OP = "AttentionSite"
+INT_VECTOR_OP = "IntVector"  # a shape-derived integer as an int64 tensor (`lowering.importer`)
 STRATEGY_CHOICES = ("auto", "materialized", "flash", "none")
 FLOAT_TYPES = ("float32", "float16")
 
@@ -502,7 +503,9 @@ def _rewrite_gqa(graph: _Graph, node, site: AttentionSite) -> None:
     int64 = onnx.TensorProto.INT64
     one = graph.constant(np.array([1], np.int64), "one")
     s_len = _dim_of(graph, query, 1)  # [1]
-    total = graph.add("Reshape", [graph.add("Cast", [inputs["total_sequence_length"]], to=int64), one])
+    # total_sequence_length as [1], scalar or 1-element vector, whether a tensor or (genai's
+    # Shape -> Gather of the attention mask) a value TVM's importer keeps as a shape expression
+    total = _int_vector(graph, inputs["total_sequence_length"])
     seq_total = graph.add("Add", [graph.add("Cast", [inputs["seqlens_k"]], to=int64), one], rank=1)  # [B]
     first = graph.add("Equal", [s_len, total])
     kv_len = graph.add("Where", [first, s_len, seq_total], rank=1)  # past_b + S
@@ -566,7 +569,15 @@ def _rewrite_gqa(graph: _Graph, node, site: AttentionSite) -> None:
 
 def _dim_of(graph: _Graph, x: str, axis: int) -> str:
     """x's dim `axis` as an int64 [1] tensor (Shape -> Gather: Shape's start/end need opset 15)."""
-    return graph.add("Gather", [graph.add("Shape", [x]), graph.constant(np.array([axis], np.int64), "axis")], axis=0)
+    return _int_vector(graph, graph.add("Gather", [graph.add("Shape", [x]),
+                                                   graph.constant(np.array([axis], np.int64), "axis")], axis=0))
+
+
+def _int_vector(graph: _Graph, x: str) -> str:
+    """x (an integer scalar or vector) as an int64 1-D tensor. TVM's importer keeps values computed
+    from shapes as shape expressions, which its Max, Reshape and Expand converters refuse; our
+    IntVector op makes them tensors."""
+    return graph.add(INT_VECTOR_OP, [x], domain=DOMAIN, rank=1)
 
 
 def _rotate(graph: _Graph, x: str, cos: str, sin: str, half: int, head_size: int, interleaved: bool,

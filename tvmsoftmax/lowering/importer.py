@@ -23,7 +23,7 @@ from ..errors import ModelError, UnsupportedOperatorError
 from ..ops.softmax import in_shape, softmax
 from ..schedules import choose_knobs
 from ..schedules._tir import static_extent
-from .attention import ATTENTION_OP
+from .attention import ATTENTION_OP, INT_VECTOR_OP
 from .control_flow import MAX_ITERATIONS
 from .rewrite import SITE_OP, Site, row_view
 from .targets import TargetSpec
@@ -142,7 +142,32 @@ def _our_table() -> dict:
     from .attention_import import make_attention_converter
     from .onnx_ops import converters
 
-    return {SITE_OP: _make_site_converter(), ATTENTION_OP: make_attention_converter(_CONTEXT), **converters()}
+    return {SITE_OP: _make_site_converter(), ATTENTION_OP: make_attention_converter(_CONTEXT),
+            INT_VECTOR_OP: _make_int_vector_converter(), **converters()}
+
+
+def _make_int_vector_converter():
+    """ai.tvmsoftmax.IntVector: an integer scalar or vector, whether a tensor or a shape expression
+    or prim value of TVM's importer (a dim read through Shape -> Gather), as an int64 1-D tensor."""
+    import tvm
+    from tvm import relax, tirx
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    class IntVectorConverter(OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            x = inputs[0]
+            if tvm.ir.is_prim_expr(x):  # what relax.prim_value makes in TVM 0.27
+                dtype = str(getattr(x, "dtype", None) or x.ty)
+                value = x if dtype == "int64" else tirx.Cast("int64", x)
+                return bb.normalize(relax.op.shape_to_tensor(relax.ShapeExpr([value])))
+            x = bb.normalize(x)
+            if isinstance(x.ty, relax.ShapeType):
+                return bb.normalize(relax.op.shape_to_tensor(x))
+            x = x if str(x.ty.dtype) == "int64" else bb.normalize(relax.op.astype(x, "int64"))
+            return relax.op.reshape(x, [-1])
+
+    return IntVectorConverter
 
 
 @contextlib.contextmanager
