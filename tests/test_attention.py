@@ -658,6 +658,7 @@ GQA_CASES = {
     "local-window-decode": (2, 1, 5, [5, 3], 6, {"attrs": {"local_window_size": 2}}),
     "bidirectional": (2, 5, None, [4, 4], 5, {"attrs": {"causal": 0}}),
     "float16-rotary": (2, 1, 5, [5, 3], 6, {"rotary": (8, False), "dtype": "float16"}),
+    "rotary-position-ids": (2, 1, 5, [5, 3], 6, {"rotary": (8, False), "position_ids": [[7], [1]]}),
 }
 
 
@@ -666,8 +667,8 @@ def test_group_query_attention_fused_matches_onnxruntime(name):
     """onnxruntime's GroupQueryAttention (TVM has no converter): fused into one site, output and
     present key/value equal to onnxruntime's CPU kernel: first prompt, decode with per-batch past
     lengths, a past buffer longer than the total, a later prompt with a past, packed QKV, rotary
-    (half-split, interleaved over part of the head), softcap and scale, local windows, causal=0,
-    float16. float32 1e-5, float16 2e-3."""
+    (half-split, interleaved over part of the head, at given position_ids), softcap and scale,
+    local windows, causal=0, float16. float32 1e-5, float16 2e-3."""
     b, s, past, seqlens, total, options = GQA_CASES[name]
     heads, kv_heads, d = 4, 2, options.get("d", 16)
     dtype = options.get("dtype", "float32")
@@ -675,6 +676,10 @@ def test_group_query_attention_fused_matches_onnxruntime(name):
                  attrs=options.get("attrs"), dtype=TensorProto.FLOAT16 if dtype == "float16" else TensorProto.FLOAT)
     feeds = _gqa_feeds(np.random.default_rng(6), b, s, past, heads, kv_heads, d, seqlens, total,
                        packed=options.get("packed", False), dtype=dtype)
+    if "position_ids" in options:  # rotary at these positions instead of the past lengths'
+        model.graph.node[0].input.append("position_ids")
+        model.graph.input.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64, [b, s]))
+        feeds["position_ids"] = np.array(options["position_ids"], np.int64)
     compiled = tvmsoftmax.compile(model)
     (site,) = compiled.sites
     assert site["form"] == "com.microsoft.GroupQueryAttention" and site["rewritten"], site

@@ -457,12 +457,12 @@ def _rewrite_gqa(graph: _Graph, node, site: AttentionSite) -> None:
       1.32 computes it);
     * ``present_*`` [B, kv_heads, max(total_sequence_length, past buffer), d]: each batch's
       past_b valid past keys, then its S new ones, zeros after;
-    * ``do_rotary``: Q and the new K rotated (half-split or interleaved) at positions past_b + s
-      (1 for a first prompt's padding), cos/sin from the caches;
+    * ``do_rotary``: Q and the new K rotated (half-split or interleaved) at ``position_ids`` if
+      given, else at positions past_b + s (1 for a first prompt's padding), cos/sin from the caches;
     * scale (default 1/sqrt(d)) and softcap as the site's."""
     a = _attrs(node)
     inputs = dict(zip(_GQA_INPUTS, list(node.input) + [""] * len(_GQA_INPUTS)))
-    for name in _GQA_INPUTS[9:]:
+    for name in _GQA_INPUTS[10:]:
         if inputs[name]:
             raise NoMatch(f"input {name} is not fused")
     for name in ("smooth_softmax", "qk_output", "sliding_window_cache", "kv_cache_bit_width"):
@@ -518,10 +518,14 @@ def _rewrite_gqa(graph: _Graph, node, site: AttentionSite) -> None:
         half = _dim(graph, inputs["cos_cache"], 1)
         if half is None or 2 * half > head_size:
             raise NoMatch("cos_cache's rotary width unknown or wider than the head")
-        pos = graph.add("Add", [past4, q_pos], rank=4)  # [B, 1, S, 1]
-        total4 = graph.add("Reshape", [seq_total, graph.constant(np.array([-1, 1, 1, 1], np.int64), "shape")])
-        pos = graph.add("Where", [graph.add("Less", [pos, total4]), pos, one], rank=4)
-        pos = graph.add("Squeeze", [pos, graph.constant(np.array([3], np.int64), "axes")])  # [B, 1, S]
+        if inputs["position_ids"]:  # [B, S], as given
+            pos = graph.add("Unsqueeze", [graph.add("Cast", [inputs["position_ids"]], to=int64),
+                                          graph.constant(np.array([1], np.int64), "axes")])  # [B, 1, S]
+        else:
+            pos = graph.add("Add", [past4, q_pos], rank=4)  # [B, 1, S, 1]
+            total4 = graph.add("Reshape", [seq_total, graph.constant(np.array([-1, 1, 1, 1], np.int64), "shape")])
+            pos = graph.add("Where", [graph.add("Less", [pos, total4]), pos, one], rank=4)
+            pos = graph.add("Squeeze", [pos, graph.constant(np.array([3], np.int64), "axes")])  # [B, 1, S]
         cos, sin = (graph.add("Gather", [inputs[n], pos], axis=0, rank=4) for n in ("cos_cache", "sin_cache"))
         interleaved = bool(a.get("rotary_interleaved", 0))
         q, k = (_rotate(graph, x, cos, sin, half, head_size, interleaved, dtype) for x in (q, k))
