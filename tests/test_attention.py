@@ -884,3 +884,31 @@ def test_llm_decoder_in_onnxruntime_contrib_ops_decode_loop():
         total = got[1].shape[2] + 1
         feeds = {"input_ids": rng.integers(0, vocab, (1, 1)), "attention_mask": np.ones((1, total), np.int64),
                  "past_key": got[1], "past_value": got[2]}
+
+
+@pytest.mark.parametrize("layout", ["3d", "bnsh"])
+def test_multihead_attention_bnsh_keys_and_presents(layout):
+    """com.microsoft MultiHeadAttention with key/value already in heads (BNSH [B, N, L, H]: the
+    cross-attention form of onnxruntime's encoder-decoder fusions) or 3-D, a key padding mask, and
+    present_key/present_value requested without a past (the keys and values themselves, BNSH):
+    fused, every output equal to onnxruntime."""
+    b, s, length, heads, d = 2, 5, 7, 4, 8
+    f32 = TensorProto.FLOAT
+    kv_shape = [b, length, heads * d] if layout == "3d" else [b, heads, length, d]
+    shapes = {"q": [b, s, heads * d], "k": kv_shape, "v": kv_shape, "mask": [b, length]}
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT32 if n == "mask" else f32, shape) for n, shape in shapes.items()]
+    node = helper.make_node("MultiHeadAttention", ["q", "k", "v", "", "mask"], ["y", "present_key", "present_value"],
+                            domain="com.microsoft", num_heads=heads)
+    outputs = [helper.make_tensor_value_info("y", f32, [b, s, heads * d])] + [
+        helper.make_tensor_value_info(n, f32, [b, heads, length, d]) for n in ("present_key", "present_value")]
+    model = helper.make_model(helper.make_graph([node], "mha", inputs, outputs),
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    rng = np.random.default_rng(15)
+    feeds = {n: rng.standard_normal(shape).astype(np.float32) for n, shape in shapes.items() if n != "mask"}
+    feeds["mask"] = np.ones((b, length), np.int32)
+    feeds["mask"][1, -3:] = 0
+    compiled = tvmsoftmax.compile(model)
+    assert compiled.sites[0]["rewritten"], compiled.sites
+    for (name, got), want in zip(compiled.run(feeds).items(), _ort(model, feeds)):
+        assert got.shape == want.shape, name
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)

@@ -15,7 +15,7 @@ Forms, and why each exists:
   than the keys is padded with -inf; ``nonpad_kv_seqlen`` masks the keys past each batch's count;
   ``is_causal`` is bottom-right aligned; a fully masked row is 0. Not fused (and said why):
   ``qk_matmul_output`` requested (it needs the score matrix), sliding windows (opset 25).
-* com.microsoft ``MultiHeadAttention``: onnxruntime's fused op (3-D Q/K/V, optional packed bias,
+* com.microsoft ``MultiHeadAttention``: onnxruntime's fused op (3-D Q/K/V or BNSH K/V, optional packed bias,
   key padding mask -> ``mask_filter_value`` added, attention bias, past key/value, unidirectional).
 * com.microsoft ``Attention``: what onnxruntime's transformer optimizer fuses BERT-style attention
   into (input @ packed Q/K/V weights + bias, 1-D/2-D/3-D ``mask_index``, packed past/present).
@@ -314,8 +314,12 @@ def _rewrite_mha(graph: _Graph, node, site: AttentionSite) -> None:
     heads = a.get("num_heads")
     if not heads:
         raise NoMatch("num_heads missing")
-    if not k or not v or graph.rank(q) != 3 or graph.rank(k) != 3 or graph.rank(v) != 3:
-        raise NoMatch("only separate 3-D query/key/value are fused (packed QKV/KV forms are not)")
+    if not k or not v or graph.rank(q) != 3 or graph.rank(k) not in (3, 4) or graph.rank(k) != graph.rank(v):
+        raise NoMatch("only separate query/key/value are fused, key/value 3-D or BNSH (packed QKV/KV forms, "
+                      "which onnxruntime's CPU kernel does not run either, are not)")
+    bnsh = graph.rank(k) == 4  # cross-attention keys/values already projected into heads
+    if bnsh and (proj_bias or past_k):
+        raise NoMatch("a packed bias or past with BNSH key/value is not fused")
     dtype = graph.dtype(q)
     if dtype not in FLOAT_TYPES:
         raise NoMatch(f"query dtype {dtype} (ours: {', '.join(FLOAT_TYPES)})")
@@ -328,11 +332,17 @@ def _rewrite_mha(graph: _Graph, node, site: AttentionSite) -> None:
         graph.add("Split", [proj_bias, sizes], parts, axis=0)
         q, k, v = (graph.add("Add", [x, b]) for x, b in zip((q, k, v), parts))
 
-    q, k, v = (_heads_first(graph, x, heads) for x in (q, k, v))
+    q = _heads_first(graph, q, heads)
+    if not bnsh:
+        k, v = _heads_first(graph, k, heads), _heads_first(graph, v, heads)
     outputs = list(node.output) + [""] * (3 - len(node.output))
     if past_k:
         k = graph.add("Concat", [past_k, k], [outputs[1] or graph.fresh("present_key")], axis=2)
         v = graph.add("Concat", [past_v, v], [outputs[2] or graph.fresh("present_value")], axis=2)
+    else:  # present_* without a past are the (BNSH) keys and values themselves
+        for present, source in ((outputs[1], k), (outputs[2], v)):
+            if present:
+                graph.add("Identity", [source], [present])
     scale = a.get("scale") or (1.0 / math.sqrt(hidden // heads) if hidden else None)
     if scale is None:
         raise NoMatch("head size unknown (needed for the default scale)")
