@@ -240,6 +240,27 @@ def test_onnx_attention_case(case):
     assert matches, case.name
 
 
+FLEX_CASES = [c for c in node_cases.collect_testcases(None) if c.name.startswith("test_flexattention")]
+# float64 is not fused (our kernels are float32/float16), and a prob_mod sits between the softmax
+# and P @ V: those keep a softmax site inside the plain body
+FLEX_NOT_FUSED = ("_double", "_prob_mod")
+
+
+@pytest.mark.parametrize("case", FLEX_CASES, ids=[c.name for c in FLEX_CASES])
+def test_onnx_flex_attention_case(case):
+    """ONNX's preview FlexAttention (score_mod/prob_mod subgraphs; TVM does not know the op): the
+    node becomes the body onnx builds for it, with the subgraphs inlined (they read values of the
+    outer scope), and the body's MatMul/Softmax/MatMul is fused where it is an attention; every
+    case matches its expected output (the _expanded_ver26 forms too)."""
+    compiled = tvmsoftmax.compile(case.model)
+    fused = [s for s in compiled.sites if s.get("kind") == "attention" and s["rewritten"]]
+    assert len(fused) == (0 if any(k in case.name for k in FLEX_NOT_FUSED) else 1), compiled.sites
+    names = [i.name for i in case.model.graph.input]
+    for inputs, outputs in case.data_sets:
+        for value, want in zip(compiled.run(dict(zip(names, inputs))).values(), outputs):
+            np.testing.assert_allclose(value, want, rtol=case.rtol, atol=case.atol, err_msg=case.name)
+
+
 def test_fp16_rounding_case_nearer_truth_than_expected():
     """The FP16_ROUNDING_DIFFERS case (causal top-left, default scale, float16): our output is at
     least as near the float64 attention as the expected output, and within float16 tolerance of it."""

@@ -54,13 +54,16 @@ def expand(node: NodeProto, opset: int, input_types: list[TypeProto | None]) -> 
         rename[formal] = actual
     for formal, actual in zip(function.output, list(node.output) + [""] * len(function.output)):
         rename[formal] = actual or prefix + formal
+    # values the body makes are prefixed; any other name a body node reads is the graph's own (an
+    # inlined subgraph attribute, e.g. FlexAttention's score_mod, may read the outer scope)
+    internal = {o for inner in function.node for o in inner.output}
     nodes = []
     for index, inner in enumerate(function.node):
         new = NodeProto()
         new.CopyFrom(inner)
         new.name = f"{prefix}{inner.op_type}_{index}"
         del new.input[:], new.output[:], new.attribute[:]
-        new.input.extend(rename.setdefault(i, prefix + i) for i in inner.input)
+        new.input.extend(rename.setdefault(i, prefix + i if i in internal else i) for i in inner.input)
         new.output.extend(rename.setdefault(o, prefix + o) for o in inner.output)
         for attribute in inner.attribute:
             if attribute.ref_attr_name:
@@ -109,13 +112,14 @@ def expand_nodes(model: onnx.ModelProto, names: set) -> onnx.ModelProto:
 
     model = copy.deepcopy(model)
     infos = value_infos(model)
-    opset = default_opset(model)
+    opsets = _opsets(model, default_opset(model))
     nodes = []
     for node in model.graph.node:
         try:
             if node.name not in names:
                 raise NoFunctionBody("not asked for")
-            nodes.extend(expand(node, opset, [infos[i].type if i in infos else None for i in node.input]))
+            nodes.extend(expand(node, opsets.get(node.domain, opsets[""]),
+                                [infos[i].type if i in infos else None for i in node.input]))
         except NoFunctionBody:  # kept: the importer refuses it, naming the node, if TVM cannot
             nodes.append(node)
     del model.graph.node[:]
@@ -136,20 +140,35 @@ def falls_short(model: onnx.ModelProto) -> set:
     from .frontend import default_opset
 
     known = set(onnx_frontend._get_convert_map())
-    opset = default_opset(model)
+    opsets = _opsets(model, default_opset(model))
     out = set()
     for node in model.graph.node:
-        if node.domain not in ("", "ai.onnx") or node.op_type in OURS:
-            continue
-        if TVM_FALLS_SHORT.get(node.op_type, lambda _: False)(node) or (
-                node.op_type not in known and _has_body(node.op_type, opset)):
+        if node.domain in ("", "ai.onnx"):
+            if node.op_type in OURS:
+                continue
+            if TVM_FALLS_SHORT.get(node.op_type, lambda _: False)(node) or (
+                    node.op_type not in known and _has_body(node.op_type, opsets[""], "")):
+                out.add(node.name)
+        elif node.domain in BODY_DOMAINS and _has_body(node.op_type, opsets.get(node.domain, 1), node.domain):
             out.add(node.name)
     return out
 
 
-def _has_body(op_type: str, opset: int) -> bool:
+# Other ONNX domains whose ops are expanded to their bodies (TVM knows none of them): the preview
+# domain's FlexAttention (score_mod/prob_mod subgraphs inlined into its body by onnx).
+BODY_DOMAINS = ("ai.onnx.preview",)
+
+
+def _opsets(model: onnx.ModelProto, default: int) -> dict:
+    """Opset version per domain ("" is the default domain's)."""
+    versions = {o.domain: o.version for o in model.opset_import}
+    versions[""] = versions["ai.onnx"] = default
+    return versions
+
+
+def _has_body(op_type: str, opset: int, domain: str = "") -> bool:
     try:
-        schema = onnx.defs.get_schema(op_type, opset)
+        schema = onnx.defs.get_schema(op_type, opset, domain)
     except onnx.defs.SchemaError:
         return False
     return any(_versions(schema, opset))
