@@ -163,19 +163,25 @@ def choose(requested: str, dims: dict, spec, vector_lanes: int, algorithm: str =
     """The `auto` rule for x86: flash (it never materialises the scores and skips masked tiles;
     it was faster than materialized on every benchmark shape, benchmarks/README.md).
 
-    Knobs: 32-row query blocks and 64-key tiles (a packed K tile of 64 x D floats stays in L1/L2
-    while the block's rows use it). Register blocks hold at most half the vector registers as
+    Knobs: 32-row query blocks (fewer when the query length is known and shorter: a power of two
+    at least as long) and 64-key tiles (a packed K tile of 64 x D floats stays in L1/L2 while the
+    block's rows use it). Register blocks hold at most half the vector registers as
     accumulators (32 registers with AVX-512, 16 with AVX2), the rest for operands: scores
     rows x key_block / lanes, P V pv_rows x Dv / lanes. Measured (1 thread, (1,12,512,64)):
     AVX-512 4 rows 157 GFLOP/s vs 8-row/32-key 130; AVX2 code 1 row 86 vs 2 rows 58 (spills).
     """
     strategy = "flash" if requested == "auto" else requested
     key_block, query_block = 64, 32
+    q_len = dims.get("q_len")
+    if isinstance(q_len, int) and 0 < q_len < query_block:
+        # few queries (decoding: 1): a block as small as they are, not 32 rows of which all but
+        # q_len repeat the last one (static tiles clamp their rows)
+        query_block = 1 << (q_len - 1).bit_length()
     budget = (32 if vector_lanes >= 16 else 16) // 2
 
     def rows_for(width: int) -> int:
         rows = max(1, budget // max(1, -(-width // vector_lanes)))
-        return 1 << (rows.bit_length() - 1)  # a power of two: it divides the query block
+        return min(1 << (rows.bit_length() - 1), query_block)  # a power of two: it divides the block
 
     return strategy, X86AttentionKnobs(
         vector_lanes=vector_lanes, query_block=query_block, key_block=key_block,
