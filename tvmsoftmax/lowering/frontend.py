@@ -10,11 +10,13 @@ become static where the shapes are bound and keep symbolic dims where they are n
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import heapq
 import logging
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -467,11 +469,7 @@ def _contrib_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
                for node in model.graph.node):
         return model
     try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+        inferred = _ort_symbolic_shapes(model)
     except Exception as err:  # noqa: BLE001 - an inference failure must not stop the compile
         warnings.warn(f"onnxruntime's symbolic shape inference failed ({type(err).__name__}: {err}); "
                       "shapes after com.microsoft ops stay unknown", stacklevel=2)
@@ -487,6 +485,31 @@ def _contrib_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     del inferred.graph.value_info[:]
     inferred.graph.value_info.extend(typed)
     return inferred
+
+
+def _ort_symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """onnxruntime's symbolic shape inference, keeping what it inferred where it could not infer
+    everything. Its public `infer_shapes` then raises and, first, saves the partial model as
+    `sym_shape_infer_temp.onnx` plus a uuid-named `.data` file into the current directory: a
+    compile must not litter the caller's directory, and the shapes it did find are still useful
+    (each is one it derived; the ones it could not stay unknown). The same steps as `infer_shapes`,
+    without the save; if its internals change, the public call runs in a scratch directory."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    if max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0) < 7:
+        return None  # it knows opset 7 and above only
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inference = SymbolicShapeInference(2**31 - 1, True, True, 0)
+        steps = ("_preprocess", "_infer_impl", "_update_output_from_vi")
+        if not all(hasattr(inference, step) for step in steps) or not hasattr(inference, "run_"):
+            with tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):
+                return SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+        inference._preprocess(model)
+        while inference.run_:
+            inference._infer_impl()
+        inference._update_output_from_vi()
+        return inference.out_mp_
 
 
 def _weights_not_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
