@@ -54,6 +54,7 @@ from .frontend import default_opset, dims_of, elem_dtype, value_infos
 DOMAIN = "ai.tvmsoftmax"
 ATTENTION_OP = "AttentionSite"
 INT_VECTOR_OP = "IntVector"  # a shape-derived integer as an int64 tensor (`lowering.importer`)
+KV_APPEND_OP = "KVAppend"  # GroupQueryAttention's present: `ops.kv_cache.append_kv`
 STRATEGY_CHOICES = ("auto", "materialized", "flash", "none")
 FLOAT_TYPES = ("float32", "float16")
 
@@ -542,22 +543,10 @@ def _rewrite_gqa(graph: _Graph, node, site: AttentionSite) -> None:
 
     present = [outputs[1], outputs[2]]
     if inputs["past_key"]:
-        cats = [graph.add("Concat", [inputs[p], x], axis=2) for p, x in (("past_key", k), ("past_value", v))]
-        k_pos = _positions(graph, cats[0], 2)  # [1, 1, P + S, 1]
+        # [B, H, P + S, D]: each batch's valid past rows, its new rows right after, zeros after
+        full = [graph.add(KV_APPEND_OP, [inputs[p], x, past], domain=DOMAIN, rank=4)
+                for p, x in (("past_key", k), ("past_value", v))]
         buffer = _dim_of(graph, inputs["past_key"], 2)  # P
-        last = graph.add("Sub", [_dim_of(graph, cats[0], 2), one])
-        shifted = graph.add("Min", [graph.add("Add", [graph.add("Sub", [k_pos, past4]), buffer]), last])
-        index = graph.add("Where", [graph.add("Less", [k_pos, past4]), k_pos, shifted], rank=4)
-        valid = graph.add("Less", [k_pos, graph.add("Add", [past4, s_len])])
-        zero = graph.constant(np.array(0, dtype), "zero")
-        full = []
-        for cat in cats:
-            # the index broadcast to cat's shape by adding zeros of that shape (TVM's Expand
-            # needs the shape at import; with symbolic dims it is not)
-            zeros = graph.add("Where", [graph.add("IsNaN", [cat]), graph.constant(np.array(0, np.int64)),
-                                        graph.constant(np.array(0, np.int64))], rank=4)
-            gathered = graph.add("GatherElements", [cat, graph.add("Add", [index, zeros])], axis=2, rank=4)
-            full.append(graph.add("Where", [valid, gathered, zero], rank=4))
         length = graph.add("Max", [total, buffer])
         starts, axes = graph.constant(np.array([0], np.int64), "starts"), graph.constant(np.array([2], np.int64), "axes")
         for name, x in zip(present, full):

@@ -23,7 +23,7 @@ from ..errors import ModelError, UnsupportedOperatorError
 from ..ops.softmax import in_shape, softmax
 from ..schedules import choose_knobs
 from ..schedules._tir import static_extent
-from .attention import ATTENTION_OP, INT_VECTOR_OP
+from .attention import ATTENTION_OP, INT_VECTOR_OP, KV_APPEND_OP
 from .control_flow import MAX_ITERATIONS
 from .rewrite import SITE_OP, Site, row_view
 from .targets import TargetSpec
@@ -143,7 +143,26 @@ def _our_table() -> dict:
     from .onnx_ops import converters
 
     return {SITE_OP: _make_site_converter(), ATTENTION_OP: make_attention_converter(_CONTEXT),
-            INT_VECTOR_OP: _make_int_vector_converter(), **converters()}
+            INT_VECTOR_OP: _make_int_vector_converter(), KV_APPEND_OP: _make_kv_append_converter(), **converters()}
+
+
+def _make_kv_append_converter():
+    """ai.tvmsoftmax.KVAppend(past [B, H, P, D], new [B, H, S, D], past_lengths [B]) ->
+    [B, H, P + S, D]: `ops.kv_cache.append_kv`, one pass (the ONNX-op form of it took several)."""
+    from tvm import relax
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    from ..ops.kv_cache import append_kv
+
+    class KVAppendConverter(OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            past, new, lengths = (bb.normalize(x) for x in inputs[:3])
+            if str(lengths.ty.dtype) != "int64":
+                lengths = bb.normalize(relax.op.astype(lengths, "int64"))
+            return bb.emit_te(append_kv, past, new, lengths, primfunc_name_hint="tvmsoftmax_kv_append")
+
+    return KVAppendConverter
 
 
 def _make_int_vector_converter():
