@@ -18,6 +18,7 @@ import tvm
 from tvm import relax
 
 from .._native import quiet_native_stderr
+from ..errors import ModelError
 from ..schedules import KNOB_TYPES, schedule_attention, schedule_softmax
 from ..schedules._tir import STACK_SCRATCH_ATTR
 from .attention_import import ATTENTION_ATTR
@@ -95,6 +96,7 @@ def _passes(spec: TargetSpec) -> list:
     return (
         backend.library_dispatch_passes(target)
         + fusion
+        + [symbols_defined_before_use]
         # Reshapes (the 3-D views before our sites among them) become views of the same memory
         # here, before any schedule: TVM runs this pass after dlight/our generic rule, when a
         # scheduled reshape no longer matches and stays a copy kernel. Then the reshape kernels
@@ -105,6 +107,77 @@ def _passes(spec: TargetSpec) -> list:
         + backend.dataflow_lower_passes(target)
         + backend.finalize_passes(target)
     )
+
+
+@relax.transform.function_pass(opt_level=0, name="tvmsoftmax.SymbolsDefinedBeforeUse")
+class _SymbolsDefinedBeforeUse:
+    """Every binding after the `match_cast` that defines a symbolic dim it uses: TVM 0.27's FuseOps
+    orders a dataflow block by its data dependences only, and a kernel whose output shape is a
+    run-time value (GroupQueryAttention's present length; ONNX Size/Slice/Reshape chains) could
+    land before the match_cast that reads that value ("PrimExpr ... has not been computed" at
+    build: apache/tvm#20195, fixed upstream by #20333, not in 0.27). A stable topological sort of
+    each block by data and symbol dependences; a block in order is left as it is."""
+
+    def transform_function(self, func, _mod, _ctx):
+        if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
+            return func
+        blocks = [self._sorted(block) if isinstance(block, relax.DataflowBlock) else block
+                  for block in func.body.blocks]
+        if all(new.same_as(old) for new, old in zip(blocks, func.body.blocks)):
+            return func
+        body = relax.SeqExpr(blocks, func.body.body, func.body.span)
+        return relax.BlockBuilder().normalize(
+            relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs, func.span))
+
+    @staticmethod
+    def _sorted(block):
+        bindings = list(block.bindings)
+        producer, definer = {}, {}
+        for index, binding in enumerate(bindings):
+            producer[binding.var] = index
+            if isinstance(binding, relax.MatchCast):
+                for var in relax.analysis.definable_tir_vars_in_type(binding.ty):
+                    definer.setdefault(var, index)
+        if not definer:
+            return block
+        needs = []
+        for index, binding in enumerate(bindings):
+            used = set(relax.analysis.tir_vars_in_type(binding.var.ty))
+            if isinstance(binding.value, relax.Call):
+                for arg in binding.value.args:
+                    if isinstance(arg, relax.ShapeExpr):
+                        used |= {v for value in arg.values for v in tvm.tirx.analysis.undefined_vars(value)}
+                    elif tvm.ir.is_prim_expr(arg):  # a prim value (TVM 0.27 keeps it a PrimExpr)
+                        used |= set(tvm.tirx.analysis.undefined_vars(arg))
+            own = definer if not isinstance(binding, relax.MatchCast) else {
+                v: i for v, i in definer.items() if i != index}
+            deps = {producer[v] for v in relax.analysis.free_vars(binding.value) if v in producer}
+            deps |= {own[v] for v in used if v in own and own[v] != index}
+            needs.append(sorted(deps))
+        if all(d < index for index, deps in enumerate(needs) for d in deps):
+            return block
+        order, state = [], [0] * len(bindings)  # 0: not placed, 1: its dependences pending, 2: placed
+        for start in range(len(bindings)):
+            stack = [start]
+            while stack:  # depth-first, iteratively (a block may hold thousands of bindings)
+                index = stack[-1]
+                if state[index] == 2:
+                    stack.pop()
+                    continue
+                pending = [d for d in needs[index] if state[d] != 2]
+                if not pending:
+                    state[index] = 2
+                    order.append(index)
+                    stack.pop()
+                    continue
+                if state[index] == 1:  # back after its dependences, and one is still not placed
+                    raise ModelError("a cycle of symbolic shape definitions in the Relax program")
+                state[index] = 1
+                stack.extend(reversed(pending))
+        return relax.DataflowBlock([bindings[i] for i in order], block.span)
+
+
+symbols_defined_before_use = _SymbolsDefinedBeforeUse()
 
 
 STACK_ARRAY_BYTES = 32 << 10  # one buffer at most (TVM itself keeps those under 1 KiB on the stack)
