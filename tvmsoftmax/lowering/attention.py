@@ -543,16 +543,11 @@ def _rewrite_gqa(graph: _Graph, node, site: AttentionSite) -> None:
 
     present = [outputs[1], outputs[2]]
     if inputs["past_key"]:
-        # [B, H, P + S, D]: each batch's valid past rows, its new rows right after, zeros after
-        full = [graph.add(KV_APPEND_OP, [inputs[p], x, past], domain=DOMAIN, rank=4)
-                for p, x in (("past_key", k), ("past_value", v))]
-        buffer = _dim_of(graph, inputs["past_key"], 2)  # P
-        length = graph.add("Max", [total, buffer])
-        starts, axes = graph.constant(np.array([0], np.int64), "starts"), graph.constant(np.array([2], np.int64), "axes")
-        for name, x in zip(present, full):
-            if name:
-                graph.add("Slice", [x, starts, length, axes], [name])
-        k, v = full
+        # [B, H, max(total, P), D] as onnxruntime's CPU kernel sizes present: each batch's valid
+        # past rows, its new rows right after, zeros after (rows past total are no batch's keys)
+        length = graph.add("Max", [total, _dim_of(graph, inputs["past_key"], 2)])
+        k, v = (graph.add(KV_APPEND_OP, [inputs[p], x, past, length], [name or graph.fresh(p)], domain=DOMAIN, rank=4)
+                for p, x, name in (("past_key", k, present[0]), ("past_value", v, present[1])))
     else:
         for name, x in zip(present, (k, v)):
             if name:

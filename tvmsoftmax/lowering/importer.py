@@ -147,9 +147,13 @@ def _our_table() -> dict:
 
 
 def _make_kv_append_converter():
-    """ai.tvmsoftmax.KVAppend(past [B, H, P, D], new [B, H, S, D], past_lengths [B]) ->
-    [B, H, P + S, D]: `ops.kv_cache.append_kv`, one pass (the ONNX-op form of it took several)."""
-    from tvm import relax
+    """ai.tvmsoftmax.KVAppend(past [B, H, P, D], new [B, H, S, D], past_lengths [B][, rows]) ->
+    [B, H, rows, D] (rows: P + S unless given, as an int64 tensor whose value may be known only at
+    run time: GroupQueryAttention's present length comes from its total_sequence_length input):
+    `ops.kv_cache.append_kv`, one pass and the present written once (the ONNX-op form of it took
+    several passes, and a Slice to a run-time length copied it again)."""
+    import tvm
+    from tvm import relax, tirx
     from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
 
     from ..ops.kv_cache import append_kv
@@ -160,7 +164,17 @@ def _make_kv_append_converter():
             past, new, lengths = (bb.normalize(x) for x in inputs[:3])
             if str(lengths.ty.dtype) != "int64":
                 lengths = bb.normalize(relax.op.astype(lengths, "int64"))
-            return bb.emit_te(append_kv, past, new, lengths, primfunc_name_hint="tvmsoftmax_kv_append")
+            rows = inputs[3] if len(inputs) > 3 else None
+            if isinstance(rows, tvm.ir.GenericConst):
+                rows = int(rows.value.numpy().reshape(-1)[0])
+            elif rows is not None:
+                rows = bb.normalize(relax.op.reshape(relax.op.astype(rows, "int64"), [1]))
+                rows = bb.match_cast(rows, relax.TensorType([1], "int64"))
+                shape = bb.emit(relax.op.tensor_to_shape(rows))
+                var = tirx.Var("present_length", "int64")
+                bb.match_cast(shape, relax.ShapeType([var]))  # (`pipeline.symbols_defined_before_use`)
+                rows = var
+            return bb.emit_te(append_kv, past, new, lengths, rows, primfunc_name_hint="tvmsoftmax_kv_append")
 
     return KVAppendConverter
 
