@@ -23,6 +23,7 @@ from attention_reference import reference
 from tvmsoftmax.lowering.pipeline import TIR_PIPELINE
 from tvmsoftmax.lowering.targets import resolve
 from tvmsoftmax.models import build
+from tvmsoftmax.models.contrib import gqa_feeds, group_query_attention
 from tvmsoftmax.ops.attention import AttentionSpec, flash_attention
 from tvmsoftmax.schedules.x86_attention import X86AttentionKnobs, schedule_flash
 
@@ -64,6 +65,7 @@ CASES = {
     "select-mask": ({}, "keep"),
     "kv-lengths-causal": ({"causal": 2, "empty_row": "zero_if_masked"}, "lengths"),
     "poison-inf-nan": ({}, "poison"),
+    "per-head-bias-causal": ({"causal": 1}, "per-head"),  # a bias per query head (folded GQA rows)
 }
 
 
@@ -88,6 +90,10 @@ def _problem(name, dtype="float32", sq=37, skv=45, seed=0, d=16, dv=24):
         bias[:, :, :, 32:] = value  # a fully masked key tile
         spec.update(bias_dtype=dtype, bias_broadcast=(False, True, False, False))
         extra, kwargs = [bias], {"bias": bias}
+    elif mask == "per-head":
+        bias = rng.standard_normal((b, hq, sq, skv)).astype(dtype)
+        spec.update(bias_dtype=dtype, bias_broadcast=(False, False, False, False))
+        extra, kwargs = [bias], {"bias": bias}
     elif mask == "keep":
         keep = rng.random((1, 1, sq, skv)) < 0.7
         keep[0, 0, 5, :] = False
@@ -105,14 +111,29 @@ def _problem(name, dtype="float32", sq=37, skv=45, seed=0, d=16, dv=24):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-@pytest.mark.parametrize("tiles", [(8, 16), (32, 64)])
+@pytest.mark.parametrize("tiles", [(8, 16, False), (32, 64, False), (8, 16, True)], ids=["8x16", "32x64", "8x16-folded"])
 def test_flash_matches_reference(name, tiles):
+    """Folded: the block rows run over the query heads of a key/value head (2 here); with 37
+    queries, blocks of 8 rows span two heads."""
     spec, arrays, kwargs = _problem(name)
-    knobs = X86AttentionKnobs(vector_lanes=resolve("x86").vector_lanes, query_block=tiles[0], key_block=tiles[1])
+    knobs = X86AttentionKnobs(vector_lanes=resolve("x86").vector_lanes, query_block=tiles[0], key_block=tiles[1],
+                              fold_group=tiles[2])
     dims = {"batch": 2, "q_len": arrays[0].shape[2], "kv_len": arrays[1].shape[2]}
     got = _flash(spec, knobs, dims, arrays)
     want = reference(*arrays[:3], spec, **kwargs)
     _close(got, want, spec.dtype, name)
+
+
+@pytest.mark.parametrize("name", ["kv-lengths-causal", "per-head-bias-causal", "gqa-causal-softcap"])
+def test_flash_folded_decode_matches_reference(name):
+    """Decoding (one query per head) with the query heads of a key/value head folded into one
+    block, and a symbolic query length (32-row blocks of which `group` rows are real)."""
+    spec, arrays, kwargs = _problem(name, sq=1, skv=45)
+    lanes = resolve("x86").vector_lanes
+    for query_block, q_len in ((spec.group, 1), (32, None)):
+        knobs = X86AttentionKnobs(vector_lanes=lanes, query_block=query_block, key_block=16, rows=1, fold_group=True)
+        got = _flash(spec, knobs, {"batch": 2, "q_len": q_len, "kv_len": 45}, arrays)
+        _close(got, reference(*arrays[:3], spec, **kwargs), spec.dtype, f"{name} q_len={q_len}")
 
 
 def test_flash_block_buffers_on_the_stack():
@@ -615,54 +636,6 @@ def test_softcapped_scores_are_fused(inner):
 # --------------------------------------------------------------------------- com.microsoft GroupQueryAttention
 
 
-def _gqa(b, s, past, heads, kv_heads, d, *, packed=False, rotary=None, attrs=None, dtype=TensorProto.FLOAT,
-         symbolic=False):
-    """A GroupQueryAttention node as onnxruntime's LLM exporters emit it (3-D Q/K/V or packed QKV,
-    BNSH past/present, seqlens_k, total_sequence_length, optional cos/sin caches)."""
-    bd, sd, pd = ("batch", "sequence", "past") if symbolic else (b, s, past)
-    width = (heads + 2 * kv_heads) * d if packed else heads * d
-    inputs = [helper.make_tensor_value_info("query", dtype, [bd, sd, width])]
-    names = ["query", "", ""]
-    if not packed:
-        inputs += [helper.make_tensor_value_info(n, dtype, [bd, sd, kv_heads * d]) for n in ("key", "value")]
-        names[1:] = ["key", "value"]
-    if past is not None:
-        inputs += [helper.make_tensor_value_info(n, dtype, [bd, kv_heads, pd, d]) for n in ("past_key", "past_value")]
-    names += ["past_key", "past_value"] if past is not None else ["", ""]
-    inputs += [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [bd]),
-               helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
-    names += ["seqlens_k", "total_sequence_length"]
-    initializers, attrs = [], dict(attrs or {})
-    if rotary:
-        half, interleaved = rotary
-        np_type = helper.tensor_dtype_to_np_dtype(dtype)
-        angles = np.arange(64)[:, None] * 10000.0 ** (-np.arange(half) / half)[None]
-        initializers = [numpy_helper.from_array(np.cos(angles).astype(np_type), "cos_cache"),
-                        numpy_helper.from_array(np.sin(angles).astype(np_type), "sin_cache")]
-        names += ["cos_cache", "sin_cache"]
-        attrs.update(do_rotary=1, rotary_interleaved=int(interleaved))
-    node = helper.make_node("GroupQueryAttention", names, ["output", "present_key", "present_value"],
-                            domain="com.microsoft", num_heads=heads, kv_num_heads=kv_heads, **attrs)
-    outputs = [helper.make_tensor_value_info("output", dtype, [bd, sd, heads * d])] + [
-        helper.make_tensor_value_info(n, dtype, [bd, kv_heads, "present", d]) for n in ("present_key", "present_value")]
-    graph = helper.make_graph([node], "gqa", inputs, outputs, initializers)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
-
-
-def _gqa_feeds(rng, b, s, past, heads, kv_heads, d, seqlens, total, packed=False, dtype="float32"):
-    feeds = {}
-    if packed:
-        feeds["query"] = rng.standard_normal((b, s, (heads + 2 * kv_heads) * d))
-    else:
-        feeds.update(query=rng.standard_normal((b, s, heads * d)), key=rng.standard_normal((b, s, kv_heads * d)),
-                     value=rng.standard_normal((b, s, kv_heads * d)))
-    if past is not None:
-        feeds.update(past_key=rng.standard_normal((b, kv_heads, past, d)), past_value=rng.standard_normal((b, kv_heads, past, d)))
-    feeds = {k: v.astype(dtype) for k, v in feeds.items()}
-    feeds.update(seqlens_k=np.array(seqlens, np.int32), total_sequence_length=np.array(total, np.int32))
-    return feeds
-
-
 GQA_CASES = {
     # name: (batch, new tokens, past buffer, seqlens_k, total_sequence_length, options)
     "prompt": (2, 5, None, [4, 4], 5, {}),
@@ -693,9 +666,9 @@ def test_group_query_attention_fused_matches_onnxruntime(name):
     b, s, past, seqlens, total, options = GQA_CASES[name]
     heads, kv_heads, d = 4, 2, options.get("d", 16)
     dtype = options.get("dtype", "float32")
-    model = _gqa(b, s, past, heads, kv_heads, d, packed=options.get("packed", False), rotary=options.get("rotary"),
+    model = group_query_attention(b, s, past, heads, kv_heads, d, packed=options.get("packed", False), rotary=options.get("rotary"),
                  attrs=options.get("attrs"), dtype=TensorProto.FLOAT16 if dtype == "float16" else TensorProto.FLOAT)
-    feeds = _gqa_feeds(np.random.default_rng(6), b, s, past, heads, kv_heads, d, seqlens, total,
+    feeds = gqa_feeds(np.random.default_rng(6), b, s, past, heads, kv_heads, d, seqlens, total,
                        packed=options.get("packed", False), dtype=dtype)
     if "position_ids" in options:  # rotary at these positions instead of the past lengths'
         model.graph.node[0].input.append("position_ids")
@@ -714,24 +687,24 @@ def test_group_query_attention_symbolic_decode_loop_one_compile():
     """Symbolic batch/sequence/past dims compile once (no per-shape specialisation): a decode loop
     feeding present back as past matches onnxruntime at every step."""
     heads, kv_heads, d = 4, 2, 16
-    model = _gqa(1, 1, 3, heads, kv_heads, d, rotary=(8, False), symbolic=True)
+    model = group_query_attention(1, 1, 3, heads, kv_heads, d, rotary=(8, False), symbolic=True)
     compiled = tvmsoftmax.compile(model)
     assert type(compiled).__name__ == "CompiledModel" and compiled.sites[0]["rewritten"], compiled.sites
     rng = np.random.default_rng(7)
-    feeds = _gqa_feeds(rng, 1, 4, 0, heads, kv_heads, d, [3], 4)  # a 4-token prompt into an empty buffer
+    feeds = gqa_feeds(rng, 1, 4, 0, heads, kv_heads, d, [3], 4)  # a 4-token prompt into an empty buffer
     for step in range(3):
         got, want = list(compiled.run(feeds).values()), _ort(model, feeds)
         for g, w in zip(got, want):
             assert g.shape == w.shape
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=f"step {step}")
         length = got[1].shape[2]
-        feeds = _gqa_feeds(rng, 1, 1, None, heads, kv_heads, d, [length], length + 1)
+        feeds = gqa_feeds(rng, 1, 1, None, heads, kv_heads, d, [length], length + 1)
         feeds.update(past_key=got[1], past_value=got[2])
 
 
 def test_group_query_attention_unsupported_input_is_named():
     """A GroupQueryAttention with an input we do not fuse (head_sink) is refused with that name."""
-    model = _gqa(1, 1, 3, 4, 2, 16)
+    model = group_query_attention(1, 1, 3, 4, 2, 16)
     node = model.graph.node[0]
     node.input.extend([""] * (11 - len(node.input)) + ["sink"])
     model.graph.input.append(helper.make_tensor_value_info("sink", TensorProto.FLOAT, [4]))

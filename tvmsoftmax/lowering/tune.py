@@ -85,7 +85,8 @@ def _attention_candidates(default, context: dict) -> list:
                             continue
                         out.append((choice, X86AttentionKnobs(
                             vector_lanes=lanes, query_block=query_block, key_block=key_block, rows=rows,
-                            pv_rows=pv_rows, softmax_algorithm=knobs.softmax_algorithm)))
+                            pv_rows=pv_rows, softmax_algorithm=knobs.softmax_algorithm,
+                            fold_group=knobs.fold_group and choice == "flash")))
     return out
 
 

@@ -116,6 +116,11 @@ class FlashTiling:
     # exact; the 16-bit input dtype is what tensor cores multiply (FlashAttention rounds P to it
     # too), and then the row sum is taken over the rounded P, so P V stays normalised.
     operand_dtype: str = "float32"
+    # GQA/MQA: a block's rows run over the query heads of one key/value head (row r of key/value
+    # head g is query head g * group + r // Sq, position r % Sq), so the heads that share K and V
+    # share each tile of them too: a decoding step (Sq = 1) has `group` rows per block, each key
+    # read once, instead of `group` one-row blocks that each read every key.
+    fold_group: bool = False
 
 
 def _f32(value: float) -> tirx.PrimExpr:
@@ -377,8 +382,11 @@ def _flash_body(T, spec, tiling, masking, q, k, v, y, batch, sq, skv, i64):
             value = _load(k, vb, vh, tirx.min(j, skv - i64(1)), ve)
             value = value if _dtype(value) == operand else value.astype(operand)
             T.buffer_store(key_t, tirx.Select(j < skv, value, tirx.const(0.0, operand)), [vb, vh, vt, ve, vj])
-    q_blocks = tirx.floordiv(sq + i64(qb - 1), i64(qb))
-    with T.grid(batch, i64(hq), q_blocks) as (b, h, blk):
+    fold = tiling.fold_group and spec.group > 1
+    group = spec.group if fold else 1
+    rows = sq * i64(group)  # a block head's rows (its query heads' positions when folded)
+    q_blocks = tirx.floordiv(rows + i64(qb - 1), i64(qb))
+    with T.grid(batch, i64(hkv if fold else hq), q_blocks) as (b, h, blk):
         with T.sblock("flash_block"):
             vb, vh, vblk = T.axis.remap("SSS", [b, h, blk])
             def state(name, shape):  # a float32 buffer of the block, named in the IR
@@ -391,15 +399,19 @@ def _flash_body(T, spec, tiling, masking, q, k, v, y, batch, sq, skv, i64):
             alpha, open_max, tile_open = state("alpha", (qb,)), state("open_max", (qb,)), state("tile_open", (qb,))
             flag = state("tile_live", (1,))
             q0 = vblk * i64(qb)
-            kh = tirx.floordiv(vh, i64(spec.group))
-            # Keys past the causal diagonal of the block's last row (or past kv_length) are never
-            # visited: a tile loop bound, not a mask.
-            key_end = tirx.max(
-                masking.key_end(vb, tirx.min(q0 + i64(qb - 1), sq - i64(1))), i64(0)
-            )
+            kh = vh if fold else tirx.floordiv(vh, i64(spec.group))
+            # Keys past the causal diagonal of the block's last position (or past kv_length) are
+            # never visited: a tile loop bound, not a mask. Folded, a block that spans two heads
+            # holds a head's last position.
+            last = tirx.min(q0 + i64(qb - 1), rows - i64(1))
+            if fold:
+                last = tirx.Select(tirx.floordiv(q0, sq) == tirx.floordiv(last, sq),
+                                   tirx.floormod(last, sq), sq - i64(1))
+            key_end = tirx.max(masking.key_end(vb, last), i64(0))
             tiles = tirx.floordiv(key_end + i64(kb - 1), i64(kb))
             ctx = _FlashTile(
                 T, spec, masking, q=q, key_t=key_t, v=v, b=vb, h=vh, kh=kh, q0=q0, sq=sq, skv=skv,
+                fold=fold, group=group, rows=rows,
                 i64=i64, qb=qb, kb=kb, d=d, dv=dv, tiles=tiles, m=m, m_new=m_new, total=total, acc=acc, probs=probs, tile_max=tile_max, tile_sum=tile_sum,
                 alpha=alpha, open_max=open_max, tile_open=tile_open, flag=flag,
             )
@@ -410,7 +422,7 @@ def _flash_body(T, spec, tiling, masking, q, k, v, y, batch, sq, skv, i64):
             with T.grid(i64(qb), i64(d)) as (ii, e):
                 with T.sblock("flash_q"):
                     vi, ve = T.axis.remap("SS", [ii, e])
-                    T.buffer_store(q_rows, _load(q, vb, vh, ctx.row(vi), ve), [vi, ve])
+                    T.buffer_store(q_rows, _load(q, vb, ctx.head(vi), ctx.position(vi), ve), [vi, ve])
             ctx.q_rows = q_rows
             ctx.init("")
             with T.serial(tiles) as t:
@@ -433,11 +445,11 @@ def _flash_body(T, spec, tiling, masking, q, k, v, y, batch, sq, skv, i64):
             with T.grid(i64(qb), i64(dv)) as (ii, e):
                 with T.sblock("flash_output"):
                     vi, ve = T.axis.remap("SS", [ii, e])
-                    T.where(q0 + ii < sq)
+                    T.where(q0 + ii < rows)
                     value = finalize_row(
                         spec, _load(acc, vi, ve), _load(total, vi), _load(open_max, vi)
                     )
-                    T.buffer_store(y, value.astype(spec.dtype), [vb, vh, q0 + vi, ve])
+                    T.buffer_store(y, value.astype(spec.dtype), [vb, ctx.head(vi), ctx.position(vi), ve])
 
 
 class _FlashTile:
@@ -448,9 +460,17 @@ class _FlashTile:
         self.__dict__.update(fields)  # inputs, indices, dims and the block's state buffers
 
     def row(self, ii):
-        return tirx.min(
-            self.q0 + ii, self.sq - self.i64(1)
-        )  # rows past Sq repeat the last one
+        return tirx.min(self.q0 + ii, self.rows - self.i64(1))  # rows past the last repeat it
+
+    def head(self, ii):
+        """The query head of block row ii."""
+        if not self.fold:
+            return self.h
+        return self.h * self.i64(self.group) + tirx.floordiv(self.row(ii), self.sq)
+
+    def position(self, ii):
+        """The query position (of Sq) of block row ii."""
+        return tirx.floormod(self.row(ii), self.sq) if self.fold else self.row(ii)
 
     def init(self, suffix):
         T, i64 = self.T, self.i64
@@ -459,7 +479,7 @@ class _FlashTile:
                 vi = T.axis.spatial(i64(self.qb), ii)
                 T.buffer_store(self.m, _f32(FLT_LOWEST), [vi])
                 T.buffer_store(self.total, _f32(0.0), [vi])
-                row_open = self.masking.row_open(self.b, self.row(vi))
+                row_open = self.masking.row_open(self.b, self.position(vi))
                 T.buffer_store(self.open_max, _f32(-math.inf) if row_open is None else row_open, [vi])
         with T.grid(i64(self.qb), i64(self.dv)) as (ii, e):
             with T.sblock(f"flash_init_acc{suffix}"):
@@ -478,8 +498,8 @@ class _FlashTile:
                 j = vt * i64(self.kb) + vj
                 dead = self.masking.negligible(
                     self.b,
-                    self.h,
-                    self.row(vi),
+                    self.head(vi),
+                    self.position(vi),
                     tirx.min(j, self.skv - i64(1)),
                     threshold,
                 )
@@ -555,8 +575,8 @@ class _FlashTile:
                     s = self.masking.score(
                         _load(self.dots, vi, vj),
                         self.b,
-                        self.h,
-                        self.row(vi),
+                        self.head(vi),
+                        self.position(vi),
                         tirx.min(j, self.skv - i64(1)),
                     )
                     T.buffer_store(
@@ -567,7 +587,7 @@ class _FlashTile:
                 # a schedule can split across lanes; -inf is not one).
                 def kept(vt, vi, vj):
                     j = vt * kb + vj
-                    value = self.masking.mask_open(self.b, self.h, self.row(vi), tirx.min(j, self.skv - i64(1)))
+                    value = self.masking.mask_open(self.b, self.head(vi), self.position(vi), tirx.min(j, self.skv - i64(1)))
                     keep = tirx.And(j < self.skv, value >= _f32(FLT_LOWEST))
                     return tirx.Select(keep, _f32(0.0), _f32(FLT_LOWEST))
 

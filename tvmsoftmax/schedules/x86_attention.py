@@ -30,9 +30,10 @@ class X86AttentionKnobs:
     rows: int = 4  # query rows of one register block of the scores (Q K^T)
     pv_rows: int = 4  # query rows of one register block of P V (and the materialized output)
     softmax_algorithm: str = "auto"  # materialized: the softmax algorithm of the score rows
+    fold_group: bool = False  # flash, GQA: a block's rows span the query heads of a K/V head
 
     def tiling(self) -> FlashTiling:
-        return FlashTiling(query_block=self.query_block, key_block=self.key_block)
+        return FlashTiling(query_block=self.query_block, key_block=self.key_block, fold_group=self.fold_group)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -164,7 +165,9 @@ def choose(requested: str, dims: dict, spec, vector_lanes: int, algorithm: str =
     it was faster than materialized on every benchmark shape, benchmarks/README.md).
 
     Knobs: 32-row query blocks (fewer when the query length is known and shorter: a power of two
-    at least as long) and 64-key tiles (a packed K tile of 64 x D floats stays in L1/L2 while the
+    at least as long) and 64-key tiles; GQA/MQA blocks fold the query heads of a key/value head
+    into their rows (`FlashTiling.fold_group`: decoding 32 query heads over 8 key/value heads,
+    1 thread, 1025 keys: the kernel 1.10 -> 0.71 ms) (a packed K tile of 64 x D floats stays in L1/L2 while the
     block's rows use it). Register blocks hold at most half the vector registers as
     accumulators (32 registers with AVX-512, 16 with AVX2), the rest for operands: scores
     rows x key_block / lanes, P V pv_rows x Dv / lanes. Measured (1 thread, (1,12,512,64)):
@@ -172,11 +175,13 @@ def choose(requested: str, dims: dict, spec, vector_lanes: int, algorithm: str =
     """
     strategy = "flash" if requested == "auto" else requested
     key_block, query_block = 64, 32
+    fold = spec.group > 1
     q_len = dims.get("q_len")
-    if isinstance(q_len, int) and 0 < q_len < query_block:
-        # few queries (decoding: 1): a block as small as they are, not 32 rows of which all but
-        # q_len repeat the last one (static tiles clamp their rows)
-        query_block = 1 << (q_len - 1).bit_length()
+    rows = q_len * spec.group if fold and isinstance(q_len, int) else q_len
+    if isinstance(rows, int) and 0 < rows < query_block:
+        # few queries (decoding: 1 per head): a block as small as they are, not 32 rows of which
+        # all but these repeat the last one (static tiles clamp their rows)
+        query_block = 1 << (rows - 1).bit_length()
     budget = (32 if vector_lanes >= 16 else 16) // 2
 
     def rows_for(width: int) -> int:
@@ -186,6 +191,7 @@ def choose(requested: str, dims: dict, spec, vector_lanes: int, algorithm: str =
     return strategy, X86AttentionKnobs(
         vector_lanes=vector_lanes, query_block=query_block, key_block=key_block,
         rows=rows_for(key_block), pv_rows=rows_for(spec.v_head_size), softmax_algorithm=algorithm,
+        fold_group=fold and strategy == "flash",
     )
 
 
