@@ -165,10 +165,10 @@ def choose(requested: str, dims: dict, spec, vector_lanes: int, algorithm: str =
     it was faster than materialized on every benchmark shape, benchmarks/README.md).
 
     Knobs: 32-row query blocks (fewer when the query length is known and shorter: a power of two
-    at least as long) and 64-key tiles; GQA/MQA blocks fold the query heads of a key/value head
-    into their rows (`FlashTiling.fold_group`: decoding 32 query heads over 8 key/value heads,
-    1 thread, 1025 keys: the kernel 1.10 -> 0.71 ms) (a packed K tile of 64 x D floats stays in L1/L2 while the
-    block's rows use it). Register blocks hold at most half the vector registers as
+    at least as long) and 64-key tiles (a packed K tile of 64 x D floats stays in L1/L2 while the
+    block's rows use it); GQA/MQA blocks fold the query heads of a key/value head into their rows
+    (`FlashTiling.fold_group`; decoding 32 query heads over 8 key/value heads, 1025 keys, D=128,
+    1 thread: the kernel 1.10 -> 0.71 ms). Register blocks hold at most half the vector registers as
     accumulators (32 registers with AVX-512, 16 with AVX2), the rest for operands: scores
     rows x key_block / lanes, P V pv_rows x Dv / lanes. Measured (1 thread, (1,12,512,64)):
     AVX-512 4 rows 157 GFLOP/s vs 8-row/32-key 130; AVX2 code 1 row 86 vs 2 rows 58 (spills).
