@@ -126,14 +126,18 @@ def test_flash_matches_reference(name, tiles):
 
 @pytest.mark.parametrize("name", ["kv-lengths-causal", "per-head-bias-causal", "gqa-causal-softcap"])
 def test_flash_folded_decode_matches_reference(name):
-    """Decoding (one query per head) with the query heads of a key/value head folded into one
-    block, and a symbolic query length (32-row blocks of which `group` rows are real)."""
-    spec, arrays, kwargs = _problem(name, sq=1, skv=45)
+    """The query heads of a key/value head folded into one block: decoding (one query per head)
+    with the query length static, and symbolic, where one kernel holds a decoding step's blocks
+    (as many rows as the group) and the other lengths' (32 rows), 1 and 5 queries here."""
     lanes = resolve("x86").vector_lanes
-    for query_block, q_len in ((spec.group, 1), (32, None)):
-        knobs = X86AttentionKnobs(vector_lanes=lanes, query_block=query_block, key_block=16, rows=1, fold_group=True)
+    for sq, query_block, q_len in ((1, None, 1), (1, 32, None), (5, 32, None)):
+        spec, arrays, kwargs = _problem(name, sq=sq, skv=45)
+        knobs = X86AttentionKnobs(vector_lanes=lanes, query_block=query_block or spec.group, key_block=16, rows=1,
+                                  fold_group=True)
         got = _flash(spec, knobs, {"batch": 2, "q_len": q_len, "kv_len": 45}, arrays)
-        _close(got, reference(*arrays[:3], spec, **kwargs), spec.dtype, f"{name} q_len={q_len}")
+        _close(got, reference(*arrays[:3], spec, **kwargs), spec.dtype, f"{name} Sq={sq} q_len={q_len}")
+        blocks = flash_attention(spec, knobs.tiling(), {"batch": 2, "q_len": q_len, "kv_len": 45}).script()
+        assert ("flash_block_decode" in blocks) == (q_len is None)
 
 
 def test_flash_block_buffers_on_the_stack():

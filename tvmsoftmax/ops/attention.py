@@ -367,8 +367,7 @@ def _flash_body(T, spec, tiling, masking, q, k, v, y, batch, sq, skv, i64):
     from tvm.script.ir_builder import IRBuilder
 
     qb, kb = tiling.query_block, tiling.key_block
-    hq, hkv, d, dv = spec.q_heads, spec.kv_heads, spec.head_size, spec.v_head_size
-    threshold = spec.skip_threshold() if tiling.skip_masked else None
+    hkv, d = spec.kv_heads, spec.head_size
     # K packed per key tile as [D, key_block] (float32, zero past Skv): a vector of keys is one
     # load, and a tile is contiguous (rows of a [D, Skv] layout, Skv * 4 bytes apart, would map
     # to the same few L1 sets).
@@ -383,11 +382,36 @@ def _flash_body(T, spec, tiling, masking, q, k, v, y, batch, sq, skv, i64):
             value = value if _dtype(value) == operand else value.astype(operand)
             T.buffer_store(key_t, tirx.Select(j < skv, value, tirx.const(0.0, operand)), [vb, vh, vt, ve, vj])
     fold = tiling.fold_group and spec.group > 1
+    if fold and not isinstance(sq, tirx.IntImm):
+        # A query length known only at run time, folded: a decoding step (Sq = 1) fills `group`
+        # rows of a block, so it gets blocks of its own (as few rows as the group, a power of
+        # two), the rest (prompts) the tiling's.
+        decode_block = 1 << (spec.group - 1).bit_length()
+        if decode_block < qb:
+            with T.If(sq == i64(1)):
+                with T.Then():
+                    _flash_blocks(T, spec, tiling, masking, q, key_t, v, y, batch, i64(1), skv, i64,
+                                  decode_block, "_decode")
+                with T.Else():
+                    _flash_blocks(T, spec, tiling, masking, q, key_t, v, y, batch, sq, skv, i64, qb, "")
+            return
+    _flash_blocks(T, spec, tiling, masking, q, key_t, v, y, batch, sq, skv, i64, qb, "")
+
+
+def _flash_blocks(T, spec, tiling, masking, q, key_t, v, y, batch, sq, skv, i64, qb, variant):
+    """The loop over (batch, head, query block) of `qb` rows; `variant` suffixes its block names."""
+    from tvm.script.ir_builder import IRBuilder
+
+    kb = tiling.key_block
+    hq, hkv, d, dv = spec.q_heads, spec.kv_heads, spec.head_size, spec.v_head_size
+    threshold = spec.skip_threshold() if tiling.skip_masked else None
+    operand = tiling.operand_dtype
+    fold = tiling.fold_group and spec.group > 1
     group = spec.group if fold else 1
     rows = sq * i64(group)  # a block head's rows (its query heads' positions when folded)
     q_blocks = tirx.floordiv(rows + i64(qb - 1), i64(qb))
     with T.grid(batch, i64(hkv if fold else hq), q_blocks) as (b, h, blk):
-        with T.sblock("flash_block"):
+        with T.sblock(f"flash_block{variant}"):
             vb, vh, vblk = T.axis.remap("SSS", [b, h, blk])
             def state(name, shape):  # a float32 buffer of the block, named in the IR
                 return IRBuilder.name(name, T.sblock_alloc_buffer(shape, "float32"))
@@ -420,30 +444,30 @@ def _flash_body(T, spec, tiling, masking, q, k, v, y, batch, sq, skv, i64):
             # inline the copy).
             q_rows = IRBuilder.name("q_rows", T.sblock_alloc_buffer((qb, d), spec.dtype))
             with T.grid(i64(qb), i64(d)) as (ii, e):
-                with T.sblock("flash_q"):
+                with T.sblock(f"flash_q{variant}"):
                     vi, ve = T.axis.remap("SS", [ii, e])
                     T.buffer_store(q_rows, _load(q, vb, ctx.head(vi), ctx.position(vi), ve), [vi, ve])
             ctx.q_rows = q_rows
-            ctx.init("")
+            ctx.init(variant)
             with T.serial(tiles) as t:
                 if threshold is None:
-                    ctx.tile(t, "")
+                    ctx.tile(t, variant)
                 else:
-                    ctx.liveness(t, threshold)
+                    ctx.liveness(t, threshold, variant)
                     with T.If(_load(flag, 0) > _f32(0.0)):
                         with T.Then():
-                            ctx.tile(t, "")
+                            ctx.tile(t, variant)
             if threshold is not None:
                 # A fully masked row saw only skipped tiles (or scores as low as the mask): redo
                 # the block without skipping so that its result is that of the whole row.
-                ctx.need_full(threshold)
+                ctx.need_full(threshold, variant)
                 with T.If(_load(flag, 0) > _f32(0.0)):
                     with T.Then():
-                        ctx.init("_full")
+                        ctx.init(f"{variant}_full")
                         with T.serial(tiles) as t:
-                            ctx.tile(t, "_full")
+                            ctx.tile(t, f"{variant}_full")
             with T.grid(i64(qb), i64(dv)) as (ii, e):
-                with T.sblock("flash_output"):
+                with T.sblock(f"flash_output{variant}"):
                     vi, ve = T.axis.remap("SS", [ii, e])
                     T.where(q0 + ii < rows)
                     value = finalize_row(
@@ -486,11 +510,11 @@ class _FlashTile:
                 vi, ve = T.axis.remap("SS", [ii, e])
                 T.buffer_store(self.acc, _f32(0.0), [vi, ve])
 
-    def liveness(self, t, threshold):
+    def liveness(self, t, threshold, variant=""):
         """_load(flag, 0) = 1 if some score of tile t may count (see the module docstring), else 0."""
         T, i64 = self.T, self.i64
         with T.grid(i64(self.qb), i64(self.kb)) as (ii, jj):
-            with T.sblock("flash_live"):
+            with T.sblock(f"flash_live{variant}"):
                 vt = T.axis.spatial(self.tiles, t)
                 vi, vj = T.axis.remap("RR", [ii, jj])
                 with T.init():
@@ -512,10 +536,10 @@ class _FlashTile:
                     [0],
                 )
 
-    def need_full(self, threshold):
+    def need_full(self, threshold, variant=""):
         T, i64 = self.T, self.i64
         with T.serial(i64(self.qb)) as ii:
-            with T.sblock("flash_need_full"):
+            with T.sblock(f"flash_need_full{variant}"):
                 vi = T.axis.reduce(i64(self.qb), ii)
                 with T.init():
                     T.buffer_store(self.flag, _f32(0.0), [0])

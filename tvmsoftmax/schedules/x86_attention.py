@@ -121,6 +121,12 @@ def _lane_reduce(sch, block, lanes: int):
     sch.unroll(sch.get_loops(block)[-1])
 
 
+def _base(name: str) -> str:
+    """A flash block's name without the suffixes of its copies: `_full` (the block recomputed
+    without skipping) and `_decode` (a decoding step's blocks, `ops.attention._flash_body`)."""
+    return name.removesuffix("_full").removesuffix("_decode")
+
+
 def schedule_flash(func: tirx.PrimFunc, knobs: X86AttentionKnobs) -> tirx.PrimFunc:
     sch = s_tir.Schedule(func)
     blocks = _blocks(sch)
@@ -133,9 +139,11 @@ def schedule_flash(func: tirx.PrimFunc, knobs: X86AttentionKnobs) -> tirx.PrimFu
     # 1025 keys, D=128); a vector of keys gathered from D-strided rows: 0.54 ms. Prompts: same.
     sch.reorder(j, e)
     _vectorize(sch, e, lanes)
-    sch.parallel(sch.fuse(*sch.get_loops(blocks["flash_block"])))
     for name, block in blocks.items():
-        base = name.removesuffix("_full")
+        if _base(name) == "flash_block":  # one, or a decoding step's and the rest's
+            sch.parallel(sch.fuse(*sch.get_loops(block)))
+    for name, block in blocks.items():
+        base = _base(name)
         if base == "flash_qk":
             rows, keys, depth = sch.get_loops(block)
             _register_block(sch, block, rows, depth, keys, lanes, knobs.rows)
@@ -154,7 +162,7 @@ def schedule_flash(func: tirx.PrimFunc, knobs: X86AttentionKnobs) -> tirx.PrimFu
     # rows of acc before it writes them and blocks own disjoint rows; so these steps run unchecked.
     unchecked = s_tir.Schedule(sch.mod, enable_check=False)
     for name in blocks:
-        if name.removesuffix("_full") == "flash_pv":
+        if _base(name) == "flash_pv":
             block = unchecked.get_sblock(name)
             update = unchecked.get_sblock(name.replace("flash_pv", "flash_update"))
             _register_block_into(unchecked, block, update, lanes, knobs.pv_rows)
@@ -162,7 +170,9 @@ def schedule_flash(func: tirx.PrimFunc, knobs: X86AttentionKnobs) -> tirx.PrimFu
             # rows of V would cost a load and a store per element per tile.
             unchecked.compute_inline(unchecked.get_sblock(name.replace("flash_pv", "flash_v")))
     # Likewise Q K^T reads Q's rows where they are (the block's copy: 4% at S=128).
-    unchecked.compute_inline(unchecked.get_sblock("flash_q"))
+    for name in blocks:
+        if _base(name) == "flash_q":
+            unchecked.compute_inline(unchecked.get_sblock(name))
     return unchecked.mod["main"].with_attrs({"tirx.is_scheduled": True, STACK_SCRATCH_ATTR: True})
 
 
@@ -174,7 +184,9 @@ def choose(requested: str, dims: dict, spec, vector_lanes: int, algorithm: str =
     at least as long) and 64-key tiles (a packed K tile of 64 x D floats stays in L1/L2 while the
     block's rows use it); GQA/MQA blocks fold the query heads of a key/value head into their rows
     (`FlashTiling.fold_group`; decoding 32 query heads over 8 key/value heads, 1025 keys, D=128,
-    1 thread: the kernel 1.10 -> 0.71 ms). Register blocks hold at most half the vector registers as
+    1 thread: the kernel 1.10 -> 0.71 ms); with a query length known only at run time the kernel
+    holds a decoding step's own blocks (as many rows as the group) beside the 32-row ones (that
+    step's kernel 0.71 -> 0.42 ms). Register blocks hold at most half the vector registers as
     accumulators (32 registers with AVX-512, 16 with AVX2), the rest for operands: scores
     rows x key_block / lanes, P V pv_rows x Dv / lanes. Measured (1 thread, (1,12,512,64)):
     AVX-512 4 rows 157 GFLOP/s vs 8-row/32-key 130; AVX2 code 1 row 86 vs 2 rows 58 (spills).
@@ -188,11 +200,6 @@ def choose(requested: str, dims: dict, spec, vector_lanes: int, algorithm: str =
         # few queries (decoding: 1 per head): a block as small as they are, not 32 rows of which
         # all but these repeat the last one (static tiles clamp their rows)
         query_block = 1 << (rows - 1).bit_length()
-    elif fold and rows is None:
-        # a query length known only at run time, folded: decoding fills `group` rows of a block.
-        # 16-row blocks (32 q / 8 kv heads, D=128, 1 thread): a decode step 1.69 -> 1.33 ms, a
-        # 512-token prompt the same (13.4 ms); 8-row blocks 1.12 ms but the prompt 8% slower.
-        query_block = 16
     budget = (32 if vector_lanes >= 16 else 16) // 2
 
     def rows_for(width: int) -> int:
