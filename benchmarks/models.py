@@ -7,7 +7,6 @@ against onnxruntime with optimisations off. Writes benchmarks/results/models.jso
 
 import json
 import os
-import statistics
 import time
 import warnings
 from pathlib import Path
@@ -17,6 +16,7 @@ import onnxruntime as ort
 import tvmsoftmax
 from tvmsoftmax.lowering.check import make_inputs
 from tvmsoftmax.models import build
+from _timing import median_of_rounds  # benchmarks/_timing.py (run as a script)
 
 SHAPES = {
     "bert": {"input_ids": [1, 64], "attention_mask": [1, 64]},
@@ -24,17 +24,6 @@ SHAPES = {
     "llama": {"input_ids": [1, 64], "attention_mask": [1, 64]},
     "vit": {"pixel_values": [1, 3, 32, 32]},
 }
-
-
-def _median_of_rounds(calls: dict, rounds: int = 15, batch: int = 20) -> dict:
-    samples = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            for _ in range(batch):
-                call()
-            samples[name].append((time.perf_counter() - start) / batch)
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def main():
@@ -52,7 +41,7 @@ def main():
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         args = compiled._prepare(feeds)
-        medians = _median_of_rounds({
+        medians = median_of_rounds({
             "tvmsoftmax": lambda: compiled._invoke(args),
             "onnxruntime": lambda: session.run(None, feeds),
         })
