@@ -657,6 +657,10 @@ GQA_CASES = {
     "bidirectional": (2, 5, None, [4, 4], 5, {"attrs": {"causal": 0}}),
     "float16-rotary": (2, 1, 5, [5, 3], 6, {"rotary": (8, False), "dtype": "float16"}),
     "rotary-position-ids": (2, 1, 5, [5, 3], 6, {"rotary": (8, False), "position_ids": [[7], [1]]}),
+    # attention_bias [B|1, N|1, S, total] (added after the softcap, as onnxruntime does)
+    "bias-decode": (2, 1, 5, [5, 3], 6, {"bias": (2, 1)}),
+    "bias-per-head-larger-buffer-softcap": (2, 1, 8, [5, 3], 6, {"bias": (1, 4), "attrs": {"softcap": 2.0}}),
+    "bias-prompt": (2, 5, None, [4, 4], 5, {"bias": (2, 4)}),
 }
 
 
@@ -666,7 +670,7 @@ def test_group_query_attention_fused_matches_onnxruntime(name):
     present key/value equal to onnxruntime's CPU kernel: first prompt, decode with per-batch past
     lengths, a past buffer longer than the total, a later prompt with a past, packed QKV, rotary
     (half-split, interleaved over part of the head, at given position_ids), softcap and scale,
-    local windows, causal=0, float16. float32 1e-5, float16 2e-3."""
+    local windows, causal=0, float16, attention_bias. float32 1e-5, float16 2e-3."""
     b, s, past, seqlens, total, options = GQA_CASES[name]
     heads, kv_heads, d = 4, 2, options.get("d", 16)
     dtype = options.get("dtype", "float32")
@@ -678,6 +682,12 @@ def test_group_query_attention_fused_matches_onnxruntime(name):
         model.graph.node[0].input.append("position_ids")
         model.graph.input.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64, [b, s]))
         feeds["position_ids"] = np.array(options["position_ids"], np.int64)
+    if "bias" in options:
+        node = model.graph.node[0]
+        node.input.extend([""] * (10 - len(node.input)) + ["attention_bias"])
+        shape = [*options["bias"], s, total]
+        model.graph.input.append(helper.make_tensor_value_info("attention_bias", model.graph.input[0].type.tensor_type.elem_type, shape))
+        feeds["attention_bias"] = np.random.default_rng(7).standard_normal(shape).astype(dtype)
     compiled = tvmsoftmax.compile(model)
     (site,) = compiled.sites
     assert site["form"] == "com.microsoft.GroupQueryAttention" and site["rewritten"], site

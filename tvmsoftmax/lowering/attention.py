@@ -470,12 +470,16 @@ def _rewrite_gqa(graph: _Graph, node, site: AttentionSite) -> None:
       past_b valid past keys, then its S new ones, zeros after;
     * ``do_rotary``: Q and the new K rotated (half-split or interleaved) at ``position_ids`` if
       given, else at positions past_b + s (1 for a first prompt's padding), cos/sin from the caches;
-    * scale (default 1/sqrt(d)) and softcap as the site's."""
+    * scale (default 1/sqrt(d)) and softcap as the site's; ``attention_bias`` [B|1, N|1, S, total]
+      added after the softcap (as onnxruntime 1.32 does)."""
     a = _attrs(node)
     inputs = dict(zip(_GQA_INPUTS, list(node.input) + [""] * len(_GQA_INPUTS)))
-    for name in _GQA_INPUTS[10:]:
+    for name in _GQA_INPUTS[11:]:
         if inputs[name]:
             raise NoMatch(f"input {name} is not fused")
+    bias = inputs["attention_bias"]
+    if bias and graph.rank(bias) != 4:
+        raise NoMatch(f"attention_bias rank {graph.rank(bias)} unknown or not 4 ([B|1, N|1, S, total])")
     for name in ("smooth_softmax", "qk_output", "sliding_window_cache", "kv_cache_bit_width"):
         if a.get(name):
             raise NoMatch(f"{name} is not fused")
@@ -546,8 +550,15 @@ def _rewrite_gqa(graph: _Graph, node, site: AttentionSite) -> None:
         # [B, H, max(total, P), D] as onnxruntime's CPU kernel sizes present: each batch's valid
         # past rows, its new rows right after, zeros after (rows past total are no batch's keys)
         length = graph.add("Max", [total, _dim_of(graph, inputs["past_key"], 2)])
+        new_kv = {"past_key": k, "past_value": v}
         k, v = (graph.add(KV_APPEND_OP, [inputs[p], x, past, length], [name or graph.fresh(p)], domain=DOMAIN, rank=4)
                 for p, x, name in (("past_key", k, present[0]), ("past_value", v, present[1])))
+        if bias:
+            # The bias is total_sequence_length wide, the present max(total, past buffer) long:
+            # the site reads keys of that width (the same append, `total` rows; no batch has more
+            # valid keys), a second copy only where a bias is given.
+            k, v = (graph.add(KV_APPEND_OP, [inputs[p], new_kv[p], past, total], domain=DOMAIN, rank=4)
+                    for p in ("past_key", "past_value"))
     else:
         for name, x in zip(present, (k, v)):
             if name:
@@ -558,7 +569,7 @@ def _rewrite_gqa(graph: _Graph, node, site: AttentionSite) -> None:
         keep = graph.add("GreaterOrEqual", [_positions(graph, k, 2, last=True), oldest], rank=4)  # [B, 1, S, L]
     y4 = graph.fresh("attention_y")
     _site_node(
-        graph, site, q, k, v, None, keep, kv_len, y4,
+        graph, site, q, k, v, bias or None, keep, kv_len, y4,
         scale=float(a.get("scale") or 1.0 / math.sqrt(head_size)), softcap=float(a.get("softcap", 0.0)),
         causal=2 if causal else 0, fill=float("-inf"), empty_row="nan",
     )
