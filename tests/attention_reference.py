@@ -1,6 +1,6 @@
 """float64 NumPy reference of the canonical attention op (see tvmsoftmax.ops.attention)."""
 import numpy as np
-def reference(q, k, v, spec, bias=None, keep=None, kv_lengths=None):
+def reference(q, k, v, spec, bias=None, keep=None, kv_lengths=None, sink=None):
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     B, H, Sq, D = q.shape; Skv = k.shape[2]; g = spec.group
     k = np.repeat(k, g, axis=1); v = np.repeat(v, g, axis=1)
@@ -16,6 +16,10 @@ def reference(q, k, v, spec, bias=None, keep=None, kv_lengths=None):
         offset = kvl[:, None, None, None] - Sq if spec.causal == 2 else 0
         allowed = allowed & (j <= i + offset)
     s = np.where(allowed, s, -np.inf)
+    if sink is not None:  # a last column per head that joins the softmax and has no value
+        column = np.broadcast_to(np.asarray(sink, np.float64)[None, :, None, None], (B, H, Sq, 1))
+        s = np.concatenate([s, column], -1)
+        v = np.concatenate([v, np.zeros_like(v[:, :, :1])], 2)
     with np.errstate(all="ignore"):
         m = s.max(-1, keepdims=True)
         p = np.exp(s - m); l = p.sum(-1, keepdims=True)

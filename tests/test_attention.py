@@ -66,6 +66,7 @@ CASES = {
     "kv-lengths-causal": ({"causal": 2, "empty_row": "zero_if_masked"}, "lengths"),
     "poison-inf-nan": ({}, "poison"),
     "per-head-bias-causal": ({"causal": 1}, "per-head"),  # a bias per query head (folded GQA rows)
+    "sink-lengths-causal": ({"causal": 2}, "sink"),  # a logit per head without a value; a batch without keys
 }
 
 
@@ -103,6 +104,11 @@ def _problem(name, dtype="float32", sq=37, skv=45, seed=0, d=16, dv=24):
         lengths = np.array([skv - 7, 3], np.int64)
         spec.update(kv_lengths=True)
         extra, kwargs = [lengths], {"kv_lengths": lengths}
+    elif mask == "sink":
+        lengths = np.array([skv - 7, 0], np.int64)  # batch 1 has no key: its rows are the sink's, 0
+        sink = (3 * rng.standard_normal(hq)).astype(dtype)
+        spec.update(kv_lengths=True, sink_dtype=dtype)
+        extra, kwargs = [lengths, sink], {"kv_lengths": lengths, "sink": sink}
     elif mask == "poison":
         q[0, 1, 2, 0] = np.inf
         k[1, 0, 4, 3] = np.nan
@@ -657,6 +663,10 @@ GQA_CASES = {
     "bidirectional": (2, 5, None, [4, 4], 5, {"attrs": {"causal": 0}}),
     "float16-rotary": (2, 1, 5, [5, 3], 6, {"rotary": (8, False), "dtype": "float16"}),
     "rotary-position-ids": (2, 1, 5, [5, 3], 6, {"rotary": (8, False), "position_ids": [[7], [1]]}),
+    # head_sink: a logit per head in every row's softmax, without a value; smooth_softmax: a 0 one
+    "head-sink": (2, 1, 5, [5, 3], 6, {"sink": True}),
+    "head-sink-prompt-window": (2, 6, None, [5, 5], 6, {"sink": True, "attrs": {"local_window_size": 2}}),
+    "smooth-softmax-softcap": (2, 1, 5, [5, 3], 6, {"attrs": {"smooth_softmax": 1, "softcap": 1.5}}),
     # attention_bias [B|1, N|1, S, total] (added after the softcap, as onnxruntime does)
     "bias-decode": (2, 1, 5, [5, 3], 6, {"bias": (2, 1)}),
     "bias-per-head-larger-buffer-softcap": (2, 1, 8, [5, 3], 6, {"bias": (1, 4), "attrs": {"softcap": 2.0}}),
@@ -670,7 +680,8 @@ def test_group_query_attention_fused_matches_onnxruntime(name):
     present key/value equal to onnxruntime's CPU kernel: first prompt, decode with per-batch past
     lengths, a past buffer longer than the total, a later prompt with a past, packed QKV, rotary
     (half-split, interleaved over part of the head, at given position_ids), softcap and scale,
-    local windows, causal=0, float16, attention_bias. float32 1e-5, float16 2e-3."""
+    local windows, causal=0, float16, attention_bias, head_sink, smooth_softmax. float32 1e-5,
+    float16 2e-3."""
     b, s, past, seqlens, total, options = GQA_CASES[name]
     heads, kv_heads, d = 4, 2, options.get("d", 16)
     dtype = options.get("dtype", "float32")
@@ -688,6 +699,11 @@ def test_group_query_attention_fused_matches_onnxruntime(name):
         shape = [*options["bias"], s, total]
         model.graph.input.append(helper.make_tensor_value_info("attention_bias", model.graph.input[0].type.tensor_type.elem_type, shape))
         feeds["attention_bias"] = np.random.default_rng(7).standard_normal(shape).astype(dtype)
+    if options.get("sink"):
+        node = model.graph.node[0]
+        node.input.extend([""] * (11 - len(node.input)) + ["head_sink"])
+        model.graph.input.append(helper.make_tensor_value_info("head_sink", model.graph.input[0].type.tensor_type.elem_type, [heads]))
+        feeds["head_sink"] = (2 * np.random.default_rng(8).standard_normal(heads)).astype(dtype)
     compiled = tvmsoftmax.compile(model)
     (site,) = compiled.sites
     assert site["form"] == "com.microsoft.GroupQueryAttention" and site["rewritten"], site
@@ -717,13 +733,14 @@ def test_group_query_attention_symbolic_decode_loop_one_compile():
 
 
 def test_group_query_attention_unsupported_input_is_named():
-    """A GroupQueryAttention with an input we do not fuse (head_sink) is refused with that name."""
+    """A GroupQueryAttention with an input we do not fuse (k_scale: a quantized cache) is refused
+    with that name."""
     model = group_query_attention(1, 1, 3, 4, 2, 16)
     node = model.graph.node[0]
-    node.input.extend([""] * (11 - len(node.input)) + ["sink"])
-    model.graph.input.append(helper.make_tensor_value_info("sink", TensorProto.FLOAT, [4]))
+    node.input.extend([""] * (12 - len(node.input)) + ["scale"])
+    model.graph.input.append(helper.make_tensor_value_info("scale", TensorProto.FLOAT, [1]))
     (site,) = tvmsoftmax.inspect(model)
-    assert not site.rewritten and "head_sink" in site.reason
+    assert not site.rewritten and "k_scale" in site.reason
 
 
 ROTARY_CASES = {

@@ -198,11 +198,11 @@ def _heads_last(graph: _Graph, y4: str, output: str) -> str:
     return graph.add("Reshape", [t, graph.constant(np.array([0, 0, -1], np.int64), "shape")], [output])
 
 
-def _site_node(graph: _Graph, site: AttentionSite, q, k, v, bias, keep, lengths, output, **attrs) -> str:
+def _site_node(graph: _Graph, site: AttentionSite, q, k, v, bias, keep, lengths, output, sink=None, **attrs) -> str:
     site.attributes.update(attrs)
     return graph.add(
         ATTENTION_OP,
-        [q, k, v, bias or "", keep or "", lengths or ""],
+        [q, k, v, bias or "", keep or "", lengths or ""] + ([sink] if sink else []),
         [output],
         domain=DOMAIN,
         site=site.id,
@@ -474,13 +474,13 @@ def _rewrite_gqa(graph: _Graph, node, site: AttentionSite) -> None:
       added after the softcap (as onnxruntime 1.32 does)."""
     a = _attrs(node)
     inputs = dict(zip(_GQA_INPUTS, list(node.input) + [""] * len(_GQA_INPUTS)))
-    for name in _GQA_INPUTS[11:]:
+    for name in _GQA_INPUTS[12:]:
         if inputs[name]:
             raise NoMatch(f"input {name} is not fused")
     bias = inputs["attention_bias"]
     if bias and graph.rank(bias) != 4:
         raise NoMatch(f"attention_bias rank {graph.rank(bias)} unknown or not 4 ([B|1, N|1, S, total])")
-    for name in ("smooth_softmax", "qk_output", "sliding_window_cache", "kv_cache_bit_width"):
+    for name in ("qk_output", "sliding_window_cache", "kv_cache_bit_width"):
         if a.get(name):
             raise NoMatch(f"{name} is not fused")
     for name in ("k_quant_type", "v_quant_type"):
@@ -563,13 +563,20 @@ def _rewrite_gqa(graph: _Graph, node, site: AttentionSite) -> None:
         for name, x in zip(present, (k, v)):
             if name:
                 graph.add("Identity", [x], [name])
+    # head_sink [num_heads]: a logit per head in every row's softmax, without a value; smooth_softmax
+    # is a sink of 0 (both as onnxruntime computes them; the sink is neither scaled nor capped)
+    sink = inputs["head_sink"] or None
+    if sink is None and a.get("smooth_softmax"):
+        sink = graph.constant(np.zeros(heads, np.dtype(dtype)), "sink")
+    if sink is not None and graph.rank(sink) not in (None, 1):
+        raise NoMatch(f"head_sink rank {graph.rank(sink)} (1 expected: [num_heads])")
     keep = None
     if window > 0:
         oldest = graph.add("Sub", [graph.add("Add", [past4, q_pos]), graph.constant(np.array(window - 1, np.int64))])
         keep = graph.add("GreaterOrEqual", [_positions(graph, k, 2, last=True), oldest], rank=4)  # [B, 1, S, L]
     y4 = graph.fresh("attention_y")
     _site_node(
-        graph, site, q, k, v, bias or None, keep, kv_len, y4,
+        graph, site, q, k, v, bias or None, keep, kv_len, y4, sink=sink,
         scale=float(a.get("scale") or 1.0 / math.sqrt(head_size)), softcap=float(a.get("softcap", 0.0)),
         causal=2 if causal else 0, fill=float("-inf"), empty_row="nan",
     )

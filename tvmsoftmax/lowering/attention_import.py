@@ -41,8 +41,8 @@ def make_attention_converter(contexts: list):
             context = contexts[-1]
             site = context.sites[_text(attr["site"])]
             q, k, v = (bb.normalize(x) for x in inputs[:3])
-            extras = [bb.normalize(x) if x is not None else None for x in (list(inputs[3:]) + [None] * 3)[:3]]
-            bias, keep, lengths = extras
+            extras = [bb.normalize(x) if x is not None else None for x in (list(inputs[3:]) + [None] * 4)[:4]]
+            bias, keep, lengths, sink = extras
             qs, ks, vs = (list(x.ty.shape.values) for x in (q, k, v))
             static = [static_extent(d) for d in (qs[1], ks[1], qs[3], vs[3])]
             if None in static:
@@ -63,13 +63,20 @@ def make_attention_converter(contexts: list):
                 keep_broadcast=flags(keep) if keep is not None else None,
                 fill=float(attr.get("fill", -3.4028234663852886e38)),
                 kv_lengths=lengths is not None,
+                sink_dtype=str(sink.ty.dtype) if sink is not None else None,
             )
             dims = {"batch": static_extent(qs[0]), "q_len": static_extent(qs[2]), "kv_len": static_extent(ks[2])}
-            strategy, knobs = choose_attention(context.spec, site.requested, dims, spec, site.attributes.get("algorithm", "auto"))
+            requested = site.requested
+            if sink is not None and requested == "materialized":
+                requested = "flash"  # a sink logit is the flash kernel's (its running state's first key)
+            strategy, knobs = choose_attention(context.spec, requested, dims, spec, site.attributes.get("algorithm", "auto"))
+            if sink is not None and strategy != "flash":
+                raise ModelError(f"attention site {site.id} (node {site.node!r}) has a head sink, which only the flash "
+                                 f"strategy computes; got {strategy!r} (from a tuning record?)")
             stem = re.sub(r"\W", "_", f"tvmsoftmax_{site.id}")
             attrs = {ATTENTION_ATTR: strategy, KNOBS_ATTR: json.dumps(knobs.to_json()), "op_pattern": _OPAQUE,
                      "tvmsoftmax.site": site.id}
-            present = [x for x in (bias, keep, lengths) if x is not None]
+            present = [x for x in (bias, keep, lengths, sink) if x is not None]
             out_ty = relax.TensorType([qs[0], qs[1], qs[2], vs[3]], dtype)
             site.lowered = {"strategy": strategy, "knobs": knobs.to_json(), "spec": spec.to_json(),
                             "dims": dict(dims)}

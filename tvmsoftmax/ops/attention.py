@@ -11,7 +11,8 @@ per query row i and key j, in float32:
     s = keep[i, j] ? s : fill                    if a select mask exists (``Where(mask, s, fill)``)
     s = s + bias[i, j]                           if an additive mask/bias exists
     s = -inf   where j >= kv_length[b] (``nonpad_kv_seqlen``) or, if causal, j > i + offset
-    y_i = sum_j softmax(s_i)_j v_j
+    y_i = sum_j softmax(s_i)_j v_j                (with a sink logit per head: softmax over
+                                                  [s_i, sink_h], its column dropped; flash only)
 
 ``bias`` and ``keep`` are 4-D and broadcast (a dim of 1) over batch, heads, queries or keys.
 Causal masking (``causal``): 1 is top-left (offset 0: ONNX Attention without a cache), 2 is
@@ -75,6 +76,9 @@ class AttentionSpec:
     keep_broadcast: tuple | None = None  # select mask present (bool, 4-D, broadcast)
     fill: float = FLT_LOWEST  # value of the select mask's masked positions
     kv_lengths: bool = False  # per-batch valid key count (nonpad_kv_seqlen)
+    # a per-query-head logit [Hq] that joins every row's softmax without a value (attention sinks:
+    # onnxruntime GroupQueryAttention's head_sink; smooth_softmax is a sink of 0); flash only
+    sink_dtype: str | None = None
 
     def __post_init__(self):
         if self.empty_row not in EMPTY_ROW_MODES:
@@ -321,7 +325,7 @@ def flash_attention(
     """The flash algorithm as a TensorIR PrimFunc (all loops serial; see `schedules`).
 
     `dims` gives ``batch``, ``q_len``, ``kv_len`` (ints, or None for a symbolic dim) and the mask
-    dims; arguments: q, k, v, [bias], [keep], [kv_lengths], y.
+    dims; arguments: q, k, v, [bias], [keep], [kv_lengths], [sink], y.
     """
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
@@ -357,8 +361,10 @@ def flash_attention(
                 keep = T.arg("keep", T.buffer(mask_shape(spec.keep_broadcast), "bool"))
             if spec.kv_lengths:
                 lengths = T.arg("kv_lengths", T.buffer((batch,), "int64"))
+            sink = T.arg("sink", T.buffer((hq,), spec.sink_dtype)) if spec.sink_dtype else None
             y = T.arg("y", T.buffer((batch, hq, sq, dv), spec.dtype))
             masking = _Masking(spec, bias, keep, lengths, sq, skv)
+            masking.sink = sink
             _flash_body(T, spec, tiling, masking, q, k, v, y, batch, sq, skv, i64)
     return builder.get()
 
@@ -501,8 +507,13 @@ class _FlashTile:
         with T.serial(i64(self.qb)) as ii:
             with T.sblock(f"flash_init{suffix}"):
                 vi = T.axis.spatial(i64(self.qb), ii)
-                T.buffer_store(self.m, _f32(FLT_LOWEST), [vi])
-                T.buffer_store(self.total, _f32(0.0), [vi])
+                sink = getattr(self.masking, "sink", None)
+                if sink is None:
+                    T.buffer_store(self.m, _f32(FLT_LOWEST), [vi])
+                    T.buffer_store(self.total, _f32(0.0), [vi])
+                else:  # the sink is the state's first key: e^(sink - sink) = 1, no value
+                    T.buffer_store(self.m, _to_f32(_load(sink, self.head(vi))), [vi])
+                    T.buffer_store(self.total, _f32(1.0), [vi])
                 row_open = self.masking.row_open(self.b, self.position(vi))
                 T.buffer_store(self.open_max, _f32(-math.inf) if row_open is None else row_open, [vi])
         with T.grid(i64(self.qb), i64(self.dv)) as (ii, e):
