@@ -48,6 +48,10 @@ LARGE_SHAPES = [(4096, 32000), (32, 128256), (1, 1 << 26), (65536, 1024)]
 ATTENTION_SHAPES = [(1, 12, 512, 64, False), (4, 32, 2048, 64, False), (1, 32, 4096, 128, True)]
 ATTENTION_CHECKS = {"attention-check-1x2x200x64-causal": (1, 2, 200, 64, True),
                     "attention-check-2x3x77x32": (2, 3, 77, 32, False)}
+# onnxruntime GroupQueryAttention, one symbolic float16 model (rotary, head sink) for both steps:
+# name: (batch, new tokens, seqlens_k, total_sequence_length) over a 16-row past buffer
+GQA_CHECKS = {"gqa-check-decode-ragged-batch": (2, 1, [15, 9], 16), "gqa-check-first-prompt": (1, 12, [11], 12)}
+GQA_HEADS, GQA_KV_HEADS, GQA_HEAD_SIZE, GQA_PAST = 8, 2, 64, 16
 DTYPES = ["float32", "float16"]
 FLT_MAX = float(np.finfo(np.float32).max)
 
@@ -168,9 +172,47 @@ def prepare(out: Path, target: str, arch: str | None, python: str | None, ffi_wh
                        "rtol": 2e-3, "atol": 2e-3, "op": "Attention", "dtype": "float16"}
     for shape in attention_shapes:
         artifacts.append(_compile_attention(shape, target, arch, work))
+    if attention_shapes:
+        artifacts.append(_gqa_checks(target, arch, work, cases, rng))
     extra = {"gpu_check": {"large_shapes": [list(s) for s in (shapes or LARGE_SHAPES)], "accesses": ACCESSES,
                            "attention_shapes": [list(s) for s in attention_shapes]}}
     return write_bundle(out, artifacts, cases=cases, python=python, ffi_wheel=ffi_wheel, extra=extra)
+
+
+def _gqa_model():
+    from onnx import TensorProto, helper
+
+    from tvmsoftmax.models.contrib import group_query_attention
+
+    model = group_query_attention(1, 1, GQA_PAST, GQA_HEADS, GQA_KV_HEADS, GQA_HEAD_SIZE, rotary=(GQA_HEAD_SIZE // 2, False),
+                                  dtype=TensorProto.FLOAT16, symbolic=True)
+    node = model.graph.node[0]
+    node.input.extend([""] * (11 - len(node.input)) + ["head_sink"])
+    model.graph.input.append(helper.make_tensor_value_info("head_sink", TensorProto.FLOAT16, [GQA_HEADS]))
+    return model
+
+
+def _gqa_checks(target: str, arch: str | None, work: Path, cases: dict, rng) -> Path:
+    """The GroupQueryAttention model compiled once (symbolic dims); its decode and first-prompt
+    cases with onnxruntime's CPU outputs (output and both presents) as the reference."""
+    import onnxruntime as ort
+
+    import tvmsoftmax
+    from tvmsoftmax.models.contrib import gqa_feeds
+
+    model = _gqa_model()
+    kwargs = {"arch": arch} if target == "cuda" else {}
+    compiled = tvmsoftmax.compile(model, target=target, **kwargs)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in model.graph.output]
+    for case, (batch, tokens, seqlens, total) in GQA_CHECKS.items():
+        feeds = gqa_feeds(rng, batch, tokens, GQA_PAST, GQA_HEADS, GQA_KV_HEADS, GQA_HEAD_SIZE, seqlens, total,
+                          dtype="float16")
+        feeds["head_sink"] = rng.standard_normal(GQA_HEADS).astype(np.float16)
+        cases[case] = {"artifact": "gqa-float16.tvmsm", "inputs": feeds, "outputs": dict(zip(names, session.run(None, feeds))),
+                       "rtol": 2e-3, "atol": 2e-3, "op": "GroupQueryAttention", "dtype": "float16"}
+    print("compiled gqa-float16", flush=True)
+    return compiled.save(work / "gqa-float16.tvmsm")
 
 
 def _compile_attention(shape, target: str, arch: str | None, work: Path) -> Path:

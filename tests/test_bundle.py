@@ -103,8 +103,9 @@ def test_gpu_check_script_end_to_end_on_cpu(tmp_path):
     result = _run([str(script), "run", str(bundle_dir), "--out", str(out), "--device", "cpu"])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["ok"] and len(report["checks"]) == 2 * 2 * 3 + 2  # ops x dtypes x cases + attention
-    assert {c["case"] for c in report["checks"]} >= {"attention-check-1x2x200x64-causal", "attention-check-2x3x77x32"}
+    assert report["ok"] and len(report["checks"]) == 2 * 2 * 3 + 2 + 2  # ops x dtypes x cases + attention + GQA
+    assert {c["case"] for c in report["checks"]} >= {"attention-check-1x2x200x64-causal", "attention-check-2x3x77x32",
+                                                    "gqa-check-decode-ragged-batch", "gqa-check-first-prompt"}
     (shape_rows) = [t for t in report["timings"] if t["shape"] == [3, 1000]]
     assert len(shape_rows) == 4
     for t in shape_rows:
