@@ -117,13 +117,14 @@ def _problem(name, dtype="float32", sq=37, skv=45, seed=0, d=16, dv=24):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-@pytest.mark.parametrize("tiles", [(8, 16, False), (32, 64, False), (8, 16, True)], ids=["8x16", "32x64", "8x16-folded"])
+@pytest.mark.parametrize("tiles", [(8, 16, False, True), (32, 64, False, True), (8, 16, True, True), (4, 16, True, False)],
+                         ids=["8x16", "32x64", "8x16-folded", "4x16-folded-unpacked"])
 def test_flash_matches_reference(name, tiles):
     """Folded: the block rows run over the query heads of a key/value head (2 here); with 37
-    queries, blocks of 8 rows span two heads."""
+    queries, blocks of 8 rows span two heads. Unpacked: the inner products read K in place."""
     spec, arrays, kwargs = _problem(name)
     knobs = X86AttentionKnobs(vector_lanes=resolve("x86").vector_lanes, query_block=tiles[0], key_block=tiles[1],
-                              fold_group=tiles[2])
+                              fold_group=tiles[2], pack_keys=tiles[3])
     dims = {"batch": 2, "q_len": arrays[0].shape[2], "kv_len": arrays[1].shape[2]}
     got = _flash(spec, knobs, dims, arrays)
     want = reference(*arrays[:3], spec, **kwargs)
@@ -139,7 +140,7 @@ def test_flash_folded_decode_matches_reference(name):
     for sq, query_block, q_len in ((1, None, 1), (1, 32, None), (5, 32, None)):
         spec, arrays, kwargs = _problem(name, sq=sq, skv=45)
         knobs = X86AttentionKnobs(vector_lanes=lanes, query_block=query_block or spec.group, key_block=16, rows=1,
-                                  fold_group=True)
+                                  fold_group=True, pack_keys=query_block is not None)
         got = _flash(spec, knobs, {"batch": 2, "q_len": q_len, "kv_len": 45}, arrays)
         _close(got, reference(*arrays[:3], spec, **kwargs), spec.dtype, f"{name} Sq={sq} q_len={q_len}")
         blocks = flash_attention(spec, knobs.tiling(), {"batch": 2, "q_len": q_len, "kv_len": 45}).script()

@@ -120,6 +120,8 @@ class FlashTiling:
     # exact; the 16-bit input dtype is what tensor cores multiply (FlashAttention rounds P to it
     # too), and then the row sum is taken over the rounded P, so P V stays normalised.
     operand_dtype: str = "float32"
+    # K packed per key tile as [D, key_block] for the inner products (else read where it is)
+    pack_keys: bool = True
     # GQA/MQA: a block's rows run over the query heads of one key/value head (row r of key/value
     # head g is query head g * group + r // Sq, position r % Sq), so the heads that share K and V
     # share each tile of them too: a decoding step (Sq = 1) has `group` rows per block, each key
@@ -370,15 +372,35 @@ def flash_attention(
 
 
 def _flash_body(T, spec, tiling, masking, q, k, v, y, batch, sq, skv, i64):
+    qb = tiling.query_block
+    fold = tiling.fold_group and spec.group > 1
+    if fold and not isinstance(sq, tirx.IntImm):
+        # A query length known only at run time, folded: a decoding step (Sq = 1) fills `group`
+        # rows of a block, so it gets blocks of its own (as few rows as the group, a power of
+        # two, reading K where it is), the rest (prompts) the tiling's.
+        decode_block = 1 << (spec.group - 1).bit_length()
+        if decode_block < qb:
+            with T.If(sq == i64(1)):
+                with T.Then():
+                    _flash_blocks(T, spec, tiling, masking, q, k, v, y, batch, i64(1), skv, i64,
+                                  decode_block, "_decode")
+                with T.Else():
+                    keys = _pack_keys(T, spec, tiling, k, batch, skv, i64) if tiling.pack_keys else k
+                    _flash_blocks(T, spec, tiling, masking, q, keys, v, y, batch, sq, skv, i64, qb, "")
+            return
+    keys = _pack_keys(T, spec, tiling, k, batch, skv, i64) if tiling.pack_keys else k
+    _flash_blocks(T, spec, tiling, masking, q, keys, v, y, batch, sq, skv, i64, qb, "")
+
+
+def _pack_keys(T, spec, tiling, k, batch, skv, i64):
+    """K packed per key tile as [D, key_block] (zero past Skv): a vector of keys is one load, and
+    a tile is contiguous (rows of a [D, Skv] layout, Skv * 4 bytes apart, would map to the same
+    few L1 sets). Worth it where many query rows share a tile; a block of few rows (decoding)
+    reads K's rows where they are (`FlashTiling.pack_keys`)."""
     from tvm.script.ir_builder import IRBuilder
 
-    qb, kb = tiling.query_block, tiling.key_block
-    hkv, d = spec.kv_heads, spec.head_size
-    # K packed per key tile as [D, key_block] (float32, zero past Skv): a vector of keys is one
-    # load, and a tile is contiguous (rows of a [D, Skv] layout, Skv * 4 bytes apart, would map
-    # to the same few L1 sets).
+    kb, hkv, d, operand = tiling.key_block, spec.kv_heads, spec.head_size, tiling.operand_dtype
     kv_tiles = tirx.floordiv(skv + i64(kb - 1), i64(kb))
-    operand = tiling.operand_dtype
     key_t = IRBuilder.name("key_tiles", T.alloc_buffer((batch, hkv, kv_tiles, d, kb), operand, scope="global"))
     with T.grid(batch, i64(hkv), kv_tiles, i64(d), i64(kb)) as (b, h, t, e, jj):
         with T.sblock("flash_key_t"):
@@ -387,25 +409,12 @@ def _flash_body(T, spec, tiling, masking, q, k, v, y, batch, sq, skv, i64):
             value = _load(k, vb, vh, tirx.min(j, skv - i64(1)), ve)
             value = value if _dtype(value) == operand else value.astype(operand)
             T.buffer_store(key_t, tirx.Select(j < skv, value, tirx.const(0.0, operand)), [vb, vh, vt, ve, vj])
-    fold = tiling.fold_group and spec.group > 1
-    if fold and not isinstance(sq, tirx.IntImm):
-        # A query length known only at run time, folded: a decoding step (Sq = 1) fills `group`
-        # rows of a block, so it gets blocks of its own (as few rows as the group, a power of
-        # two), the rest (prompts) the tiling's.
-        decode_block = 1 << (spec.group - 1).bit_length()
-        if decode_block < qb:
-            with T.If(sq == i64(1)):
-                with T.Then():
-                    _flash_blocks(T, spec, tiling, masking, q, key_t, v, y, batch, i64(1), skv, i64,
-                                  decode_block, "_decode")
-                with T.Else():
-                    _flash_blocks(T, spec, tiling, masking, q, key_t, v, y, batch, sq, skv, i64, qb, "")
-            return
-    _flash_blocks(T, spec, tiling, masking, q, key_t, v, y, batch, sq, skv, i64, qb, "")
+    return key_t
 
 
-def _flash_blocks(T, spec, tiling, masking, q, key_t, v, y, batch, sq, skv, i64, qb, variant):
-    """The loop over (batch, head, query block) of `qb` rows; `variant` suffixes its block names."""
+def _flash_blocks(T, spec, tiling, masking, q, keys, v, y, batch, sq, skv, i64, qb, variant):
+    """The loop over (batch, head, query block) of `qb` rows; `variant` suffixes its block names;
+    keys: K packed (`_pack_keys`, 5-D) or K itself."""
     from tvm.script.ir_builder import IRBuilder
 
     kb = tiling.key_block
@@ -440,7 +449,7 @@ def _flash_blocks(T, spec, tiling, masking, q, key_t, v, y, batch, sq, skv, i64,
             key_end = tirx.max(masking.key_end(vb, last), i64(0))
             tiles = tirx.floordiv(key_end + i64(kb - 1), i64(kb))
             ctx = _FlashTile(
-                T, spec, masking, q=q, key_t=key_t, v=v, b=vb, h=vh, kh=kh, q0=q0, sq=sq, skv=skv,
+                T, spec, masking, q=q, keys=keys, v=v, b=vb, h=vh, kh=kh, q0=q0, sq=sq, skv=skv,
                 fold=fold, group=group, rows=rows,
                 i64=i64, qb=qb, kb=kb, d=d, dv=dv, tiles=tiles, m=m, m_new=m_new, total=total, acc=acc, probs=probs, tile_max=tile_max, tile_sum=tile_sum,
                 alpha=alpha, open_max=open_max, tile_open=tile_open, flag=flag,
@@ -491,6 +500,14 @@ class _FlashTile:
 
     def row(self, ii):
         return tirx.min(self.q0 + ii, self.rows - self.i64(1))  # rows past the last repeat it
+
+    def key(self, vt, vj, ve):
+        """Dim ve of key vj of tile vt: from the packed tiles or from K (keys past Skv repeat the
+        last one; their scores are masked)."""
+        if len(self.keys.shape) == 5:
+            return _load(self.keys, self.b, self.kh, vt, ve, vj)
+        j = tirx.min(vt * self.i64(self.kb) + vj, self.skv - self.i64(1))
+        return _load(self.keys, self.b, self.kh, j, ve)
 
     def head(self, ii):
         """The query head of block row ii."""
@@ -599,7 +616,7 @@ class _FlashTile:
                         T.buffer_store(self.dots, _f32(0.0), [vi, vj])
                     product = _to_f32(
                         _load(self.q_rows, vi, ve)
-                    ) * _to_f32(_load(self.key_t, self.b, self.kh, vt, ve, vj))
+                    ) * _to_f32(self.key(vt, vj, ve))
                     T.buffer_store(
                         self.dots, _load(self.dots, vi, vj) + product, [vi, vj]
                     )

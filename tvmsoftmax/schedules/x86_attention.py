@@ -31,9 +31,11 @@ class X86AttentionKnobs:
     pv_rows: int = 4  # query rows of one register block of P V (and the materialized output)
     softmax_algorithm: str = "auto"  # materialized: the softmax algorithm of the score rows
     fold_group: bool = False  # flash, GQA: a block's rows span the query heads of a K/V head
+    pack_keys: bool = True  # flash: K packed per tile for the inner products (else read in place)
 
     def tiling(self) -> FlashTiling:
-        return FlashTiling(query_block=self.query_block, key_block=self.key_block, fold_group=self.fold_group)
+        return FlashTiling(query_block=self.query_block, key_block=self.key_block, fold_group=self.fold_group,
+                           pack_keys=self.pack_keys)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -94,15 +96,17 @@ def _register_block_into(sch, block, consumer, lanes: int, rows: int):
 
 
 def _lane_reduce(sch, block, lanes: int):
-    """A row reduction [rows, n] -> [rows] as `lanes` partial results per row (rfactor), combined
-    vector-wise along the row, then `lanes` scalars per row: the serial chain of n dependent max/add
-    becomes n / lanes vector ops."""
-    reduce = sch.get_loops(block)[-1]
+    """A row reduction [rows(, keys), n] -> [rows(, keys)] as `lanes` partial results per row
+    (rfactor), combined vector-wise along the row, then `lanes` scalars per row: the serial chain
+    of n dependent max/add becomes n / lanes vector ops."""
+    loops = sch.get_loops(block)
+    reduce = loops[-1]
     extent = static_extent(sch.get(reduce).extent)
     if extent is None or extent % lanes:
         return
+    axis = len(sch.get(block).iter_vars) - 1  # the partial results after the block's spatial axes
     _outer, inner = sch.split(reduce, [None, lanes])
-    partial = sch.rfactor(inner, factor_axis=1)
+    partial = sch.rfactor(inner, factor_axis=axis)
     step, lane = sch.get_loops(partial)[-2:]  # rfactor keeps the order: lane is innermost
     sch.vectorize(lane)
     sch.decompose_reduction(partial, step)
@@ -113,12 +117,16 @@ def _lane_reduce(sch, block, lanes: int):
     while width > 2:
         width //= 2
         _outer, inner = sch.split(sch.get_loops(block)[-1], [2, width])
-        level = sch.rfactor(inner, factor_axis=1)
+        level = sch.rfactor(inner, factor_axis=axis)
         halves, half = sch.get_loops(level)[-2:]  # rfactor keeps the order: the half is innermost
         sch.vectorize(half)
         sch.decompose_reduction(level, halves)
         sch.unroll(halves)
     sch.unroll(sch.get_loops(block)[-1])
+
+
+def _reads(sch, block, buffer_name: str) -> bool:
+    return any(str(region.source.name) == buffer_name for region in sch.get(block).reads)
 
 
 def _base(name: str) -> str:
@@ -131,20 +139,27 @@ def schedule_flash(func: tirx.PrimFunc, knobs: X86AttentionKnobs) -> tirx.PrimFu
     sch = s_tir.Schedule(func)
     blocks = _blocks(sch)
     lanes = knobs.vector_lanes
-    b, h, _t, e, j = sch.get_loops(blocks["flash_key_t"])
-    sch.parallel(sch.fuse(b, h))
-    # K is packed key by key: a key's row is one vector load (its bounds check one per key), its
-    # lanes stored a tile row apart. Element by element, a check each, the packing took 80% of a
-    # decoding step's kernel (one query per head reads each key once; 0.66 -> 0.44 ms at 32 heads,
-    # 1025 keys, D=128); a vector of keys gathered from D-strided rows: 0.54 ms. Prompts: same.
-    sch.reorder(j, e)
-    _vectorize(sch, e, lanes)
+    for name, block in blocks.items():
+        if name == "flash_key_t":
+            b, h, _t, e, j = sch.get_loops(block)
+            sch.parallel(sch.fuse(b, h))
+            # K is packed key by key: a key's row is one vector load (its bounds check one per
+            # key), its lanes stored a tile row apart. Element by element, a check each, the
+            # packing took 80% of a decoding step's kernel (0.66 -> 0.44 ms at 32 heads, 1025
+            # keys, D=128); a vector of keys gathered from D-strided rows: 0.54 ms. Prompts: same.
+            sch.reorder(j, e)
+            _vectorize(sch, e, lanes)
     for name, block in blocks.items():
         if _base(name) == "flash_block":  # one, or a decoding step's and the rest's
             sch.parallel(sch.fuse(*sch.get_loops(block)))
     for name, block in blocks.items():
         base = _base(name)
-        if base == "flash_qk":
+        if base == "flash_qk" and not _reads(sch, block, "key_tiles"):
+            # K read where it is (few rows, decoding): each score a dot product along D in vector
+            # lanes, then the lanes summed by halving (no packing: a decoding step reads each key
+            # once, and packing it cost more than the products); the mask is a pass of its own
+            _lane_reduce(sch, block, lanes)
+        elif base == "flash_qk":
             rows, keys, depth = sch.get_loops(block)
             _register_block(sch, block, rows, depth, keys, lanes, knobs.rows)
             # Scale and mask applied as the accumulators are written back: the raw dot products
@@ -174,6 +189,13 @@ def schedule_flash(func: tirx.PrimFunc, knobs: X86AttentionKnobs) -> tirx.PrimFu
         if _base(name) == "flash_q":
             unchecked.compute_inline(unchecked.get_sblock(name))
     return unchecked.mod["main"].with_attrs({"tirx.is_scheduled": True, STACK_SCRATCH_ATTR: True})
+
+
+# Blocks of at most this many query rows read K in place (a dot product per score along D, its
+# lanes summed by halving) instead of packing it: a decoding step reads each key once, and the
+# packing (a transpose, 16 lane stores per vector) cost more than the products. Decode step,
+# 32 q / 8 kv heads, 1025 keys, D=128, 1 thread: the kernel 0.42 -> 0.17 ms.
+UNPACKED_ROWS = 8
 
 
 def choose(requested: str, dims: dict, spec, vector_lanes: int, algorithm: str = "auto"):
@@ -209,7 +231,7 @@ def choose(requested: str, dims: dict, spec, vector_lanes: int, algorithm: str =
     return strategy, X86AttentionKnobs(
         vector_lanes=vector_lanes, query_block=query_block, key_block=key_block,
         rows=rows_for(key_block), pv_rows=rows_for(spec.v_head_size), softmax_algorithm=algorithm,
-        fold_group=fold,
+        fold_group=fold, pack_keys=query_block > UNPACKED_ROWS,
     )
 
 
