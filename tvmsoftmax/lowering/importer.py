@@ -153,8 +153,8 @@ def _make_kv_append_converter():
     `ops.kv_cache.append_kv`, one pass and the present written once (the ONNX-op form of it took
     several passes, and a Slice to a run-time length copied it again)."""
     import tvm
-    from tvm import relax, tirx
-    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+    from tvm import relax
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter, _tensor_to_shape_expr
 
     from ..ops.kv_cache import append_kv
 
@@ -167,13 +167,10 @@ def _make_kv_append_converter():
             rows = inputs[3] if len(inputs) > 3 else None
             if isinstance(rows, tvm.ir.GenericConst):
                 rows = int(rows.value.numpy().reshape(-1)[0])
-            elif rows is not None:
+            elif rows is not None:  # a run-time value: a symbolic dim by match_cast (see
+                # `pipeline.symbols_defined_before_use`)
                 rows = bb.normalize(relax.op.reshape(relax.op.astype(rows, "int64"), [1]))
-                rows = bb.match_cast(rows, relax.TensorType([1], "int64"))
-                shape = bb.emit(relax.op.tensor_to_shape(rows))
-                var = tirx.Var("present_length", "int64")
-                bb.match_cast(shape, relax.ShapeType([var]))  # (`pipeline.symbols_defined_before_use`)
-                rows = var
+                rows = _tensor_to_shape_expr(bb, rows, 1, "present_length").values[0]
             return bb.emit_te(append_kv, past, new, lengths, rows, primfunc_name_hint="tvmsoftmax_kv_append")
 
     return KVAppendConverter

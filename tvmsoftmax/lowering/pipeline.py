@@ -149,10 +149,8 @@ class _SymbolsDefinedBeforeUse:
                         used |= {v for value in arg.values for v in tvm.tirx.analysis.undefined_vars(value)}
                     elif tvm.ir.is_prim_expr(arg):  # a prim value (TVM 0.27 keeps it a PrimExpr)
                         used |= set(tvm.tirx.analysis.undefined_vars(arg))
-            own = definer if not isinstance(binding, relax.MatchCast) else {
-                v: i for v, i in definer.items() if i != index}
             deps = {producer[v] for v in relax.analysis.free_vars(binding.value) if v in producer}
-            deps |= {own[v] for v in used if v in own and own[v] != index}
+            deps |= {definer[v] for v in used if v in definer and definer[v] != index}
             needs.append(sorted(deps))
         if all(d < index for index, deps in enumerate(needs) for d in deps):
             return block

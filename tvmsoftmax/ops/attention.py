@@ -385,11 +385,16 @@ def _flash_body(T, spec, tiling, masking, q, k, v, y, batch, sq, skv, i64):
                     _flash_blocks(T, spec, tiling, masking, q, k, v, y, batch, i64(1), skv, i64,
                                   decode_block, "_decode")
                 with T.Else():
-                    keys = _pack_keys(T, spec, tiling, k, batch, skv, i64) if tiling.pack_keys else k
-                    _flash_blocks(T, spec, tiling, masking, q, keys, v, y, batch, sq, skv, i64, qb, "")
+                    _flash_blocks(T, spec, tiling, masking, q, _keys(T, spec, tiling, k, batch, skv, i64), v, y,
+                                  batch, sq, skv, i64, qb, "")
             return
-    keys = _pack_keys(T, spec, tiling, k, batch, skv, i64) if tiling.pack_keys else k
-    _flash_blocks(T, spec, tiling, masking, q, keys, v, y, batch, sq, skv, i64, qb, "")
+    _flash_blocks(T, spec, tiling, masking, q, _keys(T, spec, tiling, k, batch, skv, i64), v, y, batch, sq, skv,
+                  i64, qb, "")
+
+
+def _keys(T, spec, tiling, k, batch, skv, i64):
+    """What the inner products read K from: its packed tiles, or K itself (`pack_keys`)."""
+    return _pack_keys(T, spec, tiling, k, batch, skv, i64) if tiling.pack_keys else k
 
 
 def _pack_keys(T, spec, tiling, k, batch, skv, i64):

@@ -4,8 +4,9 @@
                    = new[b, h, j - past_length[b]]  for past_length[b] <= j < past_length[b] + S
                    = 0                          after``
 
-over P + S rows or as many as asked (P: the past buffer's length, S: the new tokens): each batch keeps its own valid
-past rows and appends its new ones right after them (a ragged batch right-padded in one buffer).
+over P + S rows or as many as asked (P: the past buffer's length, S: the new tokens): each batch
+keeps its own valid past rows and appends its new ones right after them (a ragged batch
+right-padded in one buffer).
 One pass over the cache; `lowering.attention` builds the GroupQueryAttention site on it.
 """
 
