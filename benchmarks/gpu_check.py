@@ -182,7 +182,7 @@ def prepare(out: Path, target: str, arch: str | None, python: str | None, ffi_wh
 def _gqa_model():
     from onnx import TensorProto, helper
 
-    from tvmsoftmax.models.contrib import group_query_attention
+    from tvmsoftmax.models.attention_nodes import group_query_attention
 
     model = group_query_attention(1, 1, GQA_PAST, GQA_HEADS, GQA_KV_HEADS, GQA_HEAD_SIZE, rotary=(GQA_HEAD_SIZE // 2, False),
                                   dtype=TensorProto.FLOAT16, symbolic=True)
@@ -198,7 +198,7 @@ def _gqa_checks(target: str, arch: str | None, work: Path, cases: dict, rng) -> 
     import onnxruntime as ort
 
     import tvmsoftmax
-    from tvmsoftmax.models.contrib import gqa_feeds
+    from tvmsoftmax.models.attention_nodes import gqa_feeds
 
     model = _gqa_model()
     kwargs = {"arch": arch} if target == "cuda" else {}

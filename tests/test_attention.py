@@ -23,7 +23,7 @@ from attention_reference import reference
 from tvmsoftmax.lowering.pipeline import TIR_PIPELINE
 from tvmsoftmax.lowering.targets import resolve
 from tvmsoftmax.models import build
-from tvmsoftmax.models.contrib import gqa_feeds, group_query_attention
+from tvmsoftmax.models.attention_nodes import attention23_feeds, attention23_with_cache, gqa_feeds, group_query_attention
 from tvmsoftmax.ops.attention import AttentionSpec, flash_attention
 from tvmsoftmax.schedules.x86_attention import X86AttentionKnobs, schedule_flash
 
@@ -731,6 +731,27 @@ def test_group_query_attention_symbolic_decode_loop_one_compile():
         length = got[1].shape[2]
         feeds = gqa_feeds(rng, 1, 1, None, heads, kv_heads, d, [length], length + 1)
         feeds.update(past_key=got[1], past_value=got[2])
+
+
+def test_attention23_with_cache_symbolic_compile_once():
+    """ONNX Attention-23, causal, GQA heads, past_key/past_value, sequence and past lengths as dim
+    names: fused and compiled once (its new keys and queries share one dim name, so the causal
+    offset is the past length); a prompt of 3 over a cache, decode steps feeding present back as
+    past, and an empty cache match onnxruntime."""
+    model = attention23_with_cache(2, 1, 5, 4, 2, 16, symbolic=True)
+    compiled = tvmsoftmax.compile(model)
+    assert type(compiled).__name__ == "CompiledModel", compiled
+    assert [s["form"] for s in compiled.sites if s["rewritten"]] == ["ONNX Attention-23"], compiled.sites
+    rng = np.random.default_rng(9)
+    for tokens, past in ((3, 7), (1, 0)):
+        feeds = attention23_feeds(rng, 2, tokens, past, 4, 2, 16)
+        for step in range(2):
+            got, want = list(compiled.run(feeds).values()), _ort(model, feeds)
+            for g, w in zip(got, want):
+                assert g.shape == w.shape
+                np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=f"{tokens} over {past}, step {step}")
+            feeds = attention23_feeds(rng, 2, 1, 0, 4, 2, 16)
+            feeds.update(past_key=got[1], past_value=got[2])
 
 
 def test_group_query_attention_unsupported_input_is_named():

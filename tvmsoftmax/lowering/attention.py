@@ -268,9 +268,11 @@ def _rewrite_onnx_attention(graph: _Graph, node, site: AttentionSite, opset: int
     if a.get("is_causal", 0):
         causal = 2 if (past_k or nonpad) else 1
         if past_k:
-            new_keys, queries = _dim(graph, inputs[1], 1 if rank == 3 else 2), _dim(graph, inputs[0], 1 if rank == 3 else 2)
-            if new_keys is None or queries is None or new_keys != queries:
-                raise NoMatch("causal with a cache needs as many new keys as queries (static)")
+            axis = 1 if rank == 3 else 2
+            new_keys, queries = ((graph.dims(x) or [None] * 4)[axis] for x in inputs[:2][::-1])
+            # equal ints, or the same dim name (one value in every run), not '?' (unknown)
+            if new_keys is None or new_keys == "?" or new_keys != queries:
+                raise NoMatch("causal with a cache needs as many new keys as queries (static, or the same dim name)")
     y4 = graph.fresh("attention_y") if rank == 3 else outputs[0]
     _site_node(
         graph, site, q, k, v, bias, None, nonpad or None, y4,

@@ -1,5 +1,6 @@
-"""Single-node models of onnxruntime's contrib (com.microsoft) attention ops, as its exporters
-emit them: for the tests against onnxruntime and the decode benchmark."""
+"""Single attention nodes with a KV cache, as exporters emit them: onnxruntime's com.microsoft
+GroupQueryAttention and ONNX Attention-23 (for the tests against onnxruntime, the decode
+benchmark and the GPU bundle)."""
 
 from __future__ import annotations
 
@@ -56,3 +57,26 @@ def gqa_feeds(rng, b, s, past, heads, kv_heads, d, seqlens, total, packed=False,
     feeds = {k: v.astype(dtype) for k, v in feeds.items()}
     feeds.update(seqlens_k=np.array(seqlens, np.int32), total_sequence_length=np.array(total, np.int32))
     return feeds
+
+
+def attention23_with_cache(b, s, past, heads, kv_heads, d, *, symbolic=False, dtype=TensorProto.FLOAT):
+    """ONNX Attention-23, causal, 4-D Q [B, heads, S, D] and K/V [B, kv_heads, S, D] with
+    past_key/past_value [B, kv_heads, past, D] -> Y and present_key/present_value (the cache
+    concatenated with the new keys). symbolic: S and past as named dims."""
+    sd, pd = ("sequence", "past") if symbolic else (s, past)
+    inputs = [helper.make_tensor_value_info("Q", dtype, [b, heads, sd, d])]
+    inputs += [helper.make_tensor_value_info(n, dtype, [b, kv_heads, sd, d]) for n in ("K", "V")]
+    inputs += [helper.make_tensor_value_info(n, dtype, [b, kv_heads, pd, d]) for n in ("past_key", "past_value")]
+    outputs = [helper.make_tensor_value_info("Y", dtype, [b, heads, sd, d])] + [
+        helper.make_tensor_value_info(n, dtype, [b, kv_heads, "present", d]) for n in ("present_key", "present_value")]
+    node = helper.make_node("Attention", ["Q", "K", "V", "", "past_key", "past_value"], ["Y", "present_key", "present_value"],
+                            is_causal=1)
+    graph = helper.make_graph([node], "attention23_with_cache", inputs, outputs)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+
+
+def attention23_feeds(rng, b, s, past, heads, kv_heads, d, dtype="float32"):
+    """Random inputs of `attention23_with_cache`."""
+    shapes = {"Q": (b, heads, s, d), "K": (b, kv_heads, s, d), "V": (b, kv_heads, s, d),
+              "past_key": (b, kv_heads, past, d), "past_value": (b, kv_heads, past, d)}
+    return {name: rng.standard_normal(shape).astype(dtype) for name, shape in shapes.items()}
