@@ -194,8 +194,10 @@ def schedule_flash(func: tirx.PrimFunc, knobs: X86AttentionKnobs) -> tirx.PrimFu
 # Blocks of at most this many query rows read K in place (a dot product per score along D, its
 # lanes summed by halving) instead of packing it: a decoding step reads each key once, and the
 # packing (a transpose, 16 lane stores per vector) cost more than the products. Decode step,
-# 32 q / 8 kv heads, 1025 keys, D=128, 1 thread: the kernel 0.42 -> 0.17 ms.
-UNPACKED_ROWS = 8
+# 1025 keys, D=128, 1 thread, the kernel packed -> in place: 32 q / 8 kv heads (4 rows) 0.42 ->
+# 0.17 ms; 32 / 4 (8 rows) 0.27 -> 0.18; 64 / 4 (16 rows) 0.39 -> 0.33; 32 / 1 (32 rows)
+# 0.146 -> 0.155, so packed from 32 rows.
+UNPACKED_ROWS = 16
 
 
 def choose(requested: str, dims: dict, spec, vector_lanes: int, algorithm: str = "auto"):
