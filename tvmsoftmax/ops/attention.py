@@ -154,9 +154,9 @@ def _broadcast_index(broadcast: tuple, b, h, i, j) -> list:
 class _Masking:
     """The score element of the module docstring, for TE tensors and TIR buffers alike."""
 
-    def __init__(self, spec: AttentionSpec, bias, keep, kv_lengths, sq, skv):
+    def __init__(self, spec: AttentionSpec, bias, keep, kv_lengths, sq, skv, sink=None):
         self.spec, self.bias, self.keep, self.kv_lengths = spec, bias, keep, kv_lengths
-        self.sq, self.skv = sq, skv
+        self.sq, self.skv, self.sink = sq, skv, sink  # sink: flash only
 
     def kv_length(self, b):
         if self.kv_lengths is None:
@@ -365,8 +365,7 @@ def flash_attention(
                 lengths = T.arg("kv_lengths", T.buffer((batch,), "int64"))
             sink = T.arg("sink", T.buffer((hq,), spec.sink_dtype)) if spec.sink_dtype else None
             y = T.arg("y", T.buffer((batch, hq, sq, dv), spec.dtype))
-            masking = _Masking(spec, bias, keep, lengths, sq, skv)
-            masking.sink = sink
+            masking = _Masking(spec, bias, keep, lengths, sq, skv, sink)
             _flash_body(T, spec, tiling, masking, q, k, v, y, batch, sq, skv, i64)
     return builder.get()
 
@@ -529,7 +528,7 @@ class _FlashTile:
         with T.serial(i64(self.qb)) as ii:
             with T.sblock(f"flash_init{suffix}"):
                 vi = T.axis.spatial(i64(self.qb), ii)
-                sink = getattr(self.masking, "sink", None)
+                sink = self.masking.sink
                 if sink is None:
                     T.buffer_store(self.m, _f32(FLT_LOWEST), [vi])
                     T.buffer_store(self.total, _f32(0.0), [vi])
