@@ -536,16 +536,17 @@ def _rewrite_gqa(graph: _Graph, node, site: AttentionSite) -> None:
         if half is None or 2 * half > head_size:
             raise NoMatch("cos_cache's rotary width unknown or wider than the head")
         if inputs["position_ids"]:  # [B, S], as given
-            pos = graph.add("Unsqueeze", [graph.add("Cast", [inputs["position_ids"]], to=int64),
-                                          graph.constant(np.array([1], np.int64), "axes")])  # [B, 1, S]
+            pos = graph.add("Cast", [inputs["position_ids"]], to=int64)
         else:
             pos = graph.add("Add", [past4, q_pos], rank=4)  # [B, 1, S, 1]
             total4 = graph.add("Reshape", [seq_total, graph.constant(np.array([-1, 1, 1, 1], np.int64), "shape")])
             pos = graph.add("Where", [graph.add("Less", [pos, total4]), pos, one], rank=4)
-            pos = graph.add("Squeeze", [pos, graph.constant(np.array([3], np.int64), "axes")])  # [B, 1, S]
-        cos, sin = (graph.add("Gather", [inputs[n], pos], axis=0, rank=4) for n in ("cos_cache", "sin_cache"))
-        interleaved = bool(a.get("rotary_interleaved", 0))
-        q, k = (_rotate(graph, x, cos, sin, half, head_size, interleaved, dtype) for x in (q, k))
+            pos = graph.add("Squeeze", [pos, graph.constant(np.array([1, 3], np.int64), "axes")])  # [B, S]
+        # the rotation itself is com.microsoft RotaryEmbedding's (`onnx_ops`), on Q and the new K
+        # [B, heads, S, d] at positions [B, S]
+        q, k = (graph.add("RotaryEmbedding", [x, pos, inputs["cos_cache"], inputs["sin_cache"]], domain="com.microsoft",
+                          rank=4, interleaved=int(bool(a.get("rotary_interleaved", 0))))
+                for x in (q, k))
 
     present = [outputs[1], outputs[2]]
     if inputs["past_key"]:
@@ -596,36 +597,6 @@ def _int_vector(graph: _Graph, x: str) -> str:
     from shapes as shape expressions, which its Max, Reshape and Expand converters refuse; our
     IntVector op makes them tensors."""
     return graph.add(INT_VECTOR_OP, [x], domain=DOMAIN, rank=1)
-
-
-def _rotate(graph: _Graph, x: str, cos: str, sin: str, half: int, head_size: int, interleaved: bool,
-            dtype: str) -> str:
-    """Rotary embedding of x [B, H, S, d] by cos/sin [B, 1, S, half] over its first 2 * half dims:
-    halves (x1, x2) = (x[:half], x[half:2 half]) or, interleaved, the even and odd dims; out1 =
-    x1 cos - x2 sin, out2 = x2 cos + x1 sin; the dims after 2 * half unchanged."""
-    def part(start, end, step=1):
-        return graph.add("Slice", [x, *(graph.constant(np.array([n], np.int64), t)
-                                        for n, t in ((start, "starts"), (end, "ends"), (3, "axes"), (step, "steps")))],
-                         rank=4)
-
-    x1, x2 = (part(0, 2 * half, 2), part(1, 2 * half, 2)) if interleaved else (part(0, half), part(half, 2 * half))
-    half_type = dtype != "float32"
-    if half_type:  # computed in float32 and rounded once, as onnxruntime
-        x1, x2, cos, sin = (graph.add("Cast", [t], to=onnx.TensorProto.FLOAT, rank=4) for t in (x1, x2, cos, sin))
-    out1 = graph.add("Sub", [graph.add("Mul", [x1, cos]), graph.add("Mul", [x2, sin])], rank=4)
-    out2 = graph.add("Add", [graph.add("Mul", [x2, cos]), graph.add("Mul", [x1, sin])], rank=4)
-    if half_type:
-        to = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-        out1, out2 = (graph.add("Cast", [o], to=to, rank=4) for o in (out1, out2))
-    if interleaved:
-        pairs = [graph.add("Unsqueeze", [o, graph.constant(np.array([4], np.int64), "axes")]) for o in (out1, out2)]
-        rotated = graph.add("Reshape", [graph.add("Concat", pairs, axis=4, rank=5),
-                                        graph.constant(np.array([0, 0, 0, -1], np.int64), "shape")], rank=4)
-    else:
-        rotated = graph.add("Concat", [out1, out2], axis=3, rank=4)
-    if 2 * half == head_size:
-        return rotated
-    return graph.add("Concat", [rotated, part(2 * half, head_size)], axis=3, rank=4)
 
 
 def _positions(graph: _Graph, x: str, axis: int, last: bool = False) -> str:
