@@ -201,7 +201,8 @@ def stack_scratch(func, _mod, _ctx):
         buffer = alloc.buffer
         if buffer.scope() not in ("global", "local") or not all(isinstance(d, tvm.tirx.IntImm) for d in buffer.shape):
             return alloc
-        nbytes = tvm.DataType(buffer.dtype).bits // 8
+        dtype = tvm.DataType(buffer.dtype)
+        nbytes = dtype.bits // 8 * dtype.lanes  # vector-typed buffers: their elements are vectors
         for dim in buffer.shape:
             nbytes *= int(dim)
         if nbytes > STACK_ARRAY_BYTES or nbytes > budget[0]:
