@@ -131,6 +131,53 @@ def test_flash_matches_reference(name, tiles):
     _close(got, want, spec.dtype, name)
 
 
+@pytest.mark.parametrize("lanes", [4, 8, 16])
+def test_transpose_intrinsic(lanes):
+    """The in-register transpose K's whole tiles are packed with: a lanes x lanes tile of a
+    strided source, tensorized, against numpy, NaN and signed zeros kept bit for bit."""
+    from tvm.script import tirx as T
+    from tvm import s_tir
+    from tvmsoftmax.schedules import intrinsics
+
+    rows, cols = 3 * lanes, 2 * lanes
+
+    @T.prim_func(s_tir=True)
+    def transpose(a: T.Buffer((T.int64(rows), T.int64(cols + 3)), "float32"), c: T.Buffer((T.int64(cols), T.int64(rows)), "float32")):
+        for i, j in T.grid(T.int64(cols), T.int64(rows)):
+            with T.sblock("t"):
+                vi, vj = T.axis.remap("SS", [i, j])
+                c[vi, vj] = a[vj, vi]
+
+    sch = s_tir.Schedule(transpose)
+    i, j = sch.get_loops(sch.get_sblock("t"))
+    i_outer, i_inner = sch.split(i, [None, lanes])
+    j_outer, j_inner = sch.split(j, [None, lanes])
+    sch.reorder(i_outer, j_outer, i_inner, j_inner)
+    sch.tensorize(i_inner, intrinsics.transpose(lanes, "float32"))
+    assert "T.Shuffle" in sch.mod.script()
+    a = np.random.default_rng(lanes).standard_normal((rows, cols + 3)).astype(np.float32)
+    a[1, 2], a[5, 0], a[0, 3] = np.nan, -0.0, np.inf
+    out = tvm.runtime.empty((cols, rows), "float32")
+    tvm.compile(sch.mod, target=resolve("x86").tvm_target())["main"](tvm.runtime.tensor(a), out)
+    assert out.numpy().tobytes() == np.ascontiguousarray(a[:, :cols].T).tobytes()
+
+
+@pytest.mark.parametrize("lanes", [8, 16])
+@pytest.mark.parametrize("kv_len", [45, None], ids=["static", "symbolic"])
+def test_flash_transposed_key_tiles(lanes, kv_len):
+    """K's whole tiles packed by in-register transposes, the partial last tile key by key (45
+    keys: two whole 16-key tiles and 13 more), AVX2- and AVX-512-wide, against the reference;
+    and packed the old way (`transpose_keys=False`) the result is the same."""
+    spec, arrays, kwargs = _problem("causal-bottom-right", d=32)
+    dims = {"batch": 2, "q_len": 37, "kv_len": kv_len}
+    want = reference(*arrays[:3], spec, **kwargs)
+    for transpose in (True, False):
+        knobs = X86AttentionKnobs(vector_lanes=lanes, query_block=32, key_block=16, transpose_keys=transpose)
+        script = schedule_flash(flash_attention(spec, knobs.tiling(), dims), knobs).script()
+        assert ("T.Shuffle" in script) == ("flash_key_t_tail" in script) == transpose
+        _close(_flash(spec, knobs, dims, arrays), want, "float32", f"lanes={lanes} transpose={transpose}")
+
+
 @pytest.mark.parametrize("name", ["kv-lengths-causal", "per-head-bias-causal", "gqa-causal-softcap"])
 def test_flash_folded_decode_matches_reference(name):
     """The query heads of a key/value head folded into one block: decoding (one query per head)

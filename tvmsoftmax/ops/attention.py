@@ -122,6 +122,10 @@ class FlashTiling:
     operand_dtype: str = "float32"
     # K packed per key tile as [D, key_block] for the inner products (else read where it is)
     pack_keys: bool = True
+    # K's whole tiles packed by a block of their own, a plain transpose (which a CPU schedule
+    # replaces by in-register transposes), the last, partial tile by another (zeros past Skv);
+    # else one block packs every tile (one kernel on CUDA)
+    pack_whole_tiles_apart: bool = False
     # GQA/MQA: a block's rows run over the query heads of one key/value head (row r of key/value
     # head g is query head g * group + r // Sq, position r % Sq), so the heads that share K and V
     # share each tile of them too: a decoding step (Sq = 1) has `group` rows per block, each key
@@ -406,13 +410,26 @@ def _pack_keys(T, spec, tiling, k, batch, skv, i64):
     kb, hkv, d, operand = tiling.key_block, spec.kv_heads, spec.head_size, tiling.operand_dtype
     kv_tiles = tirx.floordiv(skv + i64(kb - 1), i64(kb))
     key_t = IRBuilder.name("key_tiles", T.alloc_buffer((batch, hkv, kv_tiles, d, kb), operand, scope="global"))
-    with T.grid(batch, i64(hkv), kv_tiles, i64(d), i64(kb)) as (b, h, t, e, jj):
-        with T.sblock("flash_key_t"):
-            vb, vh, vt, ve, vj = T.axis.remap("SSSSS", [b, h, t, e, jj])
-            j = vt * i64(kb) + vj
-            value = _load(k, vb, vh, tirx.min(j, skv - i64(1)), ve)
-            value = value if _dtype(value) == operand else value.astype(operand)
-            T.buffer_store(key_t, tirx.Select(j < skv, value, tirx.const(0.0, operand)), [vb, vh, vt, ve, vj])
+
+    def pack(name, first_tile, tiles, partial):
+        if isinstance(tiles, tirx.IntImm) and tiles.value == 0:
+            return
+        with T.grid(batch, i64(hkv), tiles, i64(d), i64(kb)) as (b, h, t, e, jj):
+            with T.sblock(name):
+                vb, vh, vt, ve, vj = T.axis.remap("SSSSS", [b, h, t, e, jj])
+                j = (first_tile + vt) * i64(kb) + vj
+                value = _load(k, vb, vh, tirx.min(j, skv - i64(1)) if partial else j, ve)
+                value = value if _dtype(value) == operand else value.astype(operand)
+                if partial:
+                    value = tirx.Select(j < skv, value, tirx.const(0.0, operand))
+                T.buffer_store(key_t, value, [vb, vh, first_tile + vt, ve, vj])
+
+    if tiling.pack_whole_tiles_apart:
+        whole = tirx.floordiv(skv, i64(kb))
+        pack("flash_key_t", i64(0), whole, partial=False)
+        pack("flash_key_t_tail", whole, kv_tiles - whole, partial=True)
+    else:
+        pack("flash_key_t", i64(0), kv_tiles, partial=True)
     return key_t
 
 
