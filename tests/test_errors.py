@@ -164,3 +164,28 @@ def test_float8_fnuz_types_refused_by_name():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
     with pytest.raises(tvmsoftmax.ModelError, match="'y' is float8e4m3fnuz, a type TVM does not have"):
         tvmsoftmax.compile(model)
+
+
+def test_check_names_onnxruntime_when_it_cannot_run_the_model():
+    """A valid model onnxruntime refuses (here: RotaryEmbedding-23 with a cos/sin cache for one
+    batch broadcast over two, as torch's dynamo exporter writes it; the spec's shapes are
+    numpy-broadcastable, onnxruntime 1.32 wants them equal): `check` says the reference could not
+    run, instead of onnxruntime's traceback; the compiled model runs and matches the rotation."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 3, 8])
+    cos = helper.make_tensor_value_info("cos", TensorProto.FLOAT, [1, 3, 4])
+    sin = helper.make_tensor_value_info("sin", TensorProto.FLOAT, [1, 3, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4, 3, 8])
+    node = helper.make_node("RotaryEmbedding", ["x", "cos", "sin"], ["y"])
+    graph = helper.make_graph([node], "rotary", [x, cos, sin], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal((2, 4, 3, 8)).astype(np.float32)}
+    angle = rng.uniform(0, 3, (1, 3, 4)).astype(np.float32)
+    feeds.update(cos=np.cos(angle), sin=np.sin(angle))
+    with pytest.raises(tvmsoftmax.ReferenceRunError, match=r"onnxruntime .*cannot run this model.*RotaryEmbedding"):
+        tvmsoftmax.check(model, inputs=feeds)
+    (got,) = tvmsoftmax.compile(model).run(feeds).values()
+    half, c, s = feeds["x"][..., :4], feeds["cos"][:, None], feeds["sin"][:, None]  # [1, 1, 3, 4]
+    other = feeds["x"][..., 4:]
+    want = np.concatenate([half * c - other * s, other * c + half * s], axis=-1)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

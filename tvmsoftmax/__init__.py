@@ -23,6 +23,7 @@ from .errors import (  # noqa: E402
     ArtifactError,
     InputError,
     ModelError,
+    ReferenceRunError,
     TvmSoftmaxError,
     UnsupportedOperatorError,
 )
@@ -92,6 +93,7 @@ __all__ = [
     "ArtifactError",
     "InputError",
     "ModelError",
+    "ReferenceRunError",
     "TvmSoftmaxError",
     "UnsupportedOperatorError",
     "__version__",

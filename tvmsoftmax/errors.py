@@ -19,3 +19,7 @@ class InputError(TvmSoftmaxError):
 
 class ArtifactError(TvmSoftmaxError):
     """A saved artifact is missing, corrupted, of another format version or of another target."""
+
+
+class ReferenceRunError(TvmSoftmaxError):
+    """onnxruntime, the reference `check` compares with, cannot load or run the model."""
