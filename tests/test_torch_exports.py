@@ -187,6 +187,34 @@ def test_real_export_compiles_and_matches(family, dynamo, tmp_path):
     assert report.passed, [o for o in report.outputs if not o.passed]
 
 
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_dynamo_opset23_export_with_dynamic_dims(family, tmp_path):
+    """torch's dynamo exporter at opset 23 writes SDPA as ONNX Attention-23 (and Llama's rotary as
+    RotaryEmbedding-23, with a cos/sin cache for one batch, which onnxruntime 1.32 refuses to
+    broadcast over two), dims symbolic: every attention fused, one compiled model run at two
+    shapes, each against torch's own output (onnxruntime cannot be the reference here)."""
+    from conftest import assert_close
+
+    torch.manual_seed(0)
+    _name, model, inputs = next(m for m in _models() if m[0] == family)
+    wrapper = _Plain(model.eval(), list(inputs))
+    dynamic = torch.export.Dim.DYNAMIC
+    path = tmp_path / f"{family}-opset23.onnx"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(wrapper, tuple(inputs.values()), str(path), input_names=list(inputs), output_names=["output"],
+                          dynamo=True, opset_version=23, dynamic_shapes=(tuple({0: dynamic, 1: dynamic} for _ in inputs),))
+    compiled = tvmsoftmax.compile(str(path))
+    for batch, seq in ((BATCH, SEQ), (1, 9)):
+        feeds = {name: value[:batch, :seq] for name, value in inputs.items()}
+        with torch.no_grad():
+            want = wrapper(*feeds.values()).numpy()
+        (got,) = compiled.run({name: value.numpy() for name, value in feeds.items()}).values()
+        assert_close(got, want, rtol=1e-4, atol=1e-5, what=f"{family} batch {batch} sequence {seq}")
+        forms = [s.get("form") for s in compiled.sites if s["rewritten"]]
+        assert forms == ["ONNX Attention-23"] * 2, compiled.sites
+
+
 def test_bert_through_onnxruntime_transformer_optimizer(tmp_path):
     """A Hugging Face BERT (eager attention) exported, then fused by onnxruntime's transformer
     optimizer into com.microsoft EmbedLayerNormalization (its mask_index: the valid token counts),
