@@ -1,7 +1,8 @@
 """Real exports: small, randomly initialised Hugging Face models (no download) exported with
 torch.onnx.export(dynamo=False) and (dynamo=True), compiled and checked against onnxruntime: the
 four families with bound shapes in both exporter forms, seventeen more families with their dims left
-symbolic, float16 exports that run the softmax in float32, and a Llama export with a KV cache.
+symbolic, float16 exports that run the softmax in float32, a Llama export with a KV cache, and
+dynamo exports at opset 23 (ONNX Attention-23) with symbolic dims, checked against torch itself.
 
 Needs torch and transformers (not runtime dependencies): skipped, and said so, when they are not
 installed; `.ci/run` installs them when it can.
