@@ -603,6 +603,47 @@ def test_decomposed_form_guard_and_reason():
     assert len(plain) == 1 and plain[0].rewritten and "rank 2" in plain[0].not_attention
 
 
+@pytest.mark.parametrize("symbolic", [False, True], ids=["static", "symbolic"])
+def test_merged_head_products_viewed_as_heads_are_fused(symbolic):
+    """Bloom's form: batched [B*H, S, D] products scaled, plus ALiBi [B*H, 1, S], viewed as
+    [B, H, S, S] for a -FLT_MAX causal/padding mask and the softmax, P cast to float32 (an identity
+    cast) and viewed back as [B*H, S, S] for the product with V [B*H, S, D]. Fused (heads split off
+    Q, K, V and the ALiBi, the output merged back) and checked against onnxruntime."""
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    b, h, s, d = 2, 3, 10, 8
+    nodes = [
+        helper.make_node("Transpose", ["K"], ["Kt"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["Q", "Kt"], ["S"]),
+        helper.make_node("Mul", ["S", "scale"], ["Ss"]),
+        helper.make_node("Add", ["Ss", "alibi"], ["Sa"]),
+        helper.make_node("Reshape", ["Sa", "view4"], ["S4"]),
+        helper.make_node("Add", ["S4", "mask"], ["Sm"]),
+        helper.make_node("Softmax", ["Sm"], ["P"], axis=-1),
+        helper.make_node("Cast", ["P"], ["P32"], to=f32),
+        helper.make_node("Reshape", ["P32", "view3"], ["P3"]),
+        helper.make_node("MatMul", ["P3", "V"], ["Y"]),
+    ]
+    bh, seq = ("bh", "seq") if symbolic else (b * h, s)
+    io = [helper.make_tensor_value_info(n, f32, [bh, seq, d]) for n in "QKV"]
+    io += [helper.make_tensor_value_info("alibi", f32, [bh, 1, seq]),
+           helper.make_tensor_value_info("mask", f32, ["b" if symbolic else b, 1, seq, seq])]
+    weights = [helper.make_tensor("scale", f32, [], [d ** -0.5]),
+               helper.make_tensor("view4", i64, [4], [-1, h, s, s]), helper.make_tensor("view3", i64, [3], [-1, s, s])]
+    graph = helper.make_graph(nodes, "bloom_form", io, [helper.make_tensor_value_info("Y", f32, [bh, seq, d])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    rng = np.random.default_rng(5)
+    feeds = {n: rng.standard_normal((b * h, s, d)).astype(np.float32) for n in "QKV"}
+    slopes = 2.0 ** -np.arange(1, h + 1)
+    feeds["alibi"] = np.tile(slopes[:, None, None] * np.arange(s)[None, None, :], (b, 1, 1)).astype(np.float32)
+    allowed = np.tril(np.ones((s, s), bool))[None, None] & (np.arange(s) < np.array([s, s - 3])[:, None])[:, None, None, :]
+    feeds["mask"] = np.where(allowed, 0.0, LOWEST).astype(np.float32)
+    compiled = tvmsoftmax.compile(model) if symbolic else tvmsoftmax.compile(model, shapes={})
+    got = compiled.run(feeds)["Y"]
+    assert [x.get("kind") for x in compiled.sites if x["rewritten"]] == ["attention"], compiled.sites
+    want = _ort(model, feeds)[0]
+    _close(got, want.astype(np.float64), "float32", "bloom form")
+
+
 @pytest.mark.parametrize("widened_v", [False, True], ids=["P-cast-back", "V-widened"])
 def test_half_graph_with_float32_softmax_is_fused(widened_v):
     """Half models that run the softmax in float32: HF's eager form (Cast(scores, float32) ->

@@ -676,6 +676,23 @@ def _rewrite_decomposed(graph: _Graph, softmax, site: AttentionSite, opset: int)
         consumed.append(users[0])
         p = users[0].output[0]
         users = graph.consumers.get(p, [])
+    while len(users) == 1 and _identity_cast(graph, users[0]):  # Bloom: P cast to float32, twice
+        consumed.append(users[0])
+        p = users[0].output[0]
+        users = graph.consumers.get(p, [])
+    # Bloom's form: the scores of batched [B*H, Sq, D] x [B*H, D, Skv] products viewed as
+    # [B, H, Sq, Skv] for the mask and the softmax, and P viewed back as [B*H, Sq, Skv] for the
+    # product with [B*H, Skv, Dv] values (with static shapes onnxscript's optimizer may have made
+    # that product 4-D; the scores' view stays).
+    merged_p = None
+    if len(users) == 1 and users[0].op_type == "Reshape" and rank == 4 and p not in graph.outputs:
+        merged_p = _dim(graph, p, 1)
+        if merged_p is None or graph.rank(users[0].output[0]) != 3:
+            raise NoMatch("the probabilities are reshaped before MatMul(p, V), and not from [B, H, Sq, Skv] "
+                          "(H known) to [B*H, Sq, Skv]")
+        consumed.append(users[0])
+        p = users[0].output[0]
+        users = graph.consumers.get(p, [])
     if len(users) != 1 or users[0].op_type != "MatMul" or users[0].input[0] != p or p in graph.outputs:
         raise NoMatch("the probabilities do not feed exactly one MatMul(p, V)")
     pv = users[0]
@@ -711,13 +728,28 @@ def _rewrite_decomposed(graph: _Graph, softmax, site: AttentionSite, opset: int)
         s = window["scores"]
         node = _single_producer(graph, s, window["nodes"][-1])
         node, s = uncast(node, s)
-    while node is not None and node.op_type == "Add":
-        chain, other = _chain_operand(graph, node, s)
-        biases.append(other)
+    def additions(node, s, merged: bool):
+        while node is not None and node.op_type == "Add":
+            chain, other = _chain_operand(graph, node, s)
+            biases.append((other, merged))
+            consumed.append(node)
+            s = chain
+            node = _single_producer(graph, s, node)
+            node, s = uncast(node, s)
+        return node, s
+
+    node, s = additions(node, s, merged=False)
+    merged_heads = None  # H of the scores' [B*H, Sq, Skv] -> [B, H, Sq, Skv] view
+    if node is not None and node.op_type == "Reshape" and rank == 4 and graph.rank(node.input[0]) == 3:
+        merged_heads = _merged_heads(graph, node.input[0], s)
         consumed.append(node)
-        s = chain
+        s = node.input[0]
         node = _single_producer(graph, s, node)
         node, s = uncast(node, s)
+        node, s = additions(node, s, merged=True)  # Bloom's ALiBi, [B*H, 1, Skv]
+    if merged_p is not None and merged_p != merged_heads:
+        raise NoMatch("the probabilities are viewed as [B*H, Sq, Skv] for MatMul(p, V), the scores are not "
+                      "a view of [B*H, Sq, Skv] products with as many heads")
     if node is not None and node.op_type == "Where":
         fill_value = graph.scalar(node.input[2])
         if fill_value is None or graph.dtype(node.input[0]) != "bool":
@@ -760,7 +792,7 @@ def _rewrite_decomposed(graph: _Graph, softmax, site: AttentionSite, opset: int)
     kt, scale = _unscale(graph, qk.input[1], qk, scale)
     k = kt if fused.get("transB", 0) else _untranspose_keys(graph, kt, qk)
     if window is not None:
-        biases.append(_window_bias(graph, window, q, kt, rank))
+        biases.append((_window_bias(graph, window, q, kt, rank), False))
     if q_factor is not None:
         if q_factor.ndim > (graph.rank(q) or 0) or graph.dtype(q) is None:
             raise NoMatch("the scores' per-head factor has more dims than Q")
@@ -771,16 +803,22 @@ def _rewrite_decomposed(graph: _Graph, softmax, site: AttentionSite, opset: int)
     types = {graph.dtype(name) for name in (qk.input[0], qk.input[1], v)} - {None}
     if len(types) != 1 or not types <= set(FLOAT_TYPES):
         raise NoMatch(f"Q, K and V have types {sorted(map(str, types))} (one of {', '.join(FLOAT_TYPES)} for all)")
-    q4, k4, v4 = (graph.to_rank4(name) for name in (q, k_source, v_source))
+    if merged_heads is not None:
+        if any(graph.rank(name) != 3 for name in (q, k_source)) or graph.rank(v_source) != (3 if merged_p else 4):
+            raise NoMatch("the [B*H, Sq, Skv] scores are not of 3-D Q and K (or P V of 3-D V)")
+        q4, k4 = (_split_heads(graph, name, merged_heads) for name in (q, k_source))
+        v4 = _split_heads(graph, v_source, merged_heads) if merged_p else v_source
+    else:
+        q4, k4, v4 = (graph.to_rank4(name) for name in (q, k_source, v_source))
     bias = None
-    for term in biases:
-        term = graph.to_rank4(term)
+    for term, merged in biases:
+        term = _split_heads(graph, term, merged_heads) if merged and _dim(graph, term, 0) != 1 else graph.to_rank4(term)
         bias = term if bias is None else graph.add("Add", [bias, term])
     if keep is not None:
         keep = graph.to_rank4(keep)
     out = pv.output[0]
     target = graph.fresh("attention_half") if widened_v is not None else out
-    y4 = target if rank == 4 else graph.fresh("attention_y")
+    y4 = target if rank == 4 and merged_p is None else graph.fresh("attention_y")
     site.nodes = [n.name for n in consumed]
     _site_node(
         graph, site, q4, k4, v4, bias, keep, None, y4,
@@ -788,10 +826,43 @@ def _rewrite_decomposed(graph: _Graph, softmax, site: AttentionSite, opset: int)
     )
     if rank == 3:
         graph.add("Squeeze", [y4, graph.constant(np.array([0], np.int64), "axes")], [target])
+    elif merged_p is not None:  # [B, H, Sq, Dv] -> [B*H, 1, Sq, Dv] -> [B*H, Sq, Dv]
+        merged = graph.add("Reshape", [y4, graph.constant(np.array([-1, 1, 0, 0], np.int64), "shape")], rank=4)
+        graph.add("Squeeze", [merged, graph.constant(np.array([1], np.int64), "axes")], [target])
     if widened_v is not None:
         graph.add("Cast", [target], [out], to=onnx.TensorProto.FLOAT)
     for n in consumed:
         graph.removed.add(id(n))
+
+
+def _merged_heads(graph: _Graph, merged: str, view: str) -> int:
+    """H of a [B*H, Sq, Skv] -> [B, H, Sq, Skv] view of the scores (H known; dims that are known on
+    both sides must agree)."""
+    before, after = graph.dims(merged) or [None] * 3, graph.dims(view) or [None] * 4
+    heads = after[1]
+    if not isinstance(heads, int):
+        raise NoMatch("the scores are a 4-D view of 3-D products with a head count not known")
+    known = all(isinstance(d, int) for d in (before[0], after[0]))
+    if known and before[0] != after[0] * heads or any(
+            isinstance(x, int) and isinstance(y, int) and x != y for x, y in zip(before[1:], after[2:])):
+        raise NoMatch(f"the scores' view {after} of {before} is not [B*H, Sq, Skv] -> [B, H, Sq, Skv]")
+    return heads
+
+
+def _split_heads(graph: _Graph, x: str, heads: int) -> str:
+    """[B*H, S, D] -> [B, H, S, D] (batch-major, as the graph's own Reshape of the scores):
+    Unsqueeze to [B*H, 1, S, D], then Reshape [-1, H, 0, 0] (0 copies S and D, whatever they are)."""
+    unsqueezed = graph.add("Unsqueeze", [x, graph.constant(np.array([1], np.int64), "axes")], rank=4)
+    return graph.add("Reshape", [unsqueezed, graph.constant(np.array([-1, heads, 0, 0], np.int64), "shape")], rank=4)
+
+
+def _identity_cast(graph: _Graph, node) -> bool:
+    """A Cast to the type its input already has."""
+    if node.op_type != "Cast":
+        return False
+    source = graph.dtype(node.input[0])
+    to = _attrs(node).get("to")
+    return source is not None and to is not None and np.dtype(helper.tensor_dtype_to_np_dtype(to)).name == source
 
 
 def _is_score_matmul(node) -> bool:
