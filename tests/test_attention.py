@@ -603,12 +603,15 @@ def test_decomposed_form_guard_and_reason():
     assert len(plain) == 1 and plain[0].rewritten and "rank 2" in plain[0].not_attention
 
 
+@pytest.mark.parametrize("masked_fill", [False, True], ids=["additive-mask", "masked-fill"])
 @pytest.mark.parametrize("symbolic", [False, True], ids=["static", "symbolic"])
-def test_merged_head_products_viewed_as_heads_are_fused(symbolic):
+def test_merged_head_products_viewed_as_heads_are_fused(symbolic, masked_fill):
     """Bloom's form: batched [B*H, S, D] products scaled, plus ALiBi [B*H, 1, S], viewed as
     [B, H, S, S] for a -FLT_MAX causal/padding mask and the softmax, P cast to float32 (an identity
-    cast) and viewed back as [B*H, S, S] for the product with V [B*H, S, D]. Fused (heads split off
-    Q, K, V and the ALiBi, the output merged back) and checked against onnxruntime."""
+    cast) and viewed back as [B*H, S, S] for the product with V [B*H, S, D]; DeBERTa's: the mask as
+    torch's masked_fill, Where(masked, fill, scores), and Shape nodes of the products and of P
+    (its view back built from them). Fused (heads split off Q, K, V and the ALiBi, the output
+    merged back) and checked against onnxruntime."""
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
     b, h, s, d = 2, 3, 10, 8
     nodes = [
@@ -617,18 +620,30 @@ def test_merged_head_products_viewed_as_heads_are_fused(symbolic):
         helper.make_node("Mul", ["S", "scale"], ["Ss"]),
         helper.make_node("Add", ["Ss", "alibi"], ["Sa"]),
         helper.make_node("Reshape", ["Sa", "view4"], ["S4"]),
-        helper.make_node("Add", ["S4", "mask"], ["Sm"]),
+        helper.make_node("Where", ["masked", "fill", "S4"], ["Sm"]) if masked_fill else helper.make_node("Add", ["S4", "mask"], ["Sm"]),
         helper.make_node("Softmax", ["Sm"], ["P"], axis=-1),
         helper.make_node("Cast", ["P"], ["P32"], to=f32),
         helper.make_node("Reshape", ["P32", "view3"], ["P3"]),
         helper.make_node("MatMul", ["P3", "V"], ["Y"]),
     ]
+    if masked_fill:  # the views' shapes from Shape nodes of the products and of P, as DeBERTa's export
+        nodes[4:5] = [helper.make_node("Shape", ["S"], ["shape_s"], start=1),
+                      helper.make_node("Concat", ["batch_heads", "shape_s"], ["view4"], axis=0),
+                      helper.make_node("Reshape", ["Sa", "view4"], ["S4"])]
+        nodes[-2:-1] = [helper.make_node("Shape", ["P"], ["shape_p"], start=-2),
+                        helper.make_node("Concat", ["minus_one", "shape_p"], ["view3"], axis=0),
+                        helper.make_node("Reshape", ["P32", "view3"], ["P3"])]
     bh, seq = ("bh", "seq") if symbolic else (b * h, s)
     io = [helper.make_tensor_value_info(n, f32, [bh, seq, d]) for n in "QKV"]
     io += [helper.make_tensor_value_info("alibi", f32, [bh, 1, seq]),
-           helper.make_tensor_value_info("mask", f32, ["b" if symbolic else b, 1, seq, seq])]
-    weights = [helper.make_tensor("scale", f32, [], [d ** -0.5]),
-               helper.make_tensor("view4", i64, [4], [-1, h, s, s]), helper.make_tensor("view3", i64, [3], [-1, s, s])]
+           helper.make_tensor_value_info("masked" if masked_fill else "mask", TensorProto.BOOL if masked_fill else f32,
+                                         ["b" if symbolic else b, 1, seq, seq])]
+    weights = [helper.make_tensor("scale", f32, [], [d ** -0.5])]
+    if masked_fill:
+        weights += [helper.make_tensor("fill", f32, [], [LOWEST]), helper.make_tensor("batch_heads", i64, [2], [-1, h]),
+                    helper.make_tensor("minus_one", i64, [1], [-1])]
+    else:
+        weights += [helper.make_tensor("view4", i64, [4], [-1, h, s, s]), helper.make_tensor("view3", i64, [3], [-1, s, s])]
     graph = helper.make_graph(nodes, "bloom_form", io, [helper.make_tensor_value_info("Y", f32, [bh, seq, d])], weights)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     rng = np.random.default_rng(5)
@@ -636,7 +651,10 @@ def test_merged_head_products_viewed_as_heads_are_fused(symbolic):
     slopes = 2.0 ** -np.arange(1, h + 1)
     feeds["alibi"] = np.tile(slopes[:, None, None] * np.arange(s)[None, None, :], (b, 1, 1)).astype(np.float32)
     allowed = np.tril(np.ones((s, s), bool))[None, None] & (np.arange(s) < np.array([s, s - 3])[:, None])[:, None, None, :]
-    feeds["mask"] = np.where(allowed, 0.0, LOWEST).astype(np.float32)
+    if masked_fill:
+        feeds["masked"] = ~allowed
+    else:
+        feeds["mask"] = np.where(allowed, 0.0, LOWEST).astype(np.float32)
     compiled = tvmsoftmax.compile(model) if symbolic else tvmsoftmax.compile(model, shapes={})
     got = compiled.run(feeds)["Y"]
     assert [x.get("kind") for x in compiled.sites if x["rewritten"]] == ["attention"], compiled.sites

@@ -62,7 +62,7 @@ def _more_models():
     yield "bart", lambda: t.BartModel(t.BartConfig(vocab_size=100, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)), text, "attention"  # encoder-decoder
     yield "swinv2", lambda: t.Swinv2Model(t.Swinv2Config(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4)), pixels, "attention"  # shifted windows, per-head scale
     yield "bloom", lambda: t.BloomForCausalLM(t.BloomConfig(vocab_size=100, hidden_size=32, n_layer=2, n_head=4, use_cache=False)), text, "attention"  # ALiBi: [B*H] products viewed as [B, H]
-    yield "deberta_v2", lambda: t.DebertaV2Model(t.DebertaV2Config(vocab_size=100, hidden_size=32, max_position_embeddings=64, **small)), text, "softmax"  # disentangled
+    yield "deberta_v2", lambda: t.DebertaV2Model(t.DebertaV2Config(vocab_size=100, hidden_size=32, max_position_embeddings=64, **small)), text, "attention"  # disentangled: [B*H] products, masked_fill Where
 
 
 MORE = ["distilbert", "roberta", "mistral", "qwen2", "phi", "gpt_neox", "opt", "falcon", "gemma", "gemma2", "bart",

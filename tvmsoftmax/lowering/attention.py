@@ -658,6 +658,10 @@ def _rewrite_decomposed(graph: _Graph, softmax, site: AttentionSite, opset: int)
     # Output side: [Where(IsNaN(p), 0, p)] -> MatMul(p, V).
     p = softmax.output[0]
     users = graph.consumers.get(p, [])
+    # Shape(P) (DeBERTa's view of P back to [B*H, Sq, Skv] is built from it, dims symbolic): read
+    # from Q's and K's shapes instead once the site is built.
+    shape_users = [(u, False) for u in users if u.op_type == "Shape"]
+    users = [u for u in users if u.op_type != "Shape"]
     empty_row = "nan"
     if p in graph.outputs:
         raise NoMatch("the probabilities are a graph output")
@@ -710,7 +714,19 @@ def _rewrite_decomposed(graph: _Graph, softmax, site: AttentionSite, opset: int)
     # A Cast of half scores to float32 may sit anywhere in that chain (the softmax in float32).
     biases, keep, fill, scale = [], None, float(-np.finfo(np.float32).max), 1.0
     s = x
-    node = _single_producer(graph, s, consumed[0])
+
+    def producer(s, user):
+        """s's producer when `user` is its one consumer besides Shape nodes (recorded with the
+        layout of s: after a merged-heads view, the products' [B*H, Sq, Skv])."""
+        node = graph.producer.get(s)
+        others = [u for u in graph.consumers.get(s, []) if u is not user]
+        if node is None or s in graph.outputs or any(u.op_type != "Shape" for u in others):
+            return None
+        shape_users.extend((u, merged_heads is not None) for u in others)
+        return node
+
+    merged_heads = None  # H of the scores' [B*H, Sq, Skv] -> [B, H, Sq, Skv] view, once passed
+    node = producer(s, consumed[0])
     cast = [False]
 
     def uncast(node, s):
@@ -718,7 +734,7 @@ def _rewrite_decomposed(graph: _Graph, softmax, site: AttentionSite, opset: int)
             cast[0] = True
             consumed.append(node)
             s = node.input[0]
-            node = _single_producer(graph, s, node)
+            node = producer(s, node)
         return node, s
 
     node, s = uncast(node, s)
@@ -726,45 +742,37 @@ def _rewrite_decomposed(graph: _Graph, softmax, site: AttentionSite, opset: int)
     if window is not None:  # Swin's shifted-window mask, added in a per-window view of the scores
         consumed += window["nodes"]
         s = window["scores"]
-        node = _single_producer(graph, s, window["nodes"][-1])
+        node = producer(s, window["nodes"][-1])
         node, s = uncast(node, s)
-    def additions(node, s, merged: bool):
-        while node is not None and node.op_type == "Add":
+    # Adds (biases), one Where (a select mask) and one Reshape of [B*H, Sq, Skv] products to a
+    # [B, H, Sq, Skv] view (BLOOM, DeBERTa: heads merged into the batch of the products), in any
+    # order; a bias or mask before the view is in the merged layout.
+    keep_merged = False
+    while node is not None:
+        if node.op_type == "Add":
             chain, other = _chain_operand(graph, node, s)
-            biases.append((other, merged))
-            consumed.append(node)
+            biases.append((other, merged_heads is not None))
             s = chain
-            node = _single_producer(graph, s, node)
-            node, s = uncast(node, s)
-        return node, s
-
-    node, s = additions(node, s, merged=False)
-    merged_heads = None  # H of the scores' [B*H, Sq, Skv] -> [B, H, Sq, Skv] view
-    if node is not None and node.op_type == "Reshape" and rank == 4 and graph.rank(node.input[0]) == 3:
-        merged_heads = _merged_heads(graph, node.input[0], s)
+        elif node.op_type == "Where" and keep is None:
+            keep, fill, s = _select_mask(graph, node)
+            keep_merged = merged_heads is not None
+        elif node.op_type == "Reshape" and merged_heads is None and rank == 4 and graph.rank(node.input[0]) == 3:
+            merged_heads = _merged_heads(graph, node.input[0], s)
+            s = node.input[0]
+        else:
+            break
         consumed.append(node)
-        s = node.input[0]
-        node = _single_producer(graph, s, node)
+        node = producer(s, node)
         node, s = uncast(node, s)
-        node, s = additions(node, s, merged=True)  # Bloom's ALiBi, [B*H, 1, Skv]
     if merged_p is not None and merged_p != merged_heads:
         raise NoMatch("the probabilities are viewed as [B*H, Sq, Skv] for MatMul(p, V), the scores are not "
                       "a view of [B*H, Sq, Skv] products with as many heads")
-    if node is not None and node.op_type == "Where":
-        fill_value = graph.scalar(node.input[2])
-        if fill_value is None or graph.dtype(node.input[0]) != "bool":
-            raise NoMatch("Where before the softmax is not Where(bool mask, scores, constant)")
-        keep, fill = node.input[0], fill_value
-        consumed.append(node)
-        s = node.input[1]
-        node = _single_producer(graph, s, node)
-        node, s = uncast(node, s)
     softcap = _softcap(graph, node, s)
     if softcap:
         cap, tanh, divide = softcap
         consumed += [node, tanh, divide]
         s = _chain_operand(graph, divide, tanh.input[0])[0]
-        node = _single_producer(graph, s, divide)
+        node = producer(s, divide)
         node, s = uncast(node, s)
         softcap = cap
     q_factor = None  # a constant per head/query factor of the scores, moved onto Q
@@ -780,7 +788,7 @@ def _rewrite_decomposed(graph: _Graph, softmax, site: AttentionSite, opset: int)
         scale *= value if node.op_type == "Mul" else 1.0 / value
         consumed.append(node)
         s = chain
-        node = _single_producer(graph, s, node)
+        node = producer(s, node)
         node, s = uncast(node, s)
     if node is None or not _is_score_matmul(node):
         raise NoMatch("the softmax input is not built from MatMul(Q, K^T) [scale] [mask]")
@@ -815,7 +823,10 @@ def _rewrite_decomposed(graph: _Graph, softmax, site: AttentionSite, opset: int)
         term = _split_heads(graph, term, merged_heads) if merged and _dim(graph, term, 0) != 1 else graph.to_rank4(term)
         bias = term if bias is None else graph.add("Add", [bias, term])
     if keep is not None:
-        keep = graph.to_rank4(keep)
+        keep = _split_heads(graph, keep, merged_heads) if keep_merged and _dim(graph, keep, 0) != 1 else graph.to_rank4(keep)
+    for shape, merged in shape_users:
+        consumed.append(shape)
+        _scores_shape(graph, shape, q4, k4, rank, merged)
     out = pv.output[0]
     target = graph.fresh("attention_half") if widened_v is not None else out
     y4 = target if rank == 4 and merged_p is None else graph.fresh("attention_y")
@@ -833,6 +844,34 @@ def _rewrite_decomposed(graph: _Graph, softmax, site: AttentionSite, opset: int)
         graph.add("Cast", [target], [out], to=onnx.TensorProto.FLOAT)
     for n in consumed:
         graph.removed.add(id(n))
+
+
+def _scores_shape(graph: _Graph, shape, q4: str, k4: str, rank: int, merged: bool) -> None:
+    """The output of `shape`, a Shape node of the scores or probabilities ([B, H, Sq, Skv]; for a
+    3-D site [B', Sq, Skv]; merged: the products' [B*H, Sq, Skv] of a merged-heads view), computed
+    from the site's 4-D Q and K (Q holds the batch and every query head), with the node's
+    start/end."""
+    dims = [_dim_of(graph, q4, axis) for axis in range(4 - rank, 3)] + [_dim_of(graph, k4, 2)]
+    if merged:
+        dims, rank = [graph.add("Mul", dims[:2]), *dims[2:]], 3
+    a = _attrs(shape)
+    start, end = int(a.get("start", 0)), a.get("end")
+    bounds = [graph.constant(np.array([x], np.int64), n)
+              for x, n in ((start, "starts"), (rank if end is None else int(end), "ends"))]
+    graph.add("Slice", [graph.add("Concat", dims, axis=0), *bounds], list(shape.output))
+
+
+def _select_mask(graph: _Graph, node):
+    """(keep, fill, scores) of ``Where(keep, scores, fill)`` or of torch's masked_fill
+    ``Where(masked, fill, scores)`` (keep = Not(masked)), the fill a constant scalar."""
+    if graph.dtype(node.input[0]) == "bool":
+        for scores, fill, inverted in ((node.input[1], node.input[2], False), (node.input[2], node.input[1], True)):
+            value = graph.scalar(fill)
+            if value is not None and _leads_to_matmul(graph, scores):
+                keep = graph.add("Not", [node.input[0]], rank=graph.rank(node.input[0])) if inverted else node.input[0]
+                return keep, value, scores
+    raise NoMatch("Where before the softmax is not Where(bool mask, scores, constant) nor Where(bool mask, "
+                  "constant, scores)")
 
 
 def _merged_heads(graph: _Graph, merged: str, view: str) -> int:
