@@ -699,6 +699,8 @@ def _rewrite_decomposed(graph: _Graph, softmax, site: AttentionSite, opset: int)
         users = graph.consumers.get(p, [])
     if len(users) != 1 or users[0].op_type != "MatMul" or users[0].input[0] != p or p in graph.outputs:
         raise NoMatch("the probabilities do not feed exactly one MatMul(p, V)")
+    if any(name in graph.outputs for node in consumed for name in node.output):
+        raise NoMatch("a value between the softmax and MatMul(p, V) is a graph output")
     pv = users[0]
     consumed.append(pv)
     v = pv.input[1]
