@@ -86,7 +86,9 @@ def _attention_candidates(default, context: dict) -> list:
                         out.append((choice, X86AttentionKnobs(
                             vector_lanes=lanes, query_block=query_block, key_block=key_block, rows=rows,
                             pv_rows=pv_rows, softmax_algorithm=knobs.softmax_algorithm,
-                            fold_group=knobs.fold_group and choice == "flash")))
+                            fold_group=knobs.fold_group and choice == "flash",
+                            # K's layout as the default's (decoding reads K in place)
+                            pack_keys=knobs.pack_keys, transpose_keys=knobs.transpose_keys)))
     return out
 
 
