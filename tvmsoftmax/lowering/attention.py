@@ -866,12 +866,12 @@ def _scores_shape(graph: _Graph, shape, q4: str, k4: str, rank: int, merged: boo
 def _select_mask(graph: _Graph, node):
     """(keep, fill, scores) of ``Where(keep, scores, fill)`` or of torch's masked_fill
     ``Where(masked, fill, scores)`` (keep = Not(masked)), the fill a constant scalar."""
-    if graph.dtype(node.input[0]) == "bool":
-        for scores, fill, inverted in ((node.input[1], node.input[2], False), (node.input[2], node.input[1], True)):
-            value = graph.scalar(fill)
-            if value is not None and _leads_to_matmul(graph, scores):
-                keep = graph.add("Not", [node.input[0]], rank=graph.rank(node.input[0])) if inverted else node.input[0]
-                return keep, value, scores
+    condition, a, b = node.input
+    if graph.dtype(condition) == "bool":
+        if graph.scalar(b) is not None:
+            return condition, graph.scalar(b), a
+        if graph.scalar(a) is not None:
+            return graph.add("Not", [condition], rank=graph.rank(condition)), graph.scalar(a), b
     raise NoMatch("Where before the softmax is not Where(bool mask, scores, constant) nor Where(bool mask, "
                   "constant, scores)")
 
