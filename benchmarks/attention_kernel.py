@@ -7,12 +7,14 @@ FMA chains in registers, built with the system C compiler (skipped when there is
 `ops.attention.flash_attention` scheduled by `schedules.x86_attention` with the `auto` knobs and
 built by the models' TIR pipeline,
 inputs pre-bound, TVM's time_evaluator (median of 7 repeats). FLOPs 4*B*H*S^2*D as in
-`tvmsoftmax bench attention`.
+`tvmsoftmax bench attention`. Each shape is timed again with K's whole tiles packed key by key
+(`transpose_keys=False`) instead of transposed in registers: `key_by_key_packing_median_s`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -74,7 +76,7 @@ def peak_gflops(avx512: bool) -> float | None:
     return max(runs)
 
 
-def kernel_gflops(shape) -> dict:
+def kernel_gflops(shape, **overrides) -> dict:
     import tvm
 
     from tvmsoftmax.lowering.pipeline import TIR_PIPELINE
@@ -87,6 +89,7 @@ def kernel_gflops(shape) -> dict:
     attention = AttentionSpec(q_heads=h, kv_heads=h, head_size=d, v_head_size=d, scale=d ** -0.5)
     dims = {"batch": b, "q_len": s, "kv_len": s}
     _strategy, knobs = choose_attention(spec, "flash", dims, attention)
+    knobs = dataclasses.replace(knobs, **overrides)
     func = schedule_attention(flash_attention(attention, knobs.tiling(), dims), spec, "flash", knobs)
     executable = tvm.compile(tvm.IRModule({"main": func}), spec.tvm_target(), tir_pipeline=TIR_PIPELINE)
     device = tvm.cpu()
@@ -113,9 +116,13 @@ def main() -> None:
     for shape in SHAPES:
         row = kernel_gflops(shape)
         row["fraction_of_peak"] = row["gflops"] / peak if peak else None
+        # Ablation: K's whole tiles packed key by key (stored lane by lane) instead of transposed
+        # in registers (`schedules/intrinsics.py`), timed right after
+        row["key_by_key_packing_median_s"] = kernel_gflops(shape, transpose_keys=False)["median_s"]
         rows.append(row)
         print(f"{tuple(shape)}: {row['median_s'] * 1e3:.3f} ms, {row['gflops']:.1f} GFLOP/s"
-              + (f" ({row['fraction_of_peak']:.0%} of peak)" if peak else ""), flush=True)
+              + (f" ({row['fraction_of_peak']:.0%} of peak)" if peak else "")
+              + f"; K packed key by key: {row['key_by_key_packing_median_s'] * 1e3:.3f} ms", flush=True)
     report = {"benchmark": "attention_kernel", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": spec.mcpu,
               "threads": 1, "peak_fma_gflops": peak, "peak_isa": "avx512" if avx512 else "avx2", "results": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
