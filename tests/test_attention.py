@@ -178,6 +178,28 @@ def test_flash_transposed_key_tiles(lanes, kv_len):
         _close(_flash(spec, knobs, dims, arrays), want, "float32", f"lanes={lanes} transpose={transpose}")
 
 
+@pytest.mark.parametrize("lanes", [8, 16])
+def test_materialized_scores_with_transposed_keys(lanes):
+    """The materialized strategy's K^T per head, static lengths: packed by the in-register
+    transpose; the scores (GQA, 48 keys) against numpy."""
+    from tvm import te
+    from tvmsoftmax.ops.attention import attention_scores
+    from tvmsoftmax.schedules.x86_attention import schedule_scores
+
+    spec = AttentionSpec(q_heads=4, kv_heads=2, head_size=32, v_head_size=32, scale=32 ** -0.5)
+    q_in, k_in = te.placeholder((2, 4, 37, 32), name="q"), te.placeholder((2, 2, 48, 32), name="k")
+    scores = attention_scores(q_in, k_in, spec=spec)
+    knobs = X86AttentionKnobs(vector_lanes=lanes, query_block=8, key_block=16, rows=2)
+    func = schedule_scores(te.create_prim_func([q_in, k_in, scores]), knobs)
+    assert "T.Shuffle" in func.script()
+    rng = np.random.default_rng(7)
+    q, k = rng.standard_normal((2, 4, 37, 32)).astype(np.float32), rng.standard_normal((2, 2, 48, 32)).astype(np.float32)
+    out = tvm.runtime.empty((2 * 4 * 37, 48, 1), "float32")
+    tvm.compile(func, target=resolve("x86").tvm_target())(tvm.runtime.tensor(q), tvm.runtime.tensor(k), out)
+    want = np.einsum("bhid,bhjd->bhij", q.astype(np.float64), np.repeat(k, 2, axis=1).astype(np.float64)) * 32 ** -0.5
+    np.testing.assert_allclose(out.numpy().reshape(2, 4, 37, 48), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["kv-lengths-causal", "per-head-bias-causal", "gqa-causal-softcap"])
 def test_flash_folded_decode_matches_reference(name):
     """The query heads of a key/value head folded into one block: decoding (one query per head)

@@ -14,8 +14,6 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 
 
-def _i64(value: int) -> tirx.IntImm:
-    return tirx.const(value, "int64")
 
 
 def _butterfly(rows: list, lanes: int) -> list:
@@ -35,27 +33,30 @@ def _butterfly(rows: list, lanes: int) -> list:
     return rows
 
 
-def _transpose_func(lanes: int, dtype: str, implementation: bool) -> tirx.PrimFunc:
+def _transpose_func(lanes: int, dtype: str, index_dtype: str, implementation: bool) -> tirx.PrimFunc:
     from tvm.script.ir_builder import IRBuilder
     from tvm.script.ir_builder import tirx as T
 
-    n = _i64(lanes)
+    def index(value: int) -> tirx.IntImm:
+        return tirx.const(value, index_dtype)
+
+    n = index(lanes)
     with IRBuilder() as builder:
         with T.prim_func(s_tir=True):
             T.func_name("transpose")
             a, c = T.arg("a", T.handle()), T.arg("c", T.handle())
-            source = T.match_buffer(a, (n, n), dtype, strides=[tirx.Var("a_stride", "int64"), _i64(1)],
+            source = T.match_buffer(a, (n, n), dtype, strides=[tirx.Var("a_stride", index_dtype), index(1)],
                                     offset_factor=1)
-            target = T.match_buffer(c, (n, n), dtype, strides=[tirx.Var("c_stride", "int64"), _i64(1)],
+            target = T.match_buffer(c, (n, n), dtype, strides=[tirx.Var("c_stride", index_dtype), index(1)],
                                     offset_factor=1)
             with T.sblock("root"):
                 T.reads(source[0:lanes, 0:lanes])
                 T.writes(target[0:lanes, 0:lanes])
                 if implementation:
-                    vector = tirx.Ramp(_i64(0), _i64(1), lanes)
-                    rows = [tirx.BufferLoad(source, [_i64(r), vector]) for r in range(lanes)]
+                    vector = tirx.Ramp(index(0), index(1), lanes)
+                    rows = [tirx.BufferLoad(source, [index(r), vector]) for r in range(lanes)]
                     for r, row in enumerate(_butterfly(rows, lanes)):
-                        T.buffer_store(target, row, [_i64(r), vector])
+                        T.buffer_store(target, row, [index(r), vector])
                 else:
                     with T.grid(n, n) as (i, j):
                         with T.sblock("transpose"):
@@ -64,11 +65,12 @@ def _transpose_func(lanes: int, dtype: str, implementation: bool) -> tirx.PrimFu
     return builder.get()
 
 
-def transpose(lanes: int, dtype: str) -> str:
-    """The name of the lanes x lanes transpose intrinsic for `dtype` (a power-of-two `lanes`)."""
+def transpose(lanes: int, dtype: str, index_dtype: str = "int64") -> str:
+    """The name of the lanes x lanes transpose intrinsic for `dtype` elements and `index_dtype`
+    loops (tensorize matches index expressions with their types; a power-of-two `lanes`)."""
     if lanes & (lanes - 1):
         raise ValueError(f"transpose intrinsic: lanes must be a power of two, got {lanes}")
-    name = f"tvmsoftmax_transpose_{lanes}x{lanes}_{dtype}"
+    name = f"tvmsoftmax_transpose_{lanes}x{lanes}_{dtype}_{index_dtype}"
     if s_tir.TensorIntrin.get(name, allow_missing=True) is None:
-        s_tir.TensorIntrin.register(name, _transpose_func(lanes, dtype, False), _transpose_func(lanes, dtype, True))
+        s_tir.TensorIntrin.register(name, *(_transpose_func(lanes, dtype, index_dtype, impl) for impl in (False, True)))
     return name

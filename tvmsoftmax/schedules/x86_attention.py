@@ -138,14 +138,15 @@ def _base(name: str) -> str:
 
 
 def _schedule_key_packing(sch, block, lanes: int, transpose: bool):
-    """K [key, D] -> tiles [D, key], parallel over (batch, head). A block of whole tiles (a plain
-    copy, `FlashTiling.pack_whole_tiles_apart`) of float32 K is transposed lanes x lanes in
+    """K [key, D] -> [D, key] (flash: per key tile; materialized: per head), parallel over (batch,
+    head). A plain copy (flash: the whole tiles, `FlashTiling.pack_whole_tiles_apart`; the
+    materialized strategy's, at static lengths) of float32 K is transposed lanes x lanes in
     registers (`intrinsics.transpose`): K packing was 10% of the kernel at (1,12,128,64) and 4%
     at S=512, stored lane by lane. Otherwise K is packed key by key: a key's row is one vector
     load (its bounds check one per key), its lanes stored a tile row apart. Element by element,
     a check each, the packing took 80% of a decoding step's kernel (0.66 -> 0.44 ms at 32 heads,
     1025 keys, D=128); a vector of keys gathered from D-strided rows: 0.54 ms."""
-    b, h, _t, e, j = sch.get_loops(block)
+    b, h, *_tile, e, j = sch.get_loops(block)
     sch.parallel(sch.fuse(b, h))
     dtype = sch.get(block).writes[0].source.dtype
     reads = {str(region.source.dtype) for region in sch.get(block).reads}
@@ -154,7 +155,7 @@ def _schedule_key_packing(sch, block, lanes: int, transpose: bool):
         e_outer, e_inner = sch.split(e, [None, lanes])
         j_outer, j_inner = sch.split(j, [None, lanes])
         sch.reorder(e_outer, j_outer, e_inner, j_inner)
-        sch.tensorize(e_inner, intrinsics.transpose(lanes, str(dtype)))
+        sch.tensorize(e_inner, intrinsics.transpose(lanes, str(dtype), str(sch.get(e_inner).loop_var.ty)))
         return
     sch.reorder(j, e)
     _vectorize(sch, e, lanes)
@@ -260,8 +261,7 @@ def schedule_scores(func: tirx.PrimFunc, knobs: X86AttentionKnobs) -> tirx.PrimF
     attention_scores (elementwise)."""
     sch = s_tir.Schedule(func)
     blocks = _blocks(sch)
-    b, h, _e, _j = sch.get_loops(blocks["attention_key_t"])
-    sch.parallel(sch.fuse(b, h))
+    _schedule_key_packing(sch, blocks["attention_key_t"], knobs.vector_lanes, transpose=knobs.transpose_keys)
     block = blocks["attention_dot"]
     row, key, _unit, depth = sch.get_loops(block)
     rows = knobs.rows
