@@ -14,8 +14,6 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 
 
-
-
 def _butterfly(rows: list, lanes: int) -> list:
     """The rows of the transposed tile, as shuffles of the loaded `rows` (see the docstring)."""
     bit = 1
