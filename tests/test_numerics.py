@@ -1004,6 +1004,36 @@ def test_nodes_out_of_topological_order_load():
     np.testing.assert_allclose(compiled.run({"x": x})["y"], run_ort(model, {"x": x})[0], rtol=1e-6, atol=1e-7)
 
 
+def test_values_read_only_inside_if_branches_stay_defined():
+    """Values an If reads only inside its branches are live: an initializer that constant folding
+    would have pruned (onnx's expanded AffineGrid-3-D lost two this way once folding ran), and a
+    node's output listed after the If (reordered before it)."""
+    f32 = TensorProto.FLOAT
+    value = lambda name, shape=(2, 3): helper.make_tensor_value_info(name, f32, list(shape))  # noqa: E731
+    then_branch = helper.make_graph([helper.make_node("Mul", ["x", "w"], ["then_y"])], "then", [], [value("then_y")])
+    else_branch = helper.make_graph([helper.make_node("Add", ["x", "late"], ["else_y"])], "else", [], [value("else_y")])
+    nodes = [
+        # onnxscript's folder leaves ConstantOfShape alone, ours folds it and then prunes initializers
+        helper.make_node("ConstantOfShape", ["three"], ["five"], value=helper.make_tensor("v", f32, [1], [5.0])),
+        helper.make_node("If", ["cond"], ["z"], then_branch=then_branch, else_branch=else_branch),
+        helper.make_node("Mul", ["x", "five"], ["late"]),  # read by the else branch only, listed after it
+        helper.make_node("Softmax", ["z"], ["y"], axis=-1),
+    ]
+    initializers = [helper.make_tensor("three", TensorProto.INT64, [1], [3])]
+    initializers.append(helper.make_tensor("w", f32, [3], [0.5, -1.0, 2.0]))
+    model = _model(nodes, [value("x"), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])], [value("y")],
+                   initializers=initializers)
+    compiled = tvmsoftmax.compile(model)
+    x = np.random.default_rng(0).standard_normal((2, 3)).astype(np.float32)
+    for cond in (True, False):
+        feeds = {"x": x, "cond": np.array(cond)}
+        got = compiled.run(feeds)["y"]
+        z = x.astype(np.float64) * np.array([0.5, -1.0, 2.0]) if cond else 6.0 * x.astype(np.float64)
+        e = np.exp(z - z.max(-1, keepdims=True))
+        np.testing.assert_allclose(got, e / e.sum(-1, keepdims=True), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(got, run_ort(model, feeds)[0], rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("shape, attrs", [
     ((2, 3, 9), {"kernel_shape": [3], "strides": [2]}),
     ((1, 2, 7, 8), {"kernel_shape": [3, 2], "strides": [2, 3], "pads": [1, 0, 1, 1], "dilations": [2, 1], "ceil_mode": 1}),

@@ -49,7 +49,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .frontend import default_opset, dims_of, elem_dtype, value_infos
+from .frontend import default_opset, dims_of, elem_dtype, node_reads, value_infos
 
 DOMAIN = "ai.tvmsoftmax"
 ATTENTION_OP = "AttentionSite"
@@ -93,9 +93,8 @@ class _Graph:
         self.producer = {o: n for n in self.graph.node for o in n.output if o}
         self.consumers: dict[str, list] = {}
         for n in self.graph.node:
-            for i in n.input:
-                if i:
-                    self.consumers.setdefault(i, []).append(n)
+            for i in node_reads(n):  # an If reading a value in a branch consumes it
+                self.consumers.setdefault(i, []).append(n)
         self.outputs = {o.name for o in self.graph.output}
         self.initializers = {t.name: t for t in self.graph.initializer}
         self.new_nodes: list = []
@@ -1184,7 +1183,7 @@ def _splice(model: onnx.ModelProto, graph: _Graph) -> None:
     for node in reversed(nodes):
         if any(o in live for o in node.output if o):
             alive.append(node)
-            live.update(i for i in node.input if i)
+            live.update(node_reads(node))
     del model.graph.node[:]
     model.graph.node.extend(reversed(alive))
     if not any(o.domain == DOMAIN for o in model.opset_import):
@@ -1197,13 +1196,13 @@ def _toposort(nodes: list, model: onnx.ModelProto) -> list:
     while pending:
         progress = []
         for node in pending:
-            if all(i in ready for i in node.input):
+            if all(i in ready for i in node_reads(node)):
                 order.append(node)
                 ready.update(node.output)
             else:
                 progress.append(node)
         if len(progress) == len(pending):
-            missing = sorted({i for n in progress for i in n.input if i not in ready})[:3]
+            missing = sorted({i for n in progress for i in node_reads(n) if i not in ready})[:3]
             raise RuntimeError(f"attention rewrite left an unordered graph (missing {missing})")
         pending = progress
     return order

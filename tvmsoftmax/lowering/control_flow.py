@@ -48,10 +48,12 @@ def unroll_control_flow(model: onnx.ModelProto) -> onnx.ModelProto:
 def all_defined(model: onnx.ModelProto) -> bool:
     """Whether every value the main graph's nodes read is defined in it (an unrolled body whose
     outer values an optimizer dropped is not)."""
+    from .frontend import node_reads
+
     graph = model.graph
-    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
     defined |= {o for n in graph.node for o in n.output}
-    return all(i in defined for n in graph.node for i in n.input)
+    return all(i in defined for n in graph.node for i in node_reads(n))
 
 
 def _unroll_once(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -305,6 +305,29 @@ def value_inputs(model: onnx.ModelProto) -> list[str]:
     return found
 
 
+def subgraphs(node: onnx.NodeProto) -> list:
+    """The graphs of a node's attributes (If's branches, Loop's and Scan's bodies)."""
+    graphs = []
+    for attribute in node.attribute:
+        if attribute.type == onnx.AttributeProto.GRAPH:
+            graphs.append(attribute.g)
+        elif attribute.type == onnx.AttributeProto.GRAPHS:
+            graphs.extend(attribute.graphs)
+    return graphs
+
+
+def node_reads(node: onnx.NodeProto) -> set:
+    """Every value a node reads from its graph: its inputs, and the values its subgraphs (nested
+    ones too) read from enclosing scopes without defining them. A value read only inside an If
+    branch is as live as a node input: liveness, ordering and consumer tables need this set."""
+    names = {name for name in node.input if name}
+    for graph in subgraphs(node):
+        defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+        defined |= {o for n in graph.node for o in n.output if o}
+        names |= {name for n in graph.node for name in node_reads(n) if name not in defined}
+    return names
+
+
 # Ops never folded: random ones, and those with subgraphs (the folder evaluates single nodes).
 _NOT_FOLDED = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
                "Bernoulli", "If", "Loop", "Scan", "SequenceMap"}
@@ -352,7 +375,7 @@ def fold_constants(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         folded += 1
     if not folded:
         return model, 0
-    used = {name for node in kept for name in node.input} | graph_outputs
+    used = {name for node in kept for name in node_reads(node)} | graph_outputs
     del model.graph.node[:]
     model.graph.node.extend(kept)
     del model.graph.initializer[:]
@@ -421,18 +444,9 @@ def _topologically_sorted(model: onnx.ModelProto) -> onnx.ModelProto:
     inside subgraphs count as inputs too."""
     graph = model.graph
     available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-
-    def needs(node) -> set:
-        names = set(node.input)
-        for attribute in node.attribute:
-            for sub in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)):
-                inner = {o for n in sub.node for o in n.output} | {i.name for i in sub.input}
-                names |= {i for n in sub.node for i in n.input} - inner
-        return names
-
     nodes = list(graph.node)
     producer = {o: index for index, n in enumerate(nodes) for o in n.output if o}
-    waits = [{producer[i] for i in needs(n) if i in producer and i not in available} for n in nodes]
+    waits = [{producer[i] for i in node_reads(n) if i in producer and i not in available} for n in nodes]
     if all(all(p < index for p in wait) for index, wait in enumerate(waits)):
         return model
     # Kahn's algorithm, the earliest ready node first: an ordered stretch keeps its order
