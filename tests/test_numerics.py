@@ -150,7 +150,7 @@ PLAIN_CASES = [
                           "test_deform_conv", "test_eyelike", "test_upsample", "test_reduce_max_bool",
                           "test_reduce_min_bool", "test_split_zero_size", "test_scan9", "test_loop11",
                           "test_linear_attention", "test_maxpool_with_argmax", "test_ai_onnx_ml_binarizer",
-                          "test_ai_onnx_ml_array_feature_extractor"))
+                          "test_ai_onnx_ml_array_feature_extractor", "test_det_"))
     and "uint64" not in c.name  # TVM 0.27's TopK has no uint64
 ]
 
@@ -180,7 +180,7 @@ def test_plain_op_conformance(case):
     BitCast (our converter); EyeLike with a dtype of its own, Upsample (opset 9's scales input),
     bool ReduceMax/ReduceMin, Split into empty pieces (our converters: TVM's failed); Scan and Loop
     (unrolled, `lowering.control_flow`; Loop's trip count is a graph input: compiled per value) and
-    LinearAttention through its function body, whose Scan is unrolled."""
+    LinearAttention through its function body, whose Scan is unrolled; Det (our converter)."""
     compiled = tvmsoftmax.compile(case.model)
     if case.name.startswith("test_sce") and "_expanded" not in case.name:  # the body's LogSoftmax is ours
         assert [s["op"] for s in compiled.sites if s.get("rewritten")] == ["LogSoftmax"], compiled.sites
@@ -523,6 +523,30 @@ def test_qlinear_conv_and_matmul_match_onnxruntime(dtype):
     got, (want,) = tvmsoftmax.compile(model).run({"a": a})["y"], run_ort(model, {"a": a})
     assert len(np.unique(want)) > 10
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 3), (2, 4, 4), (2, 3, 6, 6)])
+def test_det_matches_numpy_and_onnxruntime(shape):
+    """Det (our converter: LU with partial pivoting): random matrices, one whose first pivot is 0
+    (needs a swap), a singular one (0), a permutation (sign) and a NaN entry, against float64 numpy
+    and onnxruntime."""
+    n = shape[-1]
+    x = np.random.default_rng(n).standard_normal(shape).astype(np.float32)
+    flat = x.reshape(-1, n, n)
+    if n > 1 and len(flat) > 1:
+        flat[0, 0, 0] = 0.0  # pivot 0: swapped with a lower row
+        flat[1, -1] = flat[1, 0]  # two equal rows: singular
+    if len(flat) > 2:
+        flat[2] = np.eye(n, dtype=np.float32)[::-1]  # a reversed identity: det (-1)^(n//2)
+    if len(flat) > 3:
+        flat[3, 1, 2] = np.nan
+    model = _model([helper.make_node("Det", ["x"], ["y"])], [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape[:-2]))])
+    got = tvmsoftmax.compile(model).run({"x": x})["y"]
+    want = np.linalg.det(x.astype(np.float64))
+    scale = np.nanmax(np.abs(x)) ** n  # det's error scales with the entries' magnitude to the n
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
+    np.testing.assert_allclose(got, run_ort(model, {"x": x})[0], rtol=1e-5, atol=1e-5 * scale)
 
 
 def test_training_modes_are_refused_by_name():

@@ -241,7 +241,70 @@ def _make_math_converters() -> dict:
             return relax.op.astype(result, base_type)
 
     return {"LpNormalization": LpNormalizationConverter, "Cosh": CoshConverter, "Sinh": SinhConverter,
-            "Pow": PowConverter}
+            "Pow": PowConverter, "Det": _make_det_converter()}
+
+
+def _make_det_converter():
+    import tvm
+    from tvm import te, tirx, topi
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    def determinant(x, n: int):
+        """LU with partial pivoting, one TE stage per column (n is static): the row of the
+        largest |a_ik| (i >= k, the first on ties) is swapped up, the rows below are eliminated;
+        det = the product of the pivots, negated per swap. A zero pivot column makes det 0 (its
+        elimination is skipped: no 0/0). NaN propagates through the products."""
+        batch, dtype = list(x.shape[:-2]), x.dtype
+        zero, one = tirx.const(0.0, dtype), tirx.const(1.0, dtype)
+
+        def step(a, det, k):
+            def candidate(*index):  # |a_ik| for i >= k, else below any magnitude
+                *rows, i = index
+                return tirx.Select(i >= k, tirx.abs(a(*rows, i, k)), tirx.const(-1.0, dtype))
+
+            pivot = topi.argmax(te.compute(batch + [n], candidate, name=f"det_column{k}"), axis=-1)
+
+            def swap(*index):
+                *rows, i, j = index
+                index_type = str(i.ty)  # TVM 0.27: a Var's dtype is its `ty`
+                p = pivot(*rows).astype(index_type)
+                return a(*rows, tirx.Select(i == k, p, tirx.Select(i == p, tirx.const(k, index_type), i)), j)
+
+            swapped = te.compute(a.shape, swap, name=f"det_swap{k}")
+
+            def eliminate(*index):
+                *rows, i, j = index
+                head = swapped(*rows, k, k)
+                factor = tirx.Select(head == zero, zero, swapped(*rows, i, k) / head)
+                value = swapped(*rows, i, j)
+                return tirx.Select(i > k, value - factor * swapped(*rows, k, j), value)
+
+            def product(*rows):
+                sign = tirx.Select(pivot(*rows).astype("int64") == k, one, -one)
+                return det(*rows) * swapped(*rows, k, k) * sign
+
+            return (te.compute(a.shape, eliminate, name=f"det_eliminate{k}"),
+                    te.compute(batch, product, name=f"det_step{k}"))
+
+        a, det = x, te.compute(batch, lambda *rows: one, name="det_init")
+        for k in range(n):
+            a, det = step(a, det, k)
+        return det
+
+    class DetConverter(OnnxOpConverter):
+        """Det (absent in TVM 0.27): [..., M, M] -> [...], by `determinant` (M must be static)."""
+
+        @classmethod
+        def _impl_v11(cls, bb, inputs, attr, params):
+            shape = inputs[0].ty.shape
+            n = shape[-1] if len(shape) >= 2 else None
+            if not isinstance(n, tvm.tirx.IntImm) or not isinstance(shape[-2], tvm.tirx.IntImm) or int(shape[-2]) != int(n):
+                raise ValueError(f"Det: the last two dims must be static and equal, got {list(shape)}")
+            return bb.emit_te(determinant, inputs[0], int(n))
+
+        _impl_v22 = _impl_v11
+
+    return DetConverter
 
 
 def _make_nms_converter():
