@@ -3,9 +3,10 @@
 TVM 0.27's default Relax pipeline leaves those kernels unscheduled on llvm (one thread, scalar).
 This rule gives every root block of such a PrimFunc: the outer spatial loops fused and parallel
 (unless the block is small, `PARALLEL_MIN_ITERATIONS`),
-the innermost spatial loop vectorised; for a matmul-like block (one reduction loop innermost, two
-or more inputs) the reduction loop is moved outside the last spatial loop first, so that loop
-vectorises over contiguous output columns. A block the rule cannot handle is left as it is.
+the innermost spatial loop vectorised (by the widest of lanes, lanes/2, lanes/4 that divides it);
+for a matmul-like block (reduction loops innermost, two or more inputs: matmul, convolution) the
+reduction loops are moved outside the last spatial loop first, so that loop vectorises over
+contiguous output columns. A block the rule cannot handle is left as it is.
 It is a baseline, not a tuned schedule (whole-model speed is its own issue).
 """
 
@@ -46,7 +47,10 @@ def _schedule_block(sch: s_tir.Schedule, block, lanes: int) -> None:
     # a few hundred elements; parallel, the launches were a quarter of its run time.
     iterations = _iterations(sch, loops)
     parallel = iterations is None or iterations >= PARALLEL_MIN_ITERATIONS
-    matmul_like = len(reduce) == 1 and kinds[-1] == _REDUCE and len(stmt.reads) >= 2
+    # A product reduced over its innermost loops (matmul; convolution: channels x kernel window):
+    # the reductions go outside the last spatial loop, which then vectorises over output columns.
+    trailing = bool(reduce) and all(kind == _REDUCE for kind in kinds[len(spatial):])
+    matmul_like = trailing and len(stmt.reads) >= 2
     if reduce and not matmul_like:
         # Reductions over inner axes (LayerNorm, mean, ...): parallel over the spatial prefix.
         prefix = loops[: kinds.index(_REDUCE)]
@@ -54,7 +58,7 @@ def _schedule_block(sch: s_tir.Schedule, block, lanes: int) -> None:
             sch.parallel(sch.fuse(*prefix) if len(prefix) > 1 else prefix[0])
         return
     if matmul_like:
-        sch.reorder(*spatial[:-1], reduce[0], last)
+        sch.reorder(*spatial[:-1], *reduce, last)
     outer = spatial[:-1]
     if outer and parallel:
         fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
@@ -65,9 +69,11 @@ def _schedule_block(sch: s_tir.Schedule, block, lanes: int) -> None:
         extent = None
     else:
         extent = static_extent(sch.get(last).extent)
-    if extent is not None and extent >= lanes:
-        if extent % lanes == 0:
-            _, inner = sch.split(last, [None, lanes])
+    if extent is not None and extent > lanes:
+        # the widest vector that divides the extent (56 output columns: 8 lanes, 7 vectors)
+        width = next((w for w in (lanes, lanes // 2, lanes // 4) if w >= 4 and extent % w == 0), None)
+        if width is not None:
+            _, inner = sch.split(last, [None, width])
             sch.vectorize(inner)
     elif extent is not None and extent > 1:
         sch.vectorize(last)
