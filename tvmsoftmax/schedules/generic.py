@@ -31,6 +31,44 @@ def _iterations(sch: s_tir.Schedule, loops) -> int | None:
     return total
 
 
+# Register tile of a matmul: up to TILE_ROWS output rows x TILE_VECTORS vectors of columns.
+TILE_ROWS, TILE_VECTORS = 4, 4
+
+
+def _register_tiled(sch: s_tir.Schedule, block, spatial, reduce, lanes: int, parallel: bool) -> bool:
+    """A matmul (one reduction, static row and column extents, whole vectors of columns) as
+    register tiles: rows x (vectors of columns) accumulators in a block-local buffer (registers
+    once unrolled), the reduction outside them, each row's value broadcast against a vector of the
+    other operand's row; written back once per tile. Each output's sum keeps its order.
+    Returns False (nothing changed) where it does not apply."""
+    if len(reduce) != 1 or len(spatial) < 2:
+        return False
+    row, column = spatial[-2], spatial[-1]
+    rows, columns = static_extent(sch.get(row).extent), static_extent(sch.get(column).extent)
+    if rows is None or columns is None or columns % lanes or rows < 2:
+        return False
+    tile_rows = next(r for r in (TILE_ROWS, 2, 1) if rows % r == 0)
+    tile_vectors = next(c for c in (TILE_VECTORS, 2, 1) if (columns // lanes) % c == 0)
+    row_outer, row_inner = sch.split(row, [None, tile_rows])
+    column_outer, column_vector, lane = sch.split(column, [None, tile_vectors, lanes])
+    sch.reorder(*spatial[:-2], row_outer, column_outer, reduce[0], row_inner, column_vector, lane)
+    if parallel:  # before the write-back block exists (its subtree is no longer a plain reduction)
+        outer = [*spatial[:-2], row_outer]
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+    writeback = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(writeback, column_outer, preserve_unit_loops=True)
+    back_rows, back_columns = sch.get_loops(writeback)[-2:]
+    back_vectors, back_lanes = sch.split(back_columns, [None, lanes])
+    sch.vectorize(back_lanes)
+    sch.unroll(back_vectors)
+    sch.unroll(back_rows)
+    sch.vectorize(lane)
+    sch.unroll(column_vector)
+    sch.unroll(row_inner)
+    sch.decompose_reduction(block, reduce[0])
+    return True
+
+
 def _schedule_block(sch: s_tir.Schedule, block, lanes: int) -> None:
     stmt = sch.get(block)
     loops = sch.get_loops(block)
@@ -51,6 +89,8 @@ def _schedule_block(sch: s_tir.Schedule, block, lanes: int) -> None:
     # the reductions go outside the last spatial loop, which then vectorises over output columns.
     trailing = bool(reduce) and all(kind == _REDUCE for kind in kinds[len(spatial):])
     matmul_like = trailing and len(stmt.reads) >= 2
+    if matmul_like and _register_tiled(sch, block, spatial, reduce, lanes, parallel):
+        return
     if reduce and not matmul_like:
         # Reductions over inner axes (LayerNorm, mean, ...): parallel over the spatial prefix.
         prefix = loops[: kinds.index(_REDUCE)]
