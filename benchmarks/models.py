@@ -48,7 +48,8 @@ def main():
         row = {"family": family, "shapes": shapes, "threads": threads, "check_passed": report.passed,
                "tvmsoftmax_ms": medians["tvmsoftmax"] * 1e3, "onnxruntime_ms": medians["onnxruntime"] * 1e3,
                "speedup_vs_onnxruntime": medians["onnxruntime"] / medians["tvmsoftmax"],
-               "sites": [s["lowered"].get("algorithm") for s in report.sites]}
+               "sites": [f'{s.get("kind", "softmax")}: {s["lowered"].get("strategy") or s["lowered"].get("algorithm")}'
+                         for s in report.sites if s["rewritten"]]}
         print(json.dumps(row))
         results.append(row)
     out = Path(__file__).parent / "results" / "models.json"
