@@ -1016,6 +1016,28 @@ def test_onnxruntime_fused_ops_match_onnxruntime(name):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_shapes_known_only_after_contrib_op_inference_are_folded():
+    """A Shape of a contrib op's output (ONNX's inference does not know SimplifiedLayerNormalization;
+    onnxruntime's symbolic inference, run after the folders, does) feeding Range: folded to a
+    constant (before, TVM got a run-time Range, a tensor of unknown shape, and its import failed:
+    onnxruntime-optimised T5's position bias)."""
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    nodes = [helper.make_node("SimplifiedLayerNormalization", ["x", "scale"], ["y"], axis=-1, epsilon=1e-6),
+             helper.make_node("Shape", ["y"], ["s"]),
+             helper.make_node("Gather", ["s", "two"], ["n"], axis=0),
+             helper.make_node("Range", ["zero", "n", "one"], ["r"]),
+             helper.make_node("Cast", ["r"], ["rf"], to=f32),
+             helper.make_node("Add", ["y", "rf"], ["z"]),
+             helper.make_node("Softmax", ["z"], ["out"], axis=-1)]
+    inits = [helper.make_tensor("scale", f32, [32], np.linspace(0.5, 1.5, 32)), helper.make_tensor("two", i64, [], [2]),
+             helper.make_tensor("zero", i64, [], [0]), helper.make_tensor("one", i64, [], [1])]
+    value = lambda name: helper.make_tensor_value_info(name, f32, [2, 16, 32])  # noqa: E731
+    model = _model(nodes, [value("x")], [value("out")], opset=17, initializers=inits)
+    x = np.random.default_rng(0).standard_normal((2, 16, 32)).astype(np.float32)
+    got = tvmsoftmax.compile(model).run({"x": x})["out"]
+    np.testing.assert_allclose(got, run_ort(model, {"x": x})[0], rtol=1e-5, atol=1e-6)
+
+
 def test_nodes_out_of_topological_order_load():
     """A graph whose nodes are not in topological order (onnxruntime saves such models) is
     reordered and runs."""

@@ -237,3 +237,25 @@ def test_bert_through_onnxruntime_transformer_optimizer(tmp_path):
     attention = [s for s in report.sites if s.get("kind") == "attention"]
     assert len(attention) == 2 and all(s["form"] == "com.microsoft.Attention" and s["rewritten"] for s in attention), report.sites
     assert report.passed, [o for o in report.outputs if not o.passed]
+
+
+def test_t5_through_onnxruntime_transformer_optimizer(tmp_path):
+    """A T5 encoder fused by onnxruntime's transformer optimizer (SimplifiedLayerNormalization,
+    SkipSimplifiedLayerNormalization: ONNX's shape inference knows neither, so the relative
+    position bias's Shape -> Range chain is foldable only after onnxruntime's symbolic inference;
+    it once reached TVM as a tensor of unknown shape and the import failed): every attention fused,
+    outputs matching onnxruntime with a padded second sequence."""
+    from onnxruntime.transformers import optimizer
+
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+    config._attn_implementation = "eager"
+    inputs = _text_inputs(100)
+    path, fused = tmp_path / "t5.onnx", tmp_path / "t5_fused.onnx"
+    _export(_Plain(transformers.T5EncoderModel(config).eval(), list(inputs)), inputs, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optimizer.optimize_model(str(path), model_type="t5", num_heads=4, hidden_size=32).save_model_to_file(str(fused))
+    report = tvmsoftmax.check(str(fused), inputs={k: v.numpy() for k, v in inputs.items()})
+    assert [s.get("kind") for s in report.sites if s["rewritten"]] == ["attention", "attention"], report.sites
+    assert report.passed, [o for o in report.outputs if not o.passed]

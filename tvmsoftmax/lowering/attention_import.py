@@ -50,6 +50,11 @@ def make_attention_converter(contexts: list):
             hq, hkv, d, dv = static
             dtype = str(q.ty.dtype)
 
+            for role, x in (("bias", bias), ("mask", keep)):
+                if x is not None and x.ty.shape is None:
+                    raise ModelError(f"attention site {site.id} (node {site.node!r}): the shape of its {role} is unknown "
+                                     "to TVM's importer (computed at run time); bind the input shapes (`shapes=`)")
+
             def flags(x):
                 dims = list(x.ty.shape.values)
                 return tuple(static_extent(dd) == 1 for dd in dims)

@@ -429,12 +429,41 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
         model = _constant_shapes(_contrib_shapes(model))
+        if _static_shape_nodes(model):  # shapes known only now (after contrib ops): fold what they feed
+            model, _ = fold_constants(model)
+            model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+            model = _constant_shapes(_contrib_shapes(model))
     except Exception as err:  # noqa: BLE001
         warnings.warn(f"ONNX shape inference failed ({err}); continuing without it", stacklevel=2)
     _empty_reductions(model)
     _constant_tensors(model.graph)
     _name_nodes(model.graph)
     return model
+
+
+def _static_shape_nodes(model: onnx.ModelProto) -> int:
+    """Replace, in place, each Shape node whose input's dims are all known by an initializer (its
+    start/end slice); returns how many. The folders ran before onnxruntime's symbolic inference gave
+    the outputs of contrib ops (SimplifiedLayerNormalization, SkipLayerNormalization...) their
+    shapes: an onnxruntime-optimised T5's position bias was still computed from Shape -> Range at
+    run time, a tensor of unknown shape to TVM (its import failed)."""
+    infos = value_infos(model)
+    outputs = {o.name for o in model.graph.output}
+    kept, replaced = [], 0
+    for node in model.graph.node:
+        dims = dims_of(infos[node.input[0]]) if node.op_type == "Shape" and node.input[0] in infos else None
+        if (node.domain not in ("", "ai.onnx") or dims is None or not all(isinstance(d, int) for d in dims)
+                or node.output[0] in outputs):
+            kept.append(node)
+            continue
+        attrs = {a.name: a.i for a in node.attribute}
+        value = np.array(dims[attrs.get("start", 0):attrs.get("end", len(dims))], np.int64)
+        model.graph.initializer.append(onnx.numpy_helper.from_array(value, node.output[0]))
+        replaced += 1
+    if replaced:
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
+    return replaced
 
 
 def _topologically_sorted(model: onnx.ModelProto) -> onnx.ModelProto:
