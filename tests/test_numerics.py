@@ -1016,6 +1016,39 @@ def test_onnxruntime_fused_ops_match_onnxruntime(name):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_patch_embedding_convolution_becomes_a_matmul(bias, monkeypatch):
+    """A Conv whose kernel equals its strides (ViT's patch embedding) runs as Reshape/Transpose +
+    MatMul, with a symbolic batch: against onnxruntime, and bit for bit against TVM's convolution
+    of the same model (each output sums over (c, ky, kx) in the same order). Convolutions that do
+    not tile their input exactly stay Conv."""
+    from onnx import numpy_helper
+
+    from tvmsoftmax.lowering import frontend
+    from tvmsoftmax.lowering.compiler import prepare
+
+    f32 = TensorProto.FLOAT
+    rng = np.random.default_rng(3)
+    weights = [numpy_helper.from_array(rng.standard_normal((24, 3, 8, 4)).astype(np.float32), "w"),
+               numpy_helper.from_array(rng.standard_normal(24).astype(np.float32), "b")]
+
+    def conv(strides, pads=(0, 0, 0, 0), height=32):
+        node = helper.make_node("Conv", ["x", "w", "b"] if bias else ["x", "w"], ["y"], kernel_shape=[8, 4],
+                                strides=strides, pads=list(pads))
+        return _model([node], [helper.make_tensor_value_info("x", f32, ["n", 3, height, 48])],
+                      [helper.make_tensor_value_info("y", f32, None)], opset=17, initializers=weights[:2 if bias else 1])
+
+    model = conv([8, 4])
+    assert "Conv" not in [n.op_type for n in prepare(model).model.graph.node]
+    for other in (conv([4, 4]), conv([8, 4], pads=(1, 0, 1, 0)), conv([8, 4], height=36)):
+        assert "Conv" in [n.op_type for n in prepare(other).model.graph.node]
+    x = rng.standard_normal((2, 3, 32, 48)).astype(np.float32)
+    got = tvmsoftmax.compile(model).run({"x": x})["y"]
+    np.testing.assert_allclose(got, run_ort(model, {"x": x})[0], rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(frontend, "_patch_convolutions", lambda model: None)
+    np.testing.assert_array_equal(got, tvmsoftmax.compile(model).run({"x": x})["y"])
+
+
 def test_shapes_known_only_after_contrib_op_inference_are_folded():
     """A Shape of a contrib op's output (ONNX's inference does not know SimplifiedLayerNormalization;
     onnxruntime's symbolic inference, run after the folders, does) feeding Range: folded to a

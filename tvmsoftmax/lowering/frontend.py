@@ -436,9 +436,74 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     except Exception as err:  # noqa: BLE001
         warnings.warn(f"ONNX shape inference failed ({err}); continuing without it", stacklevel=2)
     _empty_reductions(model)
+    _patch_convolutions(model)
     _constant_tensors(model.graph)
     _name_nodes(model.graph)
     return model
+
+
+def _patch_convolutions(model: onnx.ModelProto) -> None:
+    """Rewrite, in place, each Conv whose kernel tiles its input exactly (kernel = strides, no
+    padding, dilation or groups, static C/H/W divisible by the kernel: ViT's and Swin's patch
+    embedding) as patches x flattened weights: Reshape [N, C, H/kh, kh, W/kw, kw] -> Transpose to
+    [N, H/kh, W/kw, C, kh, kw] -> Reshape [N, patches, C*kh*kw] -> MatMul by the weights as a
+    [C*kh*kw, M] constant [-> Add bias] -> Transpose/Reshape back to [N, M, H/kh, W/kw]. Each
+    output sums over (c, ky, kx) in the convolution's order. TVM's convolution of such a kernel
+    reads its input with a stride of the kernel width and vectorises over a few output columns
+    (ViT-B/16: 14); the MatMul gets the register-tiled matmul schedule."""
+    infos, weights = value_infos(model), {t.name: t for t in model.graph.initializer}
+    nodes, changed = [], False
+    for node in model.graph.node:
+        replacement = _patch_matmul(node, infos, weights, model.graph)
+        nodes.extend(replacement or [node])
+        changed |= bool(replacement)
+    if changed:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+
+
+def _patch_matmul(node, infos, weights, graph) -> list | None:
+    if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or node.input[1] not in weights:
+        return None
+    w = onnx.numpy_helper.to_array(weights[node.input[1]])
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    dims = dims_of(infos[node.input[0]]) if node.input[0] in infos else None
+    if w.ndim != 4 or w.dtype not in (np.float32, np.float16) or dims is None or len(dims) != 4:
+        return None
+    m, c, kh, kw = w.shape
+    _, channels, height, width = dims
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    if (list(attrs.get("kernel_shape", [kh, kw])) != [kh, kw] or list(attrs.get("strides", [1, 1])) != [kh, kw]
+            or any(attrs.get("pads", [0] * 4)) or any(d != 1 for d in attrs.get("dilations", [1, 1]))
+            or attrs.get("group", 1) != 1 or auto_pad not in (b"NOTSET", b"VALID", "NOTSET", "VALID")
+            or (kh, kw) == (1, 1) or channels != c or not isinstance(height, int) or not isinstance(width, int)
+            or height % kh or width % kw):
+        return None
+    rows, columns = height // kh, width // kw
+    stem = f"{node.output[0]}__patches"
+
+    def constant(name, value):
+        graph.initializer.append(onnx.numpy_helper.from_array(np.ascontiguousarray(value), f"{stem}_{name}"))
+        return f"{stem}_{name}"
+
+    shape = lambda *d: constant(f"shape{len(d)}_{d[1]}", np.array(d, np.int64))  # noqa: E731 (0: copy N)
+    flat = constant("weights", w.reshape(m, c * kh * kw).T)
+    out = [
+        helper.make_node("Reshape", [node.input[0], shape(0, c, rows, kh, columns, kw)], [f"{stem}_split"]),
+        helper.make_node("Transpose", [f"{stem}_split"], [f"{stem}_grouped"], perm=[0, 2, 4, 1, 3, 5]),
+        helper.make_node("Reshape", [f"{stem}_grouped", shape(0, rows * columns, c * kh * kw)], [f"{stem}_rows"]),
+        helper.make_node("MatMul", [f"{stem}_rows", flat], [f"{stem}_product"]),
+    ]
+    product = f"{stem}_product"
+    if bias:
+        out.append(helper.make_node("Add", [product, bias], [f"{stem}_biased"]))
+        product = f"{stem}_biased"
+    out += [
+        helper.make_node("Transpose", [product], [f"{stem}_channels"], perm=[0, 2, 1]),
+        helper.make_node("Reshape", [f"{stem}_channels", shape(0, m, rows, columns)], [node.output[0]]),
+    ]
+    return out
 
 
 def _static_shape_nodes(model: onnx.ModelProto) -> int:
