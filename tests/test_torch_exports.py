@@ -216,24 +216,30 @@ def test_dynamo_opset23_export_with_dynamic_dims(family, tmp_path):
         assert forms == ["ONNX Attention-23"] * 2, compiled.sites
 
 
+def _through_transformer_optimizer(model, model_type: str, tmp_path):
+    """`model` (eager attention) exported, fused by onnxruntime's transformer optimizer and checked
+    against onnxruntime (dims symbolic, a padded second sequence): the report."""
+    from onnxruntime.transformers import optimizer
+
+    inputs = _text_inputs(100)
+    path, fused = tmp_path / f"{model_type}.onnx", tmp_path / f"{model_type}_fused.onnx"
+    _export(_Plain(model.eval(), list(inputs)), inputs, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optimizer.optimize_model(str(path), model_type=model_type, num_heads=4, hidden_size=32).save_model_to_file(str(fused))
+    return tvmsoftmax.check(str(fused), inputs={k: v.numpy() for k, v in inputs.items()})
+
+
 def test_bert_through_onnxruntime_transformer_optimizer(tmp_path):
     """A Hugging Face BERT (eager attention) exported, then fused by onnxruntime's transformer
     optimizer into com.microsoft EmbedLayerNormalization (its mask_index: the valid token counts),
     Attention (1-D mask_index), SkipLayerNormalization and BiasGelu: every Attention fused, dims
     left symbolic (one compile), outputs matching onnxruntime with a padded second sequence."""
-    from onnxruntime.transformers import optimizer
-
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=100, hidden_size=32, max_position_embeddings=64, num_hidden_layers=2,
                                      num_attention_heads=4, intermediate_size=64)
     config._attn_implementation = "eager"  # the form onnxruntime's Attention fusion matches
-    inputs = _text_inputs(100)
-    path, fused = tmp_path / "bert.onnx", tmp_path / "bert_fused.onnx"
-    _export(_Plain(transformers.BertModel(config).eval(), list(inputs)), inputs, path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        optimizer.optimize_model(str(path), model_type="bert", num_heads=4, hidden_size=32).save_model_to_file(str(fused))
-    report = tvmsoftmax.check(str(fused), inputs={k: v.numpy() for k, v in inputs.items()})
+    report = _through_transformer_optimizer(transformers.BertModel(config), "bert", tmp_path)
     attention = [s for s in report.sites if s.get("kind") == "attention"]
     assert len(attention) == 2 and all(s["form"] == "com.microsoft.Attention" and s["rewritten"] for s in attention), report.sites
     assert report.passed, [o for o in report.outputs if not o.passed]
@@ -245,17 +251,9 @@ def test_t5_through_onnxruntime_transformer_optimizer(tmp_path):
     position bias's Shape -> Range chain is foldable only after onnxruntime's symbolic inference;
     it once reached TVM as a tensor of unknown shape and the import failed): every attention fused,
     outputs matching onnxruntime with a padded second sequence."""
-    from onnxruntime.transformers import optimizer
-
     torch.manual_seed(0)
     config = transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
     config._attn_implementation = "eager"
-    inputs = _text_inputs(100)
-    path, fused = tmp_path / "t5.onnx", tmp_path / "t5_fused.onnx"
-    _export(_Plain(transformers.T5EncoderModel(config).eval(), list(inputs)), inputs, path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        optimizer.optimize_model(str(path), model_type="t5", num_heads=4, hidden_size=32).save_model_to_file(str(fused))
-    report = tvmsoftmax.check(str(fused), inputs={k: v.numpy() for k, v in inputs.items()})
+    report = _through_transformer_optimizer(transformers.T5EncoderModel(config), "t5", tmp_path)
     assert [s.get("kind") for s in report.sites if s["rewritten"]] == ["attention", "attention"], report.sites
     assert report.passed, [o for o in report.outputs if not o.passed]
