@@ -487,12 +487,15 @@ def _patch_matmul(node, infos, weights, graph) -> list | None:
         graph.initializer.append(onnx.numpy_helper.from_array(np.ascontiguousarray(value), f"{stem}_{name}"))
         return f"{stem}_{name}"
 
-    shape = lambda *d: constant(f"shape{len(d)}_{d[1]}", np.array(d, np.int64))  # noqa: E731 (0: copy N)
+    # Reshape targets: 0 copies the batch dim (it may be symbolic)
+    split = constant("split_shape", np.array([0, c, rows, kh, columns, kw], np.int64))
+    patches = constant("rows_shape", np.array([0, rows * columns, c * kh * kw], np.int64))
+    image = constant("image_shape", np.array([0, m, rows, columns], np.int64))
     flat = constant("weights", w.reshape(m, c * kh * kw).T)
     out = [
-        helper.make_node("Reshape", [node.input[0], shape(0, c, rows, kh, columns, kw)], [f"{stem}_split"]),
+        helper.make_node("Reshape", [node.input[0], split], [f"{stem}_split"]),
         helper.make_node("Transpose", [f"{stem}_split"], [f"{stem}_grouped"], perm=[0, 2, 4, 1, 3, 5]),
-        helper.make_node("Reshape", [f"{stem}_grouped", shape(0, rows * columns, c * kh * kw)], [f"{stem}_rows"]),
+        helper.make_node("Reshape", [f"{stem}_grouped", patches], [f"{stem}_rows"]),
         helper.make_node("MatMul", [f"{stem}_rows", flat], [f"{stem}_product"]),
     ]
     product = f"{stem}_product"
@@ -501,7 +504,7 @@ def _patch_matmul(node, infos, weights, graph) -> list | None:
         product = f"{stem}_biased"
     out += [
         helper.make_node("Transpose", [product], [f"{stem}_channels"], perm=[0, 2, 1]),
-        helper.make_node("Reshape", [f"{stem}_channels", shape(0, m, rows, columns)], [node.output[0]]),
+        helper.make_node("Reshape", [f"{stem}_channels", image], [node.output[0]]),
     ]
     return out
 

@@ -253,8 +253,8 @@ def _vector_rule(op_name: str):
     plain arithmetic that stays in vector registers (`ops.exp`), instead of ``llvm.exp`` /
     ``llvm.tanh``, which LLVM turns into one glibc call per lane (TVM's Sigmoid lowers to exp
     too: an unrolled LSTM spent 20% of its time in expf; erf, GELU's, half of a BERT's MLP kernel).
-    tanh also gains relative accuracy near 0 (TVM's, from exponentials, was 1% off at 1e-6). Other dtypes, and builds not ours, keep TVM's
-    rule."""
+    tanh also gains relative accuracy near 0 (TVM's, from exponentials, was 1% off at 1e-6). Other
+    dtypes, and builds not ours, keep TVM's rule."""
     from ..ops.exp import _dtype, fast_erf, fast_exp, fast_tanh
 
     ours = {"tirx.exp": fast_exp, "tirx.tanh": fast_tanh, "tirx.erf": fast_erf}[op_name]

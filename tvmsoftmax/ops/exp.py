@@ -94,11 +94,16 @@ def _let(value: tirx.PrimExpr, body, name: str) -> tirx.PrimExpr:
     return tirx.Let(var, value, body(var))
 
 
+def _horner(coefficients, t: tirx.PrimExpr) -> tirx.PrimExpr:
+    """sum_k coefficients[k] t^(n-k): the polynomial with `coefficients` highest degree first."""
+    value = _f32(coefficients[0])
+    for coefficient in coefficients[1:]:
+        value = value * t + _f32(coefficient)
+    return value
+
+
 def _polynomial(t: tirx.PrimExpr) -> tirx.PrimExpr:
-    poly = _f32(_POLY[0])
-    for coefficient in _POLY[1:]:
-        poly = poly * t + _f32(coefficient)
-    return poly * t + _f32(1.0)
+    return _horner(_POLY, t) * t + _f32(1.0)
 
 
 def _mantissa(x: tirx.PrimExpr, n: tirx.PrimExpr, constants) -> tirx.PrimExpr:
@@ -180,9 +185,7 @@ def exp_nonpositive(x: tirx.PrimExpr) -> tirx.PrimExpr:
             t = t - n * _f32(LN2_LO)
 
             def combine(tv):
-                q = _f32(_POLY[0])
-                for coefficient in _POLY[1:]:
-                    q = q * tv + _f32(coefficient)
+                q = _horner(_POLY, tv)
                 return _let(scale, lambda sv: sv + (tv * sv) * q, "exp_s")
 
             return _let(t, combine, "exp_t")
@@ -208,13 +211,7 @@ def fast_tanh(x: tirx.PrimExpr) -> tirx.PrimExpr:
 
     def rational(xv):
         def body(x2):
-            p = _f32(_TANH_P[0])
-            for coefficient in _TANH_P[1:]:
-                p = p * x2 + _f32(coefficient)
-            q = _f32(_TANH_Q[0])
-            for coefficient in _TANH_Q[1:]:
-                q = q * x2 + _f32(coefficient)
-            return xv * p / q
+            return xv * _horner(_TANH_P, x2) / _horner(_TANH_Q, x2)
 
         return _let(xv * xv, body, "tanh_x2")
 
@@ -228,20 +225,13 @@ def fast_tanh(x: tirx.PrimExpr) -> tirx.PrimExpr:
 # a fit of erf itself: erf's distance from 1 is what carries its information there);
 # |x| >= ERF_ONE: +-1 (erfc(3.92) < 2^-25, so float32 erf is 1).
 ERF_SPLIT, ERF_ONE = 0.921875, 3.92
-_ERF_A = (1.128379166637399, -0.37612633734972445, 0.11283695492645843, -0.026859398206706565,
-          0.0052010321806051606, -0.0008142703214885926, 8.37009636532823e-05)
-_ERF_B = (0.9983075907020005, -1.1160320333286873, 0.9586053740506342, -0.6672389828338327,
-          0.3794908386963057, -0.1745955723821811, 0.06384605247821028, -0.018154252023425802,
-          0.0039041828407876994, -0.0006108730571811081, 6.539810233262761e-05, -4.273926060052307e-06,
-          1.2838359048261575e-07)
-
-
-def _horner(coefficients, t: tirx.PrimExpr) -> tirx.PrimExpr:
-    """sum_k coefficients[k] t^k (lowest degree first)."""
-    value = _f32(coefficients[-1])
-    for coefficient in coefficients[-2::-1]:
-        value = value * t + _f32(coefficient)
-    return value
+# Highest degree first, as the tables above.
+_ERF_A = (8.37009636532823e-05, -0.0008142703214885926, 0.0052010321806051606, -0.026859398206706565,
+          0.11283695492645843, -0.37612633734972445, 1.128379166637399)
+_ERF_B = (1.2838359048261575e-07, -4.273926060052307e-06, 6.539810233262761e-05, -0.0006108730571811081,
+          0.0039041828407876994, -0.018154252023425802, 0.06384605247821028, -0.1745955723821811,
+          0.3794908386963057, -0.6672389828338327, 0.9586053740506342, -1.1160320333286873,
+          0.9983075907020005)
 
 
 def fast_erf(x: tirx.PrimExpr) -> tirx.PrimExpr:
