@@ -83,3 +83,21 @@ def test_convolution_is_vectorised_over_output_columns_and_exact(x86_spec):
         shape = tuple(int(d) for d in out.shape)
         got = _build_and_run(scheduled, x86_spec, arrays, shape)
         np.testing.assert_array_equal(got, _build_and_run(func, x86_spec, arrays, shape))
+
+
+def test_a_failing_register_tiling_falls_back_to_the_plain_rule(x86_spec, monkeypatch):
+    """Where register tiling raises half-way, the block gets the plain rule (parallel, vectorised),
+    not the unscheduled scalar kernel (a tiling bug once left every matmul scalar)."""
+    from tvmsoftmax.schedules import generic
+
+    def broken(sch, block, spatial, reduce, lanes, parallel):
+        sch.split(spatial[-1], [None, lanes])  # a change, then a failure
+        raise RuntimeError("tiling failed")
+
+    monkeypatch.setattr(generic, "_register_tiled", broken)
+    a = te.placeholder((2, 48, 32), "float32", name="a")
+    b = te.placeholder((2, 32, 64), "float32", name="b")
+    c = topi.nn.batch_matmul(a, b, transpose_b=False)
+    func = te.create_prim_func([a, b, c])
+    script = schedule_generic(func, x86_spec.vector_lanes).script()
+    assert "T.vectorized" in script and '"local"' not in script

@@ -6,7 +6,8 @@ This rule gives every root block of such a PrimFunc: the outer spatial loops fus
 the innermost spatial loop vectorised (by the widest of lanes, lanes/2, lanes/4 that divides it);
 for a matmul-like block (reduction loops innermost, two or more inputs: matmul, convolution) the
 reduction loops are moved outside the last spatial loop first, so that loop vectorises over
-contiguous output columns. A block the rule cannot handle is left as it is.
+contiguous output columns; a matmul with static extents gets register tiles (`_register_tiled`).
+A block the rule cannot handle is left as it is.
 It is a baseline, not a tuned schedule (whole-model speed is its own issue).
 """
 
@@ -79,7 +80,7 @@ def _register_tiled(sch: s_tir.Schedule, block, spatial, reduce, lanes: int, par
     return True
 
 
-def _schedule_block(sch: s_tir.Schedule, block, lanes: int) -> None:
+def _schedule_block(sch: s_tir.Schedule, block, lanes: int, tile: bool = True) -> None:
     stmt = sch.get(block)
     loops = sch.get_loops(block)
     kinds = [int(iv.iter_type) for iv in stmt.iter_vars]
@@ -99,7 +100,7 @@ def _schedule_block(sch: s_tir.Schedule, block, lanes: int) -> None:
     # the reductions go outside the last spatial loop, which then vectorises over output columns.
     trailing = bool(reduce) and all(kind == _REDUCE for kind in kinds[len(spatial):])
     matmul_like = trailing and len(stmt.reads) >= 2
-    if matmul_like and _register_tiled(sch, block, spatial, reduce, lanes, parallel):
+    if tile and matmul_like and _register_tiled(sch, block, spatial, reduce, lanes, parallel):
         return
     if reduce and not matmul_like:
         # Reductions over inner axes (LayerNorm, mean, ...): parallel over the spatial prefix.
@@ -138,9 +139,14 @@ def schedule_generic(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
     except Exception:  # noqa: BLE001 - no root block: nothing to schedule
         return func
     for block in sch.get_child_blocks(root):
-        checkpoint = sch.copy()
-        try:
-            _schedule_block(sch, block, lanes)
-        except Exception:  # noqa: BLE001 - leave a block the rule cannot handle as it is
-            sch = checkpoint
+        # Register tiles where they apply; where they fail, the plain rule; where that fails too,
+        # the block as it is (each attempt on a copy: a failed one leaves nothing behind).
+        for tile in (True, False):
+            attempt = sch.copy()
+            try:
+                _schedule_block(attempt, block, lanes, tile)
+            except Exception:  # noqa: BLE001
+                continue
+            sch = attempt
+            break
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
