@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import AttributeProto, GraphProto, NodeProto, helper, numpy_helper
+from onnx import GraphProto, NodeProto, helper, numpy_helper
+
+from .frontend import node_reads, subgraphs
 
 MAX_ITERATIONS = 1024  # unrolled bodies per node: beyond this the model would be too large
 MAX_NODES = 100_000  # iterations x body nodes per node, likewise
@@ -48,8 +50,6 @@ def unroll_control_flow(model: onnx.ModelProto) -> onnx.ModelProto:
 def all_defined(model: onnx.ModelProto) -> bool:
     """Whether every value the main graph's nodes read is defined in it (an unrolled body whose
     outer values an optimizer dropped is not)."""
-    from .frontend import node_reads
-
     graph = model.graph
     defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
     defined |= {o for n in graph.node for o in n.output}
@@ -145,19 +145,10 @@ def inline(body: GraphProto, bindings: dict, prefix: str) -> tuple[list[NodeProt
         for output in node.output:
             rename[output] = prefix + output if output else ""
         new.output.extend(rename[o] for o in node.output)
-        for attribute in new.attribute:
-            for graph in _subgraphs(attribute):
-                rename_free(graph, rename)
+        for graph in subgraphs(new):
+            rename_free(graph, rename)
         nodes.append(new)
     return nodes, [rename.get(o.name, o.name) for o in body.output]
-
-
-def _subgraphs(attribute: AttributeProto) -> list[GraphProto]:
-    if attribute.type == AttributeProto.GRAPH:
-        return [attribute.g]
-    if attribute.type == AttributeProto.GRAPHS:
-        return list(attribute.graphs)
-    return []
 
 
 def rename_free(graph: GraphProto, rename: dict) -> None:
@@ -168,9 +159,8 @@ def rename_free(graph: GraphProto, rename: dict) -> None:
         for position, name in enumerate(node.input):
             if name and name not in defined and name in rename:
                 node.input[position] = rename[name]
-        for attribute in node.attribute:
-            for nested in _subgraphs(attribute):
-                rename_free(nested, {k: v for k, v in rename.items() if k not in defined})
+        for nested in subgraphs(node):
+            rename_free(nested, {k: v for k, v in rename.items() if k not in defined})
         defined.update(o for o in node.output if o)
     for output in graph.output:
         if output.name not in defined and output.name in rename:
