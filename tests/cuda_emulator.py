@@ -11,7 +11,9 @@ kernel's parameters, and global workspaces (e.g. attention's packed K tiles) are
 the PrimFunc's root buffers.
 
 What it checks: indexing, thread mapping, register/shared scopes, barriers and shuffles of the
-exact CUDA source a model ships. What it cannot: timing, memory-model effects finer than a
+exact CUDA source a model ships; and, statically before the run, that no kernel has every thread
+of a block store to one global address (`uniform_global_stores`: a race that running blocks one at
+a time exposes only by chance). What it cannot: timing, memory-model effects finer than a
 barrier. Tensor cores (WMMA) are emulated at the API level: a fragment is a whole 16 x 16 tile
 in every lane (see the shim), which checks how TVM's code uses fragments, not the hardware's lane
 mapping. Static shapes only.
@@ -199,12 +201,89 @@ def _kernels(func, target):
         extents = {tag: int(value) for tag, value in
                    re.findall(r'T\.launch_thread\("(\w+\.\w)", (?:T\.int64\()?(\d+)', kernel.script())}
         kernels[name] = (params, extents)
+    for name, kernel in capture.mod.functions_items():
+        if name.name_hint != "main" and (races := uniform_global_stores(kernel)):
+            raise AssertionError(f"kernel {name.name_hint}: every thread of the block stores to the same global "
+                                 f"address (a race; guard the store by a thread index): {races}")
     seen = []
     for name in order:
         if name in kernels and name not in seen:
             seen.append(name)
     seen += [name for name in kernels if name not in seen]
     return executable, [(name, *kernels[name]) for name in seen]
+
+
+def _vars(expr) -> set:
+    from tvm.tirx.analysis import undefined_vars
+
+    return set(undefined_vars(expr))
+
+
+def _thread_extents(stmt, out: dict) -> dict:
+    """{thread tag: launch extent} of a device kernel (the largest extent of each tag's bindings:
+    TVM launches that many and does not guard a binding of a smaller extent)."""
+    from tvm import tirx
+
+    if isinstance(stmt, tirx.SeqStmt):
+        for child in stmt.seq:
+            _thread_extents(child, out)
+    elif isinstance(stmt, tirx.IfThenElse):
+        _thread_extents(stmt.then_case, out)
+        _thread_extents(stmt.else_case, out)
+    elif stmt is not None and hasattr(stmt, "body"):
+        if isinstance(stmt, tirx.AttrStmt) and stmt.attr_key == "thread_extent":
+            tag = stmt.node.thread_tag
+            out[tag] = max(out.get(tag, 1), int(stmt.value))
+        _thread_extents(stmt.body, out)
+    return out
+
+
+def uniform_global_stores(kernel) -> list[tuple[str, list[str]]]:
+    """[(buffer, [tags])]: stores to global memory that all threads of a threadIdx tag (launch
+    extent > 1) make to the same address, unguarded: neither the indices nor an enclosing
+    condition depend on a binding of that tag with the full launch extent. A read-modify-write of
+    that kind (a state written by "one thread" that is really every thread) is a race the
+    emulator's block-at-a-time run catches only now and then, and a real GPU's warps always can."""
+    from tvm import tirx
+
+    launch = {tag: extent for tag, extent in _thread_extents(kernel.body, {}).items()
+              if tag.startswith("threadIdx") and extent > 1}
+    found = []
+
+    def tags(dep, expr) -> set:
+        return set().union(*[dep.get(v, set()) for v in _vars(expr)])
+
+    def walk(stmt, dep: dict, guarded: set) -> None:
+        # dep: var -> the thread tags its value depends on (full-extent bindings only)
+        if stmt is None:
+            return
+        if isinstance(stmt, tirx.SeqStmt):
+            for child in stmt.seq:
+                walk(child, dep, guarded)
+        elif isinstance(stmt, tirx.AttrStmt):
+            if stmt.attr_key == "thread_extent":
+                tag = stmt.node.thread_tag
+                full = tag in launch and int(stmt.value) == launch[tag]
+                dep = {**dep, stmt.node.var: {tag} if full else set()}
+            walk(stmt.body, dep, guarded)
+        elif isinstance(stmt, tirx.Bind):  # binds for the rest of its scope
+            dep[stmt.var] = tags(dep, stmt.value)
+        elif isinstance(stmt, tirx.For):
+            walk(stmt.body, {**dep, stmt.loop_var: tags(dep, stmt.min) | tags(dep, stmt.extent)}, guarded)
+        elif isinstance(stmt, tirx.IfThenElse):
+            condition = guarded | tags(dep, stmt.condition)
+            walk(stmt.then_case, dict(dep), condition)
+            walk(stmt.else_case, dict(dep), condition)
+        elif isinstance(stmt, tirx.BufferStore):
+            if stmt.buffer.scope() == "global":
+                used = guarded | set().union(*[tags(dep, index) for index in stmt.indices])
+                if missing := sorted(set(launch) - used):
+                    found.append((stmt.buffer.name, missing))
+        elif hasattr(stmt, "body"):
+            walk(stmt.body, dep, guarded)
+
+    walk(kernel.body, {}, set())
+    return found
 
 
 def run_cuda_on_cpu(func, target, arrays: dict, outputs: list[str], workdir: str | None = None) -> dict:

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from attention_reference import reference
 from conftest import TOLERANCES, assert_close, reference64
-from cuda_emulator import run_cuda_on_cpu
+from cuda_emulator import run_cuda_on_cpu, uniform_global_stores
 from test_attention import CASES, _close, _problem
 from tvm import te
+from tvm.script import tirx as T
 
 from tvmsoftmax.lowering import device_code
 from tvmsoftmax.lowering.targets import resolve
@@ -164,3 +165,59 @@ def test_softmax_cuda_matches_reference(algorithm, log, view, dtype):
         o, i = divmod(2, view[2])  # shift for the all -FLT_MAX row (row 2)
         want[o, :, i] = got[o, :, i]
     assert_close(got, want, **TOLERANCES[dtype], what=f"{algorithm} {view} {dtype}")
+
+
+def _accumulate_per_block(guarded: bool):
+    """y[b] += x[b, 0] after a 64-thread stage: a unit loop bound to threadIdx.x (what the split-row
+    schedule once did: TVM launches 64 threads and does not guard it, so all 64 run the
+    read-modify-write), or a 64-wide binding predicated to thread 0."""
+    if guarded:
+        @T.prim_func(s_tir=True)
+        def func(x: T.Buffer((4, 64), "float32"), y: T.Buffer((4,), "float32")):
+            for b in T.thread_binding(4, thread="blockIdx.x"):
+                for t in T.thread_binding(64, thread="threadIdx.x"):
+                    with T.sblock("total"):
+                        vb = T.axis.spatial(4, b)
+                        T.where(t < 1)
+                        y[vb] = y[vb] + x[vb, 0]
+    else:
+        @T.prim_func(s_tir=True)
+        def func(x: T.Buffer((4, 64), "float32"), y: T.Buffer((4,), "float32")):
+            for b in T.thread_binding(4, thread="blockIdx.x"):
+                for t in T.thread_binding(64, thread="threadIdx.x"):
+                    with T.sblock("scale"):
+                        vb, vt = T.axis.remap("SS", [b, t])
+                        x[vb, vt] = x[vb, vt] * T.float32(2)
+                for u in T.thread_binding(1, thread="threadIdx.x"):
+                    with T.sblock("total"):
+                        vb = T.axis.spatial(4, b)
+                        y[vb] = y[vb] + x[vb, 0]
+    return func
+
+
+def test_emulator_refuses_a_store_every_thread_makes_to_one_address():
+    """The static check behind every emulated run: the unguarded per-block accumulation is
+    reported (by buffer and thread tag) and refused before it runs; guarded by threadIdx.x < 1 it
+    runs, and y = x[:, 0] * 1 from zeros."""
+    data = np.arange(256, dtype=np.float32).reshape(4, 64)
+    with pytest.raises(AssertionError, match=r"same global address.*\('y', \['threadIdx.x'\]\)"):
+        run_cuda_on_cpu(_accumulate_per_block(False), _target(), {"x": data, "y": np.zeros(4, np.float32)}, ["y"])
+    got = run_cuda_on_cpu(_accumulate_per_block(True), _target(), {"x": data, "y": np.zeros(4, np.float32)}, ["y"])["y"]
+    np.testing.assert_array_equal(got, data[:, 0])
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS[1:])
+def test_split_rows_state_written_by_one_thread(algorithm):
+    """Regression (CI failed now and then on split-rows two-pass): the chunk state of a split row is
+    a read-modify-write of global memory, once per tree state; it must be made by one thread of
+    the chunk's block, not by all of them (which double-counted states when warps interleaved)."""
+    from cuda_emulator import _kernels
+
+    view = (8, 1 << 17, 1)
+    chosen, knobs = cuda.choose(algorithm, False, list(view))
+    assert knobs.splits > 1
+    x = te.placeholder(view, "float32", name="x")
+    y = softmax(x, algorithm=chosen, partitioning=knobs.partitioning(True))
+    _, kernels = _kernels(cuda.schedule_softmax(te.create_prim_func([x, y]), knobs), _target())  # raises on a race
+    # chunk states and row merge per reduction (two for three-pass's max then sum), output
+    assert len(kernels) == {"three-pass-recompute": 5}.get(algorithm, 3)

@@ -231,7 +231,12 @@ def _schedule_split_rows(sch, knobs: CudaSoftmaxKnobs) -> None:
             sch.reorder(o, i, chunk)
             bx = sch.fuse(sch.fuse(o, i), chunk)
             sch.bind(bx, "blockIdx.x")
-            sch.bind(sch.add_unit_loop(block), "threadIdx.x")  # written once, by thread 0
+            # Written once, by thread 0: a loop of the block's thread extent guarded by
+            # threadIdx.x < 1. (A unit loop bound to threadIdx.x is not guarded: TVM gives the
+            # kernel the largest extent of the tag, so every thread ran this read-modify-write
+            # of the global state, a race that double-counted tree states now and then.)
+            _, thread = sch.split(sch.add_unit_loop(block), [None, knobs.threads])
+            sch.bind(thread, "threadIdx.x")
             anchors[reduction] = bx
         elif name.endswith("_partial"):
             sch.compute_at(block, anchors[reduction])
