@@ -12,7 +12,7 @@ the PrimFunc's root buffers.
 
 What it checks: indexing, thread mapping, register/shared scopes, barriers and shuffles of the
 exact CUDA source a model ships; and, statically before the run, that no kernel has every thread
-of a block store to one global address (`uniform_global_stores`: a race that running blocks one at
+of a block store to one global or shared address (`uniform_global_stores`: a race that running blocks one at
 a time exposes only by chance). What it cannot: timing, memory-model effects finer than a
 barrier. Tensor cores (WMMA) are emulated at the API level: a fragment is a whole 16 x 16 tile
 in every lane (see the shim), which checks how TVM's code uses fragments, not the hardware's lane
@@ -203,8 +203,8 @@ def _kernels(func, target):
         kernels[name] = (params, extents)
     for name, kernel in capture.mod.functions_items():
         if name.name_hint != "main" and (races := uniform_global_stores(kernel)):
-            raise AssertionError(f"kernel {name.name_hint}: every thread of the block stores to the same global "
-                                 f"address (a race; guard the store by a thread index): {races}")
+            raise AssertionError(f"kernel {name.name_hint}: every thread of the block stores to the same global/"
+                                 f"shared address (a race; guard the store by a thread index): {races}")
     seen = []
     for name in order:
         if name in kernels and name not in seen:
@@ -239,8 +239,8 @@ def _thread_extents(stmt, out: dict) -> dict:
 
 
 def uniform_global_stores(kernel) -> list[tuple[str, list[str]]]:
-    """[(buffer, [tags])]: stores to global memory that all threads of a threadIdx tag (launch
-    extent > 1) make to the same address, unguarded: neither the indices nor an enclosing
+    """[(buffer, [tags])]: stores to global or shared memory that all threads of a threadIdx tag
+    (launch extent > 1) make to the same address, unguarded: neither the indices nor an enclosing
     condition depend on a binding of that tag with the full launch extent. A read-modify-write of
     that kind (a state written by "one thread" that is really every thread) is a race the
     emulator's block-at-a-time run catches only now and then, and a real GPU's warps always can."""
@@ -275,7 +275,7 @@ def uniform_global_stores(kernel) -> list[tuple[str, list[str]]]:
             walk(stmt.then_case, dict(dep), condition)
             walk(stmt.else_case, dict(dep), condition)
         elif isinstance(stmt, tirx.BufferStore):
-            if stmt.buffer.scope() == "global":
+            if stmt.buffer.scope() in ("global", "shared", "shared.dyn"):
                 used = guarded | set().union(*[tags(dep, index) for index in stmt.indices])
                 if missing := sorted(set(launch) - used):
                     found.append((stmt.buffer.name, missing))

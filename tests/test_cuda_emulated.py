@@ -200,7 +200,7 @@ def test_emulator_refuses_a_store_every_thread_makes_to_one_address():
     reported (by buffer and thread tag) and refused before it runs; guarded by threadIdx.x < 1 it
     runs, and y = x[:, 0] * 1 from zeros."""
     data = np.arange(256, dtype=np.float32).reshape(4, 64)
-    with pytest.raises(AssertionError, match=r"same global address.*\('y', \['threadIdx.x'\]\)"):
+    with pytest.raises(AssertionError, match=r"same global/shared address.*\('y', \['threadIdx.x'\]\)"):
         run_cuda_on_cpu(_accumulate_per_block(False), _target(), {"x": data, "y": np.zeros(4, np.float32)}, ["y"])
     got = run_cuda_on_cpu(_accumulate_per_block(True), _target(), {"x": data, "y": np.zeros(4, np.float32)}, ["y"])["y"]
     np.testing.assert_array_equal(got, data[:, 0])
