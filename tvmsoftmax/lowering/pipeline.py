@@ -21,6 +21,7 @@ from .._native import quiet_native_stderr
 from ..errors import ModelError
 from ..schedules import KNOB_TYPES, schedule_attention, schedule_softmax
 from ..schedules._tir import STACK_SCRATCH_ATTR
+from ..schedules.generic import PACKED_ATTR
 from .attention_import import ATTENTION_ATTR
 from .importer import KNOBS_ATTR, SITE_ATTR
 from .numerics import onnx_numerics
@@ -75,6 +76,109 @@ def schedule_rest_x86(spec: TargetSpec) -> tvm.transform.Pass:
     )
 
 
+@tvm.transform.module_pass(opt_level=0, name="tvmsoftmax.AttachLayoutFreeConstants")
+def attach_layout_free_constants(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """``layout_free_buffers`` (the parameters the generic rule may re-lay out) on each PrimFunc
+    that every call passes a constant at some parameter: those indices. TVM's own
+    AttachAttrLayoutFreeBuffers rebuilds every PrimFunc it visits, and a symbolic dim that only a
+    buffer layout used came out undefined ("variables (present_length_0,) are used, but are not
+    passed in as API arguments"); `with_attr` leaves the function as it is."""
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    constant_args: dict = {}  # PrimFunc GlobalVar -> parameter indices constant at every call so far
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and expr.op.same_as(call_tir) and isinstance(expr.args[0], tvm.ir.GlobalVar) \
+                and isinstance(expr.args[1], relax.Tuple):
+            here = {i for i, a in enumerate(expr.args[1].fields) if isinstance(a, tvm.ir.expr.Constant)}
+            gvar = expr.args[0]
+            constant_args[gvar] = here if gvar not in constant_args else constant_args[gvar] & here
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    for gvar, indices in constant_args.items():
+        func = mod[gvar]
+        if indices and isinstance(func, tvm.tirx.PrimFunc) and not _has_attr(func, "layout_free_buffers"):
+            mod[gvar] = func.with_attr("layout_free_buffers", sorted(indices))
+    return mod
+
+
+@tvm.transform.module_pass(opt_level=0, name="tvmsoftmax.SplitWeightPrepacks")
+def split_weight_prepacks(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """TVM's SplitLayoutRewritePreproc on the functions the generic rule packed (`PACKED_ATTR`):
+    each becomes a re-layout function of its weights and a compute function on the packed ones,
+    and its calls a call of each. The pass visits every PrimFunc and stops at any whose root holds
+    a statement without a block (our site kernels), so it gets a module of the Relax functions
+    and the packed PrimFuncs only; the other PrimFuncs are put back unchanged."""
+    packed = {gvar for gvar, func in mod.functions_items()
+              if isinstance(func, tvm.tirx.PrimFunc) and _has_attr(func, PACKED_ATTR)}
+    if not packed:
+        return mod
+    others = {gvar: func for gvar, func in mod.functions_items()
+              if isinstance(func, tvm.tirx.PrimFunc) and gvar not in packed}
+    subset = tvm.IRModule({gvar: func for gvar, func in mod.functions_items() if gvar not in others},
+                          attrs=mod.attrs)
+    result = relax.transform.SplitLayoutRewritePreproc()(subset)
+    for gvar, func in others.items():
+        result[gvar] = func
+    return result
+
+
+PREPACK_SUFFIX = "_weight_prepack"  # SplitLayoutRewritePreproc's name for a re-layout function
+
+
+def fold_weight_prepacks(spec: TargetSpec) -> tvm.transform.Pass:
+    """Module pass: every call of a weight re-layout function (`PREPACK_SUFFIX`, made by
+    SplitLayoutRewritePreproc from the generic rule's packing blocks) on constants is run now, at
+    compile time, and replaced by its result; the artifact then holds the packed weights, not the
+    originals. Only those calls: TVM's FoldConstant would fold any constant computation, however
+    large its result (a materialised mask, an expanded table)."""
+
+    @tvm.transform.module_pass(opt_level=0, name="tvmsoftmax.FoldWeightPrepacks")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        call_tir = tvm.ir.Op.get("relax.call_tir")
+        built: dict = {}
+
+        def folded(call):
+            if not (isinstance(call, relax.Call) and call.op.same_as(call_tir)
+                    and isinstance(call.args[0], tvm.ir.GlobalVar)
+                    and call.args[0].name_hint.endswith(PREPACK_SUFFIX)
+                    and isinstance(call.args[1], relax.Tuple)
+                    and all(isinstance(a, tvm.ir.expr.Constant) for a in call.args[1].fields)):
+                return None
+            name = call.args[0].name_hint
+            if name not in built:
+                func = mod[call.args[0]].with_attr("global_symbol", "main")
+                built[name] = tvm.compile(tvm.IRModule({"main": func}), target=spec.tvm_target())
+            out_type = call.ty
+            device = tvm.cpu()
+            inputs = [tvm.runtime.tensor(a.value.numpy(), device) for a in call.args[1].fields]
+            output = tvm.runtime.empty([int(d) for d in out_type.shape], out_type.dtype, device)
+            built[name]["main"](*inputs, output)
+            return relax.const(output.numpy(), out_type.dtype)
+
+        for gvar, func in list(mod.functions_items()):
+            if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
+                continue
+            changed, blocks = False, []
+            for block in func.body.blocks:
+                bindings = []
+                for binding in block.bindings:
+                    value = folded(binding.value) if isinstance(binding, relax.VarBinding) else None
+                    if value is not None:
+                        binding, changed = relax.VarBinding(binding.var, value), True
+                    bindings.append(binding)
+                kind = relax.DataflowBlock if isinstance(block, relax.DataflowBlock) else relax.BindingBlock
+                blocks.append(kind(bindings, block.span))
+            if changed:
+                body = relax.SeqExpr(blocks, func.body.body, func.body.span)
+                mod[gvar] = relax.BlockBuilder().normalize(
+                    relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs, func.span))
+        return mod
+
+    return _pass
+
+
 def _passes(spec: TargetSpec) -> list:
     if spec.name == "cuda":
         from tvm.relax.backend.cuda import pipeline as backend
@@ -91,7 +195,21 @@ def _passes(spec: TargetSpec) -> list:
     else:
         from tvm.relax.backend.cpu_generic import pipeline as backend
 
-        fusion, rest_rules = backend.legalize_passes(spec.tvm_target()), [schedule_rest_x86(spec)]
+        # Constant weights of a matmul are re-laid out in panels by the generic rule (a block
+        # marked for it); SplitLayoutRewritePreproc makes that block a call of its own and
+        # FoldConstant runs it at compile time, so the artifact holds the packed weights.
+        fusion, rest_rules = backend.legalize_passes(spec.tvm_target()), [
+            attach_layout_free_constants,
+            schedule_rest_x86(spec),
+            _map_primfuncs(  # SplitLayoutRewritePreproc fails on functions with nothing to split
+                "tvmsoftmax.LayoutFreeOnlyWherePacked",
+                lambda f: _has_attr(f, "layout_free_buffers") and not _has_attr(f, PACKED_ATTR),
+                lambda f: f.without_attr("layout_free_buffers"),
+            ),
+            split_weight_prepacks,
+            fold_weight_prepacks(spec),
+            relax.transform.DeadCodeElimination(),
+        ]
     target = spec.tvm_target()
     return (
         backend.library_dispatch_passes(target)
