@@ -12,6 +12,10 @@ where TVM 0.27's default legalization differs. Run on the imported module, befor
   means, normalisations, average pools, cumulative sums): computed in float32 from the half
   inputs and rounded once. In a float16 ViT, TVM's half-type Conv was 12x further from the float32
   result than onnxruntime, ReduceMean 5x, LayerNormalization 2x.
+- LayerNormalization in two passes (mean, then squared deviations: `_te_layer_norm`) summed in
+  float64, not TVM's float32 sums and E[x^2] - E[x]^2, which lost digits whenever the mean was
+  large against the spread (a 12-layer GPT-2 came out twice as far from float64 as onnxruntime,
+  and outside the check's tolerance).
 """
 
 from __future__ import annotations
@@ -63,6 +67,48 @@ def _te_extreme(reducer):
     return compute
 
 
+def _te_layer_norm(x: te.Tensor, gamma: te.Tensor, beta: te.Tensor, axes, epsilon: float, center: bool,
+                   scale: bool) -> te.Tensor:
+    """Layer normalisation in two passes: the mean, then the mean of squared deviations from it,
+    y = (x - mean) / sqrt(var + epsilon) * gamma + beta (onnxruntime's order of operations), both
+    sums accumulated in float64. TVM's legalization sums in the input type and takes
+    var = E[x^2] - E[x]^2: a row of 768 values around 1000 came out 1e-3 off (the float32 sum's
+    rounding errors, then the cancellation), around 10 1e-5, where onnxruntime is 3e-5 / 8e-7 off."""
+    ndim = len(x.shape)
+    axes = sorted({int(a) % ndim for a in axes})
+    count = 1
+    for d in axes:
+        count = count * x.shape[d]
+    wide = "float64"  # the sums: one rounding error per term in float32 is what remained (below)
+    count = tvm.tirx.Cast(wide, count)
+    total = _reduce(x, axes, True, lambda idx, k: te.sum(x(*idx).astype(wide), axis=k))
+    mean = te.compute(total.shape, lambda *i: (total(*i) / count).astype(x.dtype), name="mean")
+
+    def kept(idx):
+        return [0 if d in axes else idx[d] for d in range(ndim)]
+
+    def deviation(idx):
+        return (x(*idx) - mean(*kept(idx))).astype(wide)
+
+    squares = _reduce(x, axes, True, lambda idx, k: te.sum(deviation(idx) * deviation(idx), axis=k))
+    std = te.compute(
+        squares.shape,
+        lambda *i: tvm.tirx.sqrt((squares(*i) / count).astype(x.dtype) + tvm.tirx.const(epsilon, x.dtype)),
+        name="std",
+    )
+
+    def normalized(*idx):
+        value = (x(*idx) - mean(*kept(idx))) / std(*kept(idx))
+        inner = [idx[d] for d in axes]
+        if scale:
+            value = value * gamma(*inner)
+        if center:
+            value = value + beta(*inner)
+        return value
+
+    return te.compute(x.shape, normalized, name="layer_norm")
+
+
 def _reduces(axis) -> bool:
     """Relax: axis None reduces every dim; an empty axis list reduces none (an identity)."""
     return axis is None or len(axis) > 0
@@ -94,6 +140,8 @@ class _OnnxNumerics(PyExprMutator):
                 self.ops[call.op.name], call.args[0], call.attrs.axis, bool(call.attrs.keepdims),
                 primfunc_name_hint=call.op.name.split(".")[1],
             )
+        if call.op.name == "relax.nn.layer_norm" and dtype == "float32":
+            return self._layer_norm(call)
         if call.op.name == "relax.matmul" and dtype in HALF_DTYPES and call.attrs.out_dtype is None:
             wide = self.builder_.emit(relax.op.matmul(call.args[0], call.args[1], out_dtype="float32"))
             return relax.op.astype(wide, dtype)
@@ -101,8 +149,17 @@ class _OnnxNumerics(PyExprMutator):
             args = [self.builder_.emit(relax.op.astype(a, "float32")) if _half_tensor(a) else a for a in call.args]
             wide = self.builder_.normalize(relax.Call(call.op, args, call.attrs, call.ty_args))
             if isinstance(wide.ty, relax.TensorType) and str(wide.ty.dtype) == "float32":
+                if call.op.name == "relax.nn.layer_norm":
+                    wide = self._layer_norm(wide)
                 return relax.op.astype(self.builder_.emit(wide), dtype)
         return call
+
+    def _layer_norm(self, call):
+        attrs = call.attrs
+        return self.builder_.call_te(
+            _te_layer_norm, *call.args, [int(a) for a in attrs.axes], float(attrs.epsilon),
+            bool(attrs.center), bool(attrs.scale), primfunc_name_hint="layer_norm",
+        )
 
 
 def _half_tensor(expr) -> bool:
