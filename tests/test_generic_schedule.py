@@ -250,3 +250,30 @@ def test_long_reductions_are_summed_in_blocks_as_accurately_as_onnxruntime(x86_s
     exact = x.astype(np.float64) @ w.astype(np.float64)
     ours_error, their_error = np.abs(got - exact).max(), np.abs(theirs - exact).max()
     assert ours_error <= 1.5 * their_error, (ours_error, their_error)
+
+
+def test_weights_pack_at_compile_time_for_another_cpu():
+    """Compiling for a CPU this host may not be (AVX-512 code on an AVX2 host): the packing runs
+    here, so it is built for plain x86-64, not for the target (whose code would fault here)."""
+    from onnx import TensorProto, helper, numpy_helper
+    from tvm.ir.instrument import pass_instrument
+
+    import tvmsoftmax
+
+    weights = np.random.default_rng(7).standard_normal((64, 64)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [16, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, 64])],
+                              [numpy_helper.from_array(weights, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    @pass_instrument
+    class Capture:
+        def run_after_pass(self, mod, info):
+            if info.name == "tvmsoftmax.FoldWeightPrepacks":
+                self.main = mod["main"].script(show_meta=False)
+
+    capture = Capture()
+    with tvm.transform.PassContext(instruments=[capture]):
+        tvmsoftmax.compile(model, mcpu="skylake-avx512")
+    assert "_prepacked" in capture.main and "_weight_prepack" not in capture.main

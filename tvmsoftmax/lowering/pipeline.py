@@ -127,7 +127,7 @@ def split_weight_prepacks(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
 PREPACK_SUFFIX = "_weight_prepack"  # SplitLayoutRewritePreproc's name for a re-layout function
 
 
-def fold_weight_prepacks(spec: TargetSpec) -> tvm.transform.Pass:
+def fold_weight_prepacks() -> tvm.transform.Pass:
     """Module pass: every call of a weight re-layout function (`PREPACK_SUFFIX`, made by
     SplitLayoutRewritePreproc from the generic rule's packing blocks) on constants is run now, at
     compile time, and replaced by its result; the artifact then holds the packed weights, not the
@@ -149,7 +149,10 @@ def fold_weight_prepacks(spec: TargetSpec) -> tvm.transform.Pass:
             name = call.args[0].name_hint
             if name not in built:
                 func = mod[call.args[0]].with_attr("global_symbol", "main")
-                built[name] = tvm.compile(tvm.IRModule({"main": func}), target=spec.tvm_target())
+                # Run here, on the compiling host: plain x86-64 code, whatever CPU the model is
+                # compiled for (an AVX-512 target's copy loop would fault on an AVX2 host).
+                host = tvm.target.Target({"kind": "llvm"})
+                built[name] = tvm.compile(tvm.IRModule({"main": func.with_attr("target", host)}), target=host)
             out_type = call.ty
             device = tvm.cpu()
             inputs = [tvm.runtime.tensor(a.value.numpy(), device) for a in call.args[1].fields]
@@ -207,7 +210,7 @@ def _passes(spec: TargetSpec) -> list:
                 lambda f: f.without_attr("layout_free_buffers"),
             ),
             split_weight_prepacks,
-            fold_weight_prepacks(spec),
+            fold_weight_prepacks(),
             relax.transform.DeadCodeElimination(),
         ]
     target = spec.tvm_target()
