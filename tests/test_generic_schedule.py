@@ -156,13 +156,32 @@ def test_elementwise_chains_become_one_loop_nest(x86_spec):
     np.testing.assert_array_equal(got, _build_and_run(func, x86_spec, [a, b], (64, 256)))
 
 
+def _compile_packed(model, **options):
+    """tvmsoftmax.compile(model, **options), asserting that the weights were packed at compile
+    time: the program after our fold calls the packed kernel and no re-layout function."""
+    from tvm.ir.instrument import pass_instrument
+
+    import tvmsoftmax
+
+    @pass_instrument
+    class Capture:
+        def run_after_pass(self, mod, info):
+            if info.name == "tvmsoftmax.FoldWeightPrepacks":
+                self.main = mod["main"].script(show_meta=False)
+
+    capture = Capture()
+    with tvm.transform.PassContext(instruments=[capture]):
+        compiled = tvmsoftmax.compile(model, **options)
+    assert "_prepacked" in capture.main and "_weight_prepack" not in capture.main
+    return compiled
+
+
 def test_constant_weights_are_packed_once_at_compile_time(tmp_path):
     """A MatMul by a constant: the generic rule reads the weights as column panels, the re-layout
     is run once at compile time (no re-layout call left in the program, the packed constant in
     its place), and the outputs are the same bits as without packing, and onnxruntime's."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
-    from tvm.ir.instrument import pass_instrument
 
     import tvmsoftmax
     from tvmsoftmax.schedules import generic
@@ -176,17 +195,7 @@ def test_constant_weights_are_packed_once_at_compile_time(tmp_path):
         [numpy_helper.from_array(weights, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     x = rng.standard_normal((1, 50, 96)).astype(np.float32)
-
-    @pass_instrument
-    class Capture:
-        def run_after_pass(self, mod, info):
-            if info.name == "tvmsoftmax.FoldWeightPrepacks":
-                self.main = mod["main"].script(show_meta=False)
-
-    capture = Capture()
-    with tvm.transform.PassContext(instruments=[capture]):
-        packed = tvmsoftmax.compile(model)
-    assert "_prepacked" in capture.main and "_weight_prepack" not in capture.main
+    packed = _compile_packed(model)
     got = next(iter(packed.run({"x": x}).values()))
     original = generic._packed_weights
     generic._packed_weights = lambda *args: None
@@ -256,9 +265,6 @@ def test_weights_pack_at_compile_time_for_another_cpu():
     """Compiling for a CPU this host may not be (AVX-512 code on an AVX2 host): the packing runs
     here, so it is built for plain x86-64, not for the target (whose code would fault here)."""
     from onnx import TensorProto, helper, numpy_helper
-    from tvm.ir.instrument import pass_instrument
-
-    import tvmsoftmax
 
     weights = np.random.default_rng(7).standard_normal((64, 64)).astype(np.float32)
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
@@ -266,14 +272,4 @@ def test_weights_pack_at_compile_time_for_another_cpu():
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, 64])],
                               [numpy_helper.from_array(weights, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-    @pass_instrument
-    class Capture:
-        def run_after_pass(self, mod, info):
-            if info.name == "tvmsoftmax.FoldWeightPrepacks":
-                self.main = mod["main"].script(show_meta=False)
-
-    capture = Capture()
-    with tvm.transform.PassContext(instruments=[capture]):
-        tvmsoftmax.compile(model, mcpu="skylake-avx512")
-    assert "_prepacked" in capture.main and "_weight_prepack" not in capture.main
+    _compile_packed(model, mcpu="skylake-avx512")
