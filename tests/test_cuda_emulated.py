@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from attention_reference import reference
 from conftest import TOLERANCES, assert_close, reference64
-from cuda_emulator import run_cuda_on_cpu, uniform_global_stores
+from cuda_emulator import run_cuda_on_cpu
 from test_attention import CASES, _close, _problem
 from tvm import te
 from tvm.script import tirx as T
