@@ -224,8 +224,15 @@ def _print_report(report, timings: bool) -> None:
     for o in report.outputs:
         table.add_row(o.name, o.dtype, str(o.shape), f"{o.max_abs:.3g}", f"{o.p99_abs:.3g}", f"{o.max_rel:.3g}",
                       f"{o.p99_rel:.3g}", str(o.nonfinite_mismatches), f"{o.atol:g}/{o.rtol:g}",
-                      "[green]pass[/]" if o.passed else f"[red]FAIL[/] ({o.violations} elements)")
+                      ("[green]pass[/]" if o.violations == 0 else "[green]pass[/] (float64)") if o.passed
+                      else f"[red]FAIL[/] ({o.violations} elements)")
     console.print(table)
+    for o in report.outputs:
+        if o.float64_max_abs is not None:
+            verdict = "passes" if o.passed else "fails"
+            console.print(f"{o.name}: {o.violations} elements outside the tolerance of onnxruntime's; against the "
+                          f"model in float64, ours is {o.float64_max_abs:.3g} off and onnxruntime's "
+                          f"{o.onnxruntime_float64_max_abs:.3g}: it {verdict}")
     if timings and report.timings:
         ours, theirs = report.timings["tvmsoftmax_s"], report.timings["onnxruntime_s"]
         console.print(f"median time: tvmsoftmax {ours * 1e3:.3f} ms, onnxruntime (all optimisations) "
