@@ -1,10 +1,11 @@
 """Relax -> executable: TVM's default per-target passes with our sites scheduled in between.
 
-First `numerics.onnx_numerics` (float max/min reductions and half MatMul as onnxruntime computes
-them), then, in order: library dispatch, LegalizeOps (the rest of the model becomes TIR), op-pattern annotation
-and fusion (our PrimFuncs carry an opaque pattern, so they are never fused into neighbours),
-`schedule_sites` (our schedule rules, by target), on CUDA dlight's default GPU rules for every
-other kernel (they skip functions marked scheduled), then TVM's dataflow lowering and
+First `numerics.onnx_numerics` (float max/min reductions, half MatMul and LayerNormalization as
+onnxruntime computes them), then, in order: library dispatch, LegalizeOps (the rest of the model
+becomes TIR), op-pattern annotation and fusion (our PrimFuncs carry an opaque pattern, so they are
+never fused into neighbours), `schedule_sites` (our schedule rules, by target), on CUDA dlight's
+default GPU rules for every other kernel (they skip functions marked scheduled), on x86 the
+generic rule with its weight packing folded at compile time, then TVM's dataflow lowering and
 finalisation.
 """
 
@@ -200,15 +201,10 @@ def _passes(spec: TargetSpec) -> list:
 
         # Constant weights of a matmul are re-laid out in panels by the generic rule (a block
         # marked for it); SplitLayoutRewritePreproc makes that block a call of its own and
-        # FoldConstant runs it at compile time, so the artifact holds the packed weights.
+        # fold_weight_prepacks runs it at compile time, so the artifact holds the packed weights.
         fusion, rest_rules = backend.legalize_passes(spec.tvm_target()), [
             attach_layout_free_constants,
             schedule_rest_x86(spec),
-            _map_primfuncs(  # SplitLayoutRewritePreproc fails on functions with nothing to split
-                "tvmsoftmax.LayoutFreeOnlyWherePacked",
-                lambda f: _has_attr(f, "layout_free_buffers") and not _has_attr(f, PACKED_ATTR),
-                lambda f: f.without_attr("layout_free_buffers"),
-            ),
             split_weight_prepacks,
             fold_weight_prepacks(),
             relax.transform.DeadCodeElimination(),

@@ -6,13 +6,14 @@ This rule gives every root block of such a PrimFunc: the outer spatial loops fus
 the innermost spatial loop vectorised (by the widest of lanes, lanes/2, lanes/4 that divides it);
 for a matmul-like block (reduction loops innermost, two or more inputs: matmul, convolution) the
 reduction loops are moved outside the last spatial loop first, so that loop vectorises over
-contiguous output columns; a matmul with a static column extent gets register tiles (`_register_tiled`:
-`register_tile` rows x vectors, a predicated last tile where the rows do not divide), and where
+contiguous output columns; a matmul with a static column extent gets register tiles
+(`_register_tiled`: `register_tile` rows x vectors, a predicated last tile where the rows do not
+divide; sums longer than `K_BLOCK` in k blocks), and where
 its second operand is a constant (TVM's `layout_free_buffers`) reads it as contiguous column
 panels (`_packed_weights`; the re-layout runs once, at compile time, see
 `lowering.pipeline.fold_weight_prepacks`). Before all that, chains of elementwise kernels are
 inlined into one loop nest (`_inline_elementwise`). A block the rule cannot handle is left as it is.
-It is a baseline, not a tuned schedule: no k-blocking, convolutions not tiled.
+It is a baseline, not a tuned schedule: no L2 blocking of the weights, convolutions not tiled.
 """
 
 from __future__ import annotations
@@ -48,15 +49,12 @@ def register_tile(lanes: int) -> tuple[int, int]:
     the other operand fill the register file without spilling (MLAS's kernel shapes): 12 x 2 of
     the 32 AVX-512 registers (26 in use), 6 x 2 of the 16 AVX2/SSE ones (15 with the broadcast).
     On znver5 12 x 2 ran 240-260 GFLOP/s at 1 thread (4 x 4: 200; 8 x 3 and 6 x 4 within noise)."""
-    import os
-
-    if "TILE" in os.environ:
-        return tuple(int(v) for v in os.environ["TILE"].split(","))
     return (12, 2) if lanes >= 16 else (6, 2)
 
 
 # Annotation of a block that only re-lays out a constant weight: TVM's SplitLayoutRewritePreproc
-# moves it into a function of its own, which FoldConstant then runs once, at compile time.
+# moves it into a function of its own, which `lowering.pipeline.fold_weight_prepacks` runs once,
+# at compile time.
 LAYOUT_REWRITE_PREPROC = "meta_schedule.layout_rewrite_preproc"
 # Attribute of a PrimFunc with such a block (the pipeline keeps TVM's layout_free_buffers only there).
 PACKED_ATTR = "tvmsoftmax.packed_weights"
@@ -125,8 +123,8 @@ def _sum_of_blocks(sch: s_tir.Schedule, total, tile, width: int) -> None:
 
 def _register_tiled(sch: s_tir.Schedule, block, spatial, reduce, lanes: int, parallel: bool,
                     layout_free=()) -> bool:
-    """A matmul (one reduction, a static column extent, rows static or symbolic, whole vectors of columns) as
-    register tiles: rows x (vectors of columns) accumulators in a block-local buffer (registers
+    """A matmul (one reduction, a static column extent, rows static or symbolic, whole vectors of
+    columns) as register tiles: rows x (vectors of columns) accumulators in a block-local buffer (registers
     once unrolled), the reduction outside them, each row's value broadcast against a vector of the
     other operand's row; written back once per tile. Each output's sum keeps its order, up to
     `K_BLOCK` terms; longer ones are summed in blocks (`_sum_of_blocks`).
@@ -147,9 +145,9 @@ def _register_tiled(sch: s_tir.Schedule, block, spatial, reduce, lanes: int, par
     tile_vectors = next(c for c in (most_vectors, 2, 1) if (columns // width) % c == 0)
     if layout_free:
         _packed_weights(sch, block, layout_free, tile_vectors * width)
-    depth = static_extent(sch.get(reduce[0]).extent)
-    k_block = next((b for b in range(K_BLOCK, K_BLOCK // 2 - 1, -1) if depth and depth > K_BLOCK and depth % b == 0), None)
-    total = None
+    depth, k_block, total = static_extent(sch.get(reduce[0]).extent), None, None
+    if depth is not None and depth > K_BLOCK:
+        k_block = next((b for b in range(K_BLOCK, K_BLOCK // 2 - 1, -1) if depth % b == 0), None)
     if k_block:  # block: the partial products of each k block; total: their sum (see K_BLOCK)
         k_outer, k_inner = sch.split(reduce[0], [None, k_block])
         total, block = block, sch.rfactor(k_outer, factor_axis=0)
@@ -206,8 +204,9 @@ def _inline_elementwise(sch: s_tir.Schedule, outputs: set) -> s_tir.Schedule:
     """Elementwise intermediates computed where they are used (one loop nest, no buffer between):
     a spatial block writing an intermediate (not a parameter) is inlined into its consumers when
     they are all spatial too and each has the same number of iterations and reads one element
-    of it per iteration (no recomputation), or the block only moves data (a load or cast). Producers of reductions stay (inlined into a
-    matmul's k loop they would be recomputed for every column tile). Each try on a copy."""
+    of it per iteration (no recomputation), or the block only moves data (a load or cast).
+    Producers of reductions stay (inlined into a matmul's k loop they would be recomputed for
+    every column tile). Each try on a copy."""
     root = sch.get_sblock("root")
     for block in sch.get_child_blocks(root):
         try:
