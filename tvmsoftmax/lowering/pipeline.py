@@ -128,59 +128,60 @@ def split_weight_prepacks(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
 PREPACK_SUFFIX = "_weight_prepack"  # SplitLayoutRewritePreproc's name for a re-layout function
 
 
-def fold_weight_prepacks() -> tvm.transform.Pass:
-    """Module pass: every call of a weight re-layout function (`PREPACK_SUFFIX`, made by
+@tvm.transform.module_pass(opt_level=0, name="tvmsoftmax.FoldWeightPrepacks")
+def fold_weight_prepacks(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """Every call of a weight re-layout function (`PREPACK_SUFFIX`, made by
     SplitLayoutRewritePreproc from the generic rule's packing blocks) on constants is run now, at
     compile time, and replaced by its result; the artifact then holds the packed weights, not the
     originals. Only those calls: TVM's FoldConstant would fold any constant computation, however
     large its result (a materialised mask, an expanded table)."""
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    built: dict = {}
 
-    @tvm.transform.module_pass(opt_level=0, name="tvmsoftmax.FoldWeightPrepacks")
-    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        call_tir = tvm.ir.Op.get("relax.call_tir")
-        built: dict = {}
+    def folded(call):
+        if not (isinstance(call, relax.Call) and call.op.same_as(call_tir)
+                and isinstance(call.args[0], tvm.ir.GlobalVar)
+                and call.args[0].name_hint.endswith(PREPACK_SUFFIX)
+                and isinstance(call.args[1], relax.Tuple)
+                and all(isinstance(a, tvm.ir.expr.Constant) for a in call.args[1].fields)):
+            return None
+        name = call.args[0].name_hint
+        if name not in built:
+            func = mod[call.args[0]].with_attr("global_symbol", "main")
+            # Run here, on the compiling host: plain x86-64 code, whatever CPU the model is
+            # compiled for (an AVX-512 target's copy loop would fault on an AVX2 host).
+            host = tvm.target.Target({"kind": "llvm"})
+            built[name] = tvm.compile(tvm.IRModule({"main": func.with_attr("target", host)}), target=host)
+        out_type = call.ty
+        device = tvm.cpu()
+        inputs = [tvm.runtime.tensor(a.value.numpy(), device) for a in call.args[1].fields]
+        output = tvm.runtime.empty([int(d) for d in out_type.shape], out_type.dtype, device)
+        built[name]["main"](*inputs, output)
+        return relax.const(output.numpy(), out_type.dtype)
 
-        def folded(call):
-            if not (isinstance(call, relax.Call) and call.op.same_as(call_tir)
-                    and isinstance(call.args[0], tvm.ir.GlobalVar)
-                    and call.args[0].name_hint.endswith(PREPACK_SUFFIX)
-                    and isinstance(call.args[1], relax.Tuple)
-                    and all(isinstance(a, tvm.ir.expr.Constant) for a in call.args[1].fields)):
-                return None
-            name = call.args[0].name_hint
-            if name not in built:
-                func = mod[call.args[0]].with_attr("global_symbol", "main")
-                # Run here, on the compiling host: plain x86-64 code, whatever CPU the model is
-                # compiled for (an AVX-512 target's copy loop would fault on an AVX2 host).
-                host = tvm.target.Target({"kind": "llvm"})
-                built[name] = tvm.compile(tvm.IRModule({"main": func.with_attr("target", host)}), target=host)
-            out_type = call.ty
-            device = tvm.cpu()
-            inputs = [tvm.runtime.tensor(a.value.numpy(), device) for a in call.args[1].fields]
-            output = tvm.runtime.empty([int(d) for d in out_type.shape], out_type.dtype, device)
-            built[name]["main"](*inputs, output)
-            return relax.const(output.numpy(), out_type.dtype)
+    for gvar, func in list(mod.functions_items()):
+        if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
+            continue
+        changed, blocks = False, []
+        for block in func.body.blocks:
+            bindings = []
+            for binding in block.bindings:
+                value = folded(binding.value) if isinstance(binding, relax.VarBinding) else None
+                if value is not None:
+                    binding, changed = relax.VarBinding(binding.var, value), True
+                bindings.append(binding)
+            kind = relax.DataflowBlock if isinstance(block, relax.DataflowBlock) else relax.BindingBlock
+            blocks.append(kind(bindings, block.span))
+        if changed:
+            mod[gvar] = _with_blocks(func, blocks)
+    return mod
 
-        for gvar, func in list(mod.functions_items()):
-            if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
-                continue
-            changed, blocks = False, []
-            for block in func.body.blocks:
-                bindings = []
-                for binding in block.bindings:
-                    value = folded(binding.value) if isinstance(binding, relax.VarBinding) else None
-                    if value is not None:
-                        binding, changed = relax.VarBinding(binding.var, value), True
-                    bindings.append(binding)
-                kind = relax.DataflowBlock if isinstance(block, relax.DataflowBlock) else relax.BindingBlock
-                blocks.append(kind(bindings, block.span))
-            if changed:
-                body = relax.SeqExpr(blocks, func.body.body, func.body.span)
-                mod[gvar] = relax.BlockBuilder().normalize(
-                    relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs, func.span))
-        return mod
 
-    return _pass
+def _with_blocks(func: relax.Function, blocks: list) -> relax.Function:
+    """`func` with its body's binding blocks replaced by `blocks` (same result expression), normalised."""
+    body = relax.SeqExpr(blocks, func.body.body, func.body.span)
+    return relax.BlockBuilder().normalize(
+        relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs, func.span))
 
 
 def _passes(spec: TargetSpec) -> list:
@@ -206,7 +207,7 @@ def _passes(spec: TargetSpec) -> list:
             attach_layout_free_constants,
             schedule_rest_x86(spec),
             split_weight_prepacks,
-            fold_weight_prepacks(),
+            fold_weight_prepacks,
             relax.transform.DeadCodeElimination(),
         ]
     target = spec.tvm_target()
@@ -242,9 +243,7 @@ class _SymbolsDefinedBeforeUse:
                   for block in func.body.blocks]
         if all(new.same_as(old) for new, old in zip(blocks, func.body.blocks)):
             return func
-        body = relax.SeqExpr(blocks, func.body.body, func.body.span)
-        return relax.BlockBuilder().normalize(
-            relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs, func.span))
+        return _with_blocks(func, blocks)
 
     @staticmethod
     def _sorted(block):
