@@ -1298,3 +1298,41 @@ def test_layer_normalization_as_accurate_as_onnxruntime_for_offset_rows(mean):
     (theirs,) = run_ort(model, {"x": x})
     ours_error, their_error = np.abs(got - exact).max(), np.abs(theirs - exact).max()
     assert ours_error <= 1.5 * their_error, (ours_error, their_error)
+
+
+@pytest.mark.parametrize("axes,keepdims", [([1], True), ([0, 2], False), (None, False)])
+def test_ieee_reductions_and_layer_norm_computes_alone(axes, keepdims):
+    """The computes of `ops.reduction` / `ops.normalization` built without the model path: max/min
+    from -inf/+inf (rows of -inf / +inf keep them), layer_norm against float64 NumPy (float32: max
+    abs error 1e-5 on offset rows of spread 1)."""
+    import tvm
+    from tvm import te
+
+    from tvmsoftmax.ops.normalization import layer_norm
+    from tvmsoftmax.ops.reduction import reduce_max, reduce_min
+
+    x_np = np.random.default_rng(1).standard_normal((4, 5, 6)).astype(np.float32)
+    x_np[0] = -np.inf
+    x_np[1] = np.inf
+    x = te.placeholder(x_np.shape, "float32", name="x")
+    dev = tvm.cpu()
+    for compute, want in ((reduce_max, np.max), (reduce_min, np.min)):
+        y = compute(x, axes, keepdims)
+        lib = tvm.compile(te.create_prim_func([x, y]), target="llvm")
+        out = tvm.runtime.empty([int(s) for s in y.shape], "float32", dev)
+        lib(tvm.runtime.tensor(x_np, dev), out)
+        expected = want(x_np, axis=None if axes is None else tuple(axes), keepdims=keepdims)
+        np.testing.assert_array_equal(out.numpy(), expected)
+
+    rows = (np.random.default_rng(2).standard_normal((3, 768)) + 1000.0).astype(np.float32)
+    r, g, b = (te.placeholder(s, "float32", name=n) for s, n in (((3, 768), "r"), ((768,), "g"), ((768,), "b")))
+    y = layer_norm(r, g, b, [-1], 1e-5, center=True, scale=True)
+    lib = tvm.compile(te.create_prim_func([r, g, b, y]), target="llvm")
+    gamma, beta = np.full(768, 0.5, np.float32), np.full(768, 0.25, np.float32)
+    out = tvm.runtime.empty((3, 768), "float32", dev)
+    lib(*(tvm.runtime.tensor(a, dev) for a in (rows, gamma, beta)), out)
+    wide = rows.astype(np.float64)
+    centred = wide - wide.mean(-1, keepdims=True)
+    expected = centred / np.sqrt((centred ** 2).mean(-1, keepdims=True) + 1e-5) * 0.5 + 0.25
+    assert np.abs(out.numpy() - expected).max() < 1e-5
+

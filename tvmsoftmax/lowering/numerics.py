@@ -12,8 +12,8 @@ where TVM 0.27's default legalization differs. Run on the imported module, befor
   means, normalisations, average pools, cumulative sums): computed in float32 from the half
   inputs and rounded once. In a float16 ViT, TVM's half-type Conv was 12x further from the float32
   result than onnxruntime, ReduceMean 5x, LayerNormalization 2x.
-- LayerNormalization in two passes (mean, then squared deviations: `_te_layer_norm`) summed in
-  float64, not TVM's float32 sums and E[x^2] - E[x]^2, which lost digits whenever the mean was
+- LayerNormalization in two passes (mean, then squared deviations: `ops.normalization.layer_norm`)
+  summed in float64, not TVM's float32 sums and E[x^2] - E[x]^2, which lost digits whenever the mean was
   large against the spread (a 12-layer GPT-2 came out twice as far from float64 as onnxruntime,
   and outside the check's tolerance).
 """
@@ -21,8 +21,11 @@ where TVM 0.27's default legalization differs. Run on the imported module, befor
 from __future__ import annotations
 
 import tvm
-from tvm import relax, te
+from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from ..ops.normalization import layer_norm
+from ..ops.reduction import reduce_max, reduce_min
 
 HALF_DTYPES = ("float16", "bfloat16")
 
@@ -36,79 +39,6 @@ WIDENED = {
 }
 
 
-def _reduce(x: te.Tensor, axes, keepdims: bool, reducer) -> te.Tensor:
-    """x reduced over `axes` (None: all) by `reducer`, keeping size-1 dims if asked."""
-    ndim = len(x.shape)
-    axes = sorted({int(a) % ndim for a in axes} if axes is not None else range(ndim))
-    kept = [d for d in range(ndim) if d not in axes]
-    out_shape = [1 if d in axes else x.shape[d] for d in range(ndim)] if keepdims else [x.shape[d] for d in kept]
-
-    def compute(*index):
-        reduce_axes = [te.reduce_axis((0, x.shape[d]), name=f"k{d}") for d in axes]
-        by_dim = dict(zip(axes, reduce_axes))
-        outer = iter(index[d] for d in kept) if keepdims else iter(index)
-        return reducer([by_dim[d] if d in by_dim else next(outer) for d in range(ndim)], reduce_axes)
-
-    return te.compute(out_shape, compute, name="reduce")
-
-
-def _ieee_reducer(name: str, combine, identity: float):
-    return te.comm_reducer(combine, lambda dtype: tvm.tirx.const(identity, dtype), name=name)
-
-
-_MAX = _ieee_reducer("ieee_max", lambda a, b: tvm.tirx.max(a, b), float("-inf"))
-_MIN = _ieee_reducer("ieee_min", lambda a, b: tvm.tirx.min(a, b), float("inf"))
-
-
-def _te_extreme(reducer):
-    def compute(x: te.Tensor, axes, keepdims: bool) -> te.Tensor:
-        return _reduce(x, axes, keepdims, lambda idx, k: reducer(x(*idx), axis=k))
-
-    return compute
-
-
-def _te_layer_norm(x: te.Tensor, gamma: te.Tensor, beta: te.Tensor, axes, epsilon: float, center: bool,
-                   scale: bool) -> te.Tensor:
-    """Layer normalisation in two passes: the mean, then the mean of squared deviations from it,
-    y = (x - mean) / sqrt(var + epsilon) * gamma + beta (onnxruntime's order of operations), both
-    sums accumulated in float64. TVM's legalization sums in the input type and takes
-    var = E[x^2] - E[x]^2: a row of 768 values around 1000 came out 1e-3 off (the float32 sum's
-    rounding errors, then the cancellation), around 10 1e-5, where onnxruntime is 3e-5 / 8e-7 off."""
-    ndim = len(x.shape)
-    axes = sorted({int(a) % ndim for a in axes})
-    count = 1
-    for d in axes:
-        count = count * x.shape[d]
-    wide = "float64"  # the sums: one rounding error per term in float32 is what remained (below)
-    count = tvm.tirx.Cast(wide, count)
-    total = _reduce(x, axes, True, lambda idx, k: te.sum(x(*idx).astype(wide), axis=k))
-    mean = te.compute(total.shape, lambda *i: (total(*i) / count).astype(x.dtype), name="mean")
-
-    def kept(idx):
-        return [0 if d in axes else idx[d] for d in range(ndim)]
-
-    def deviation(idx):
-        return (x(*idx) - mean(*kept(idx))).astype(wide)
-
-    squares = _reduce(x, axes, True, lambda idx, k: te.sum(deviation(idx) * deviation(idx), axis=k))
-    std = te.compute(
-        squares.shape,
-        lambda *i: tvm.tirx.sqrt((squares(*i) / count).astype(x.dtype) + tvm.tirx.const(epsilon, x.dtype)),
-        name="std",
-    )
-
-    def normalized(*idx):
-        value = (x(*idx) - mean(*kept(idx))) / std(*kept(idx))
-        inner = [idx[d] for d in axes]
-        if scale:
-            value = value * gamma(*inner)
-        if center:
-            value = value + beta(*inner)
-        return value
-
-    return te.compute(x.shape, normalized, name="layer_norm")
-
-
 def _reduces(axis) -> bool:
     """Relax: axis None reduces every dim; an empty axis list reduces none (an identity)."""
     return axis is None or len(axis) > 0
@@ -120,8 +50,8 @@ class _OnnxNumerics(PyExprMutator):
         super().__init__(mod)
         self.mod_ = mod
         self.ops = {
-            "relax.max": _te_extreme(_MAX),
-            "relax.min": _te_extreme(_MIN),
+            "relax.max": reduce_max,
+            "relax.min": reduce_min,
         }
 
     def run(self) -> tvm.IRModule:
@@ -157,7 +87,7 @@ class _OnnxNumerics(PyExprMutator):
     def _layer_norm(self, call):
         attrs = call.attrs
         return self.builder_.call_te(
-            _te_layer_norm, *call.args, [int(a) for a in attrs.axes], float(attrs.epsilon),
+            layer_norm, *call.args, [int(a) for a in attrs.axes], float(attrs.epsilon),
             bool(attrs.center), bool(attrs.scale), primfunc_name_hint="layer_norm",
         )
 
