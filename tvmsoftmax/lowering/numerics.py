@@ -5,6 +5,10 @@ where TVM 0.27's default legalization differs. Run on the imported module, befor
   the max of a row of -inf is -FLT_MAX. ONNX's own Attention function body (and exporters' masks)
   test `ReduceMax(bias) == -inf` to find fully masked rows: with TVM's identity the test is never
   true and a row that must be zeros comes out NaN. Here the identities are -inf / +inf.
+- Relu, Clip (HardSigmoid's too) and Sign of NaN are NaN, as in onnxruntime: TVM lowers them
+  through max/min/comparisons that return the other operand (Relu(NaN) was 0, Sign(NaN) 0). A
+  NaN reaching them is not exotic: a decomposed attention without its IsNaN guard gives NaN for
+  a fully masked row, and onnxruntime carries it on through the layers after it.
 - Half-precision MatMul: TVM's legalization accumulates in the half type (one rounding per term);
   onnxruntime (MLAS) and NumPy accumulate in float32 and round once. Here a float16 / bfloat16
   MatMul accumulates in float32 and casts the result, as onnxruntime does.
@@ -28,6 +32,10 @@ from ..ops.normalization import layer_norm
 from ..ops.reduction import reduce_max, reduce_min
 
 HALF_DTYPES = ("float16", "bfloat16")
+
+# Elementwise ops that TVM lowers through max/min/comparisons that drop NaN (relu(NaN) = 0,
+# clip(NaN) = its low bound, sign(NaN) = 0); onnxruntime returns NaN (module doc).
+NAN_PASSES = {"relax.nn.relu", "relax.clip", "relax.sign"}
 
 # Relax ops that accumulate: with half inputs they run in float32 and round once (module doc).
 WIDENED = {
@@ -70,6 +78,9 @@ class _OnnxNumerics(PyExprMutator):
                 self.ops[call.op.name], call.args[0], call.attrs.axis, bool(call.attrs.keepdims),
                 primfunc_name_hint=call.op.name.split(".")[1],
             )
+        if call.op.name in NAN_PASSES and dtype.startswith(("float", "bfloat")):
+            x = call.args[0]
+            return relax.op.where(relax.op.isnan(x), x, self.builder_.emit(call))
         if call.op.name == "relax.nn.layer_norm" and dtype == "float32":
             return self._layer_norm(call)
         if call.op.name == "relax.matmul" and dtype in HALF_DTYPES and call.attrs.out_dtype is None:

@@ -38,7 +38,104 @@ def converters() -> dict:
         **_make_ort_fused_converters(),
         "MaxPool": _make_maxpool_converter(),
         **_make_ml_converters(),
+        **_make_nan_propagating_converters(),
     }
+
+
+BFLOAT16_MAX = 3.3895313892515355e38  # (2 - 2^-7) 2^127
+
+
+def _nan_passes(x, result):
+    """`result` where `x` is a number, `x` (NaN) where it is NaN; x broadcasts to result's shape."""
+    from tvm import relax
+
+    return relax.op.where(relax.op.isnan(x), x, result)
+
+
+def _floating(x) -> bool:
+    from tvm import relax
+
+    return isinstance(getattr(x, "ty", None), relax.TensorType) and str(x.ty.dtype).startswith(("float", "bfloat"))
+
+
+def _make_nan_propagating_converters() -> dict:
+    """Max, Min and Clip with NaN in, NaN out, as onnxruntime and NumPy compute them. TVM 0.27
+    lowers them to max/min that return the other operand when one is NaN: Max(NaN, 0) was 0,
+    Clip(NaN, -1, 1) was -1. (Relu, Sign and the clip of HardSigmoid are fixed on the imported
+    module, whatever emitted them: `numerics.py`.)
+
+    * Max, Min: TVM's converter builds the result (constant inputs are folded by NumPy, which
+      propagates NaN already); where an input is NaN, the output is NaN.
+    * Clip: ours. A bound that is absent is the dtype's lowest / highest finite value (ONNX's
+      default, onnxruntime's: Clip(+inf, min=-1) is FLT_MAX; TVM's converter used +-inf), so
+      +-inf are clamped to the finite range of float types; integers are not clamped there.
+    """
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import onnx_frontend
+    from tvm.relax.frontend.onnx.onnx_frontend import OnnxOpConverter
+
+    def propagating(base):
+        class NanPropagating(OnnxOpConverter):
+            @classmethod
+            def get_converter(cls, opset):
+                convert = base.get_converter(opset)
+
+                def converter(bb, inputs, attr, params):
+                    result = convert(bb, inputs, attr, params)
+                    if isinstance(result, tvm.ir.expr.Constant):
+                        return result
+                    sources = [x for x in inputs if x is not None and _floating(x)]
+                    if not sources:
+                        return result
+                    result = bb.normalize(result)
+                    for x in sources:
+                        result = bb.normalize(_nan_passes(x, result))
+                    return result
+
+                return converter
+
+        NanPropagating.__name__ = f"NanPropagating{base.__name__}"
+        return NanPropagating
+
+    def clip(x, low, high):
+        """min(max(x, low), high); low/high: relax tensors, Python numbers or None (absent)."""
+        dtype = str(x.ty.dtype)
+        floating = dtype.startswith(("float", "bfloat"))
+        if floating:
+            largest = BFLOAT16_MAX if dtype == "bfloat16" else float(np.finfo(dtype).max)
+            low = -largest if low is None else low
+            high = largest if high is None else high
+        bound = lambda v: relax.const(v, dtype) if isinstance(v, (int, float)) else v  # noqa: E731
+        constants = [v for v in (x, low, high) if v is not None]
+        if all(isinstance(v, (tvm.ir.expr.Constant, int, float)) for v in constants):
+            values = [v.data.numpy() if isinstance(v, tvm.ir.expr.Constant) else v for v in (x, low, high)]
+            folded = values[0]
+            if values[1] is not None:
+                folded = np.maximum(folded, values[1])
+            if values[2] is not None:
+                folded = np.minimum(folded, values[2])
+            return relax.const(np.asarray(folded, values[0].dtype), dtype)
+        result = x
+        if low is not None:
+            result = relax.op.maximum(result, bound(low))
+        if high is not None:
+            result = relax.op.minimum(result, bound(high))
+        return _nan_passes(x, result) if floating else result
+
+    class ClipConverter(OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):  # opsets 1-10: the bounds are attributes
+            return clip(inputs[0], attr.get("min"), attr.get("max"))
+
+        @classmethod
+        def _impl_v11(cls, bb, inputs, attr, params):  # opset 11+: optional inputs
+            x, low, high = (list(inputs) + [None, None])[:3]
+            if not isinstance(getattr(x, "ty", None), relax.TensorType):
+                return onnx_frontend.Clip.get_converter(11)(bb, inputs, attr, params)
+            return clip(x, low, high)
+
+    return {"Max": propagating(onnx_frontend.Max), "Min": propagating(onnx_frontend.Min), "Clip": ClipConverter}
 
 
 def _make_isinf_converter():
