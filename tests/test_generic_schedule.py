@@ -273,3 +273,44 @@ def test_weights_pack_at_compile_time_for_another_cpu():
                               [numpy_helper.from_array(weights, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     _compile_packed(model, mcpu="skylake-avx512")
+
+
+@pytest.mark.parametrize("keepdims", [True, False])
+def test_row_reductions_sum_in_vector_lanes(x86_spec, keepdims):
+    """A reduction along contiguous memory (LayerNorm's float64 sums, ReduceMean/Max over the last
+    axis) runs as `lanes` vector partial results per row (rfactor), not one serial chain; the
+    LayerNorm's second sum, which also reads the mean, is a row reduction too, not a matmul
+    (keepdims' [rows, 1]). Results against float64 NumPy (LayerNorm within 2e-6); a sum whose row
+    length the lanes do not divide (100) stays serial; ONNX's max from -inf, which TVM's rfactor
+    does not know, stays serial too, and both stay exact."""
+    from tvmsoftmax.ops.normalization import layer_norm
+    from tvmsoftmax.ops.reduction import reduce_max
+
+    lanes = x86_spec.vector_lanes
+    rng = np.random.default_rng(5)
+    x_np = (rng.standard_normal((64, 768)) * 3 + 100).astype(np.float32)
+    x = te.placeholder((64, 768), "float32", name="x")
+    g, b = te.placeholder((768,), "float32", name="g"), te.placeholder((768,), "float32", name="b")
+    norm = schedule_generic(te.create_prim_func([x, g, b, layer_norm(x, g, b, [-1], 1e-5, True, True)]), lanes)
+    script = norm.script()
+    assert script.count("T.vectorized(%d)" % lanes) >= 3  # both sums' partial results and the output
+    assert "sum_rf" in script and "squares_rf" in script
+    ones, zeros = np.ones(768, np.float32), np.zeros(768, np.float32)
+    executable = tvm.compile(tvm.IRModule({"main": norm}), x86_spec.tvm_target())
+    out = tvm.runtime.empty((64, 768), "float32", tvm.cpu())
+    executable["main"](*(tvm.runtime.tensor(a) for a in (x_np, ones, zeros)), out)
+    wide = x_np.astype(np.float64)
+    centred = wide - wide.mean(-1, keepdims=True)
+    want = centred / np.sqrt((centred ** 2).mean(-1, keepdims=True) + 1e-5)
+    assert np.abs(out.numpy() - want).max() < 2e-6
+
+    shape = (64, 1) if keepdims else (64,)
+    for length in (768, 100):
+        y_np = rng.integers(-8, 8, (64, length)).astype(np.float32)  # sums exact in any order
+        y = te.placeholder((64, length), "float32", name="y")
+        total = schedule_generic(te.create_prim_func([y, topi.sum(y, axis=-1, keepdims=keepdims)]), lanes)
+        assert ("_rf" in total.script()) == (length % lanes == 0)
+        np.testing.assert_array_equal(_build_and_run(total, x86_spec, [y_np], shape), y_np.sum(-1, keepdims=keepdims))
+        top = schedule_generic(te.create_prim_func([y, reduce_max(y, [-1], keepdims)]), lanes)
+        assert "_rf" not in top.script() and "T.max" in top.script()
+        np.testing.assert_array_equal(_build_and_run(top, x86_spec, [y_np], shape), y_np.max(-1, keepdims=keepdims))

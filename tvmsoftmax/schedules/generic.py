@@ -12,7 +12,9 @@ divide; sums longer than `K_BLOCK` in k blocks), and where
 its second operand is a constant (TVM's `layout_free_buffers`) reads it as contiguous column
 panels (`_packed_weights`; the re-layout runs once, at compile time, see
 `lowering.pipeline.fold_weight_prepacks`). Before all that, chains of elementwise kernels are
-inlined into one loop nest (`_inline_elementwise`). A block the rule cannot handle is left as it is.
+inlined into one loop nest (`_inline_elementwise`). A reduction along contiguous memory that is
+not a product (LayerNorm's sums, ReduceMean over the last axis) is computed as vector-lane partial
+results (`_lane_partials`). A block the rule cannot handle is left as it is.
 It is a baseline, not a tuned schedule: no L2 blocking of the weights, convolutions not tiled.
 """
 
@@ -156,7 +158,8 @@ def _register_tiled(sch: s_tir.Schedule, block, spatial, reduce, lanes: int, par
     row_outer, row_inner = sch.split(row, [None, tile_rows])
     column_outer, column_vector, lane = sch.split(column, [None, tile_vectors, width])
     # Row tiles outermost: a tile's rows of the first operand stay in L1 while the (packed)
-    # columns stream past; column panels outermost was 5-10% slower from M = 1024 on.
+    # columns stream past; column panels outermost was 5-10% slower from M = 1024 on, and groups
+    # of panels that fit L2 outside the row tiles were level at M = 128 (BERT-base).
     blocks = [k_outer] if k_block else []
     sch.reorder(*spatial[:-2], row_outer, column_outer, *blocks, reduce[0], row_inner, column_vector, lane)
     if parallel:  # before the write-back block exists (its subtree is no longer a plain reduction)
@@ -250,14 +253,17 @@ def _schedule_block(sch: s_tir.Schedule, block, lanes: int, tile: bool = True, l
     # A product reduced over its innermost loops (matmul; convolution: channels x kernel window):
     # the reductions go outside the last spatial loop, which then vectorises over output columns.
     trailing = bool(reduce) and all(kind == _REDUCE for kind in kinds[len(spatial):])
-    matmul_like = trailing and len(stmt.reads) >= 2
+    matmul_like = trailing and len(stmt.reads) >= 2 and _last_dim_uses(stmt, _DATA_PAR)
     if tile and matmul_like and _register_tiled(sch, block, spatial, reduce, lanes, parallel, layout_free):
         return
     if reduce and not matmul_like:
-        # Reductions over inner axes (LayerNorm, mean, ...): parallel over the spatial prefix.
+        # Reductions over inner axes (LayerNorm, mean, ...): parallel over the spatial prefix,
+        # and a reduction along contiguous memory summed in vector lanes.
         prefix = loops[: kinds.index(_REDUCE)]
         if prefix and parallel:
             sch.parallel(sch.fuse(*prefix) if len(prefix) > 1 else prefix[0])
+        if trailing and _contiguous_reduction(stmt):
+            _lane_partials(sch, block, len(spatial), lanes)
         return
     if matmul_like:
         sch.reorder(*spatial[:-1], *reduce, last)
@@ -280,6 +286,58 @@ def _schedule_block(sch: s_tir.Schedule, block, lanes: int, tile: bool = True, l
         sch.vectorize(last)
     if matmul_like:
         sch.decompose_reduction(block, reduce[0])
+
+
+def _uses(expr, var) -> bool:
+    from tvm.tirx.analysis import undefined_vars
+
+    return any(v.same_as(var) for v in undefined_vars(expr, []))
+
+
+def _last_dim_uses(stmt, kind: int) -> bool:
+    """Some read of the block is indexed in its last dim by the block's innermost axis of `kind`
+    (spatial: a matmul's columns run along its second operand's rows; a row reduction's output,
+    [rows, 1] after keepdims, does not, even when it reads a second buffer such as the mean)."""
+    axis = [iv.var for iv in stmt.iter_vars if int(iv.iter_type) == kind][-1]
+    return any(region.region and _uses(region.region[-1].min, axis) for region in stmt.reads)
+
+
+def _contiguous_reduction(stmt) -> bool:
+    """The block's innermost reduction axis runs along the last dim of what it reads: some read
+    is indexed there by that axis alone, and no read by it in another dim."""
+    axis = [iv.var for iv in stmt.iter_vars if int(iv.iter_type) == _REDUCE][-1]
+    along = False
+    for region in stmt.reads:
+        for dim, extent in enumerate(region.region):
+            uses = _uses(extent.min, axis)
+            if uses and (dim != len(region.region) - 1 or not extent.min.same_as(axis)):
+                return False
+            along = along or uses
+    return along
+
+
+def _lane_partials(sch: s_tir.Schedule, block, spatial: int, lanes: int) -> None:
+    """A row reduction as `lanes` partial results per row, each over every lanes-th element
+    (rfactor: one vector op per `lanes` elements instead of a serial chain of dependent scalar
+    ones), then the partial results combined. A LayerNorm of 768 float64 sums was bound by the
+    latency of its chain: 0.15 ms per [128, 768] call (3% of a BERT-base). Rows whose length
+    `lanes` does not divide stay serial, and so do reductions TVM's rfactor does not know (it
+    matches the combiner and identity against its registry: a max from -inf, ONNX's ReduceMax,
+    is not there; tried on a copy first)."""
+    reduce = sch.get_loops(block)[-1]
+    extent = static_extent(sch.get(reduce).extent)
+    if extent is None or extent % lanes or extent < 2 * lanes:
+        return
+    trial = sch.copy()
+    try:
+        trial.rfactor(trial.split(trial.get_loops(block)[-1], [None, lanes])[1], factor_axis=spatial)
+    except Exception:  # noqa: BLE001 - not a reducer rfactor knows
+        return
+    _outer, inner = sch.split(reduce, [None, lanes])
+    partial = sch.rfactor(inner, factor_axis=spatial)
+    step, lane = sch.get_loops(partial)[-2:]  # rfactor keeps the order: the lane innermost
+    sch.vectorize(lane)
+    sch.decompose_reduction(partial, step)
 
 
 def schedule_generic(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
