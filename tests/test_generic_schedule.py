@@ -314,3 +314,29 @@ def test_row_reductions_sum_in_vector_lanes(x86_spec, keepdims):
         top = schedule_generic(te.create_prim_func([y, reduce_max(y, [-1], keepdims)]), lanes)
         assert "_rf" not in top.script() and "T.max" in top.script()
         np.testing.assert_array_equal(_build_and_run(top, x86_spec, [y_np], shape), y_np.max(-1, keepdims=keepdims))
+
+
+def test_column_panels_are_grouped_to_fit_l2_outside_the_row_tiles(x86_spec):
+    """A matmul's column panels are visited in groups that fit `PANEL_GROUP_BYTES`, every row tile
+    per group (the weights read from memory once per call), the group loop outermost and parallel
+    with the row tiles; results stay exact (the same sums in the same order)."""
+    from tvmsoftmax.schedules.generic import PANEL_GROUP_BYTES, panel_group, register_tile
+
+    assert panel_group(24, 768 * 32 * 4) == 2  # [768, 3072] weights: 2 panels of 96 KiB
+    assert panel_group(24, 3072 * 32 * 4) == 1  # a panel over PANEL_GROUP_BYTES: one at a time
+    assert panel_group(7, 1024) == 7 and panel_group(7, PANEL_GROUP_BYTES // 2) == 1  # divisors only
+    a = te.placeholder((40, 64), "float32", name="a")
+    b = te.placeholder((64, 4096), "float32", name="b")
+    c = topi.matmul(a, b)
+    func = te.create_prim_func([a, b, c])
+    scheduled = schedule_generic(func, x86_spec.vector_lanes)
+    lanes = x86_spec.vector_lanes
+    panels = 4096 // (2 * lanes)
+    groups = panels // panel_group(panels, 64 * 2 * lanes * 4)
+    assert groups > 1
+    row_tiles = -(-40 // register_tile(lanes)[0])  # the last one predicated
+    assert f"T.parallel({groups * row_tiles})" in scheduled.script()  # groups x row tiles, fused
+    rng = np.random.default_rng(7)
+    x, y = rng.standard_normal((40, 64)).astype(np.float32), rng.standard_normal((64, 4096)).astype(np.float32)
+    got = _build_and_run(scheduled, x86_spec, [x, y], (40, 4096))
+    np.testing.assert_array_equal(got, _build_and_run(func, x86_spec, [x, y], (40, 4096)))
