@@ -9,6 +9,8 @@ where TVM 0.27's default legalization differs. Run on the imported module, befor
   through max/min/comparisons that return the other operand (Relu(NaN) was 0, Sign(NaN) 0). A
   NaN reaching them is not exotic: a decomposed attention without its IsNaN guard gives NaN for
   a fully masked row, and onnxruntime carries it on through the layers after it.
+- IsNaN and IsInf from the bits (`ops.classify`): TVM's isnan/isinf intrinsics scalarised every
+  kernel they were fused into (gathers and scatters; 8x slower).
 - Half-precision MatMul: TVM's legalization accumulates in the half type (one rounding per term);
   onnxruntime (MLAS) and NumPy accumulate in float32 and round once. Here a float16 / bfloat16
   MatMul accumulates in float32 and casts the result, as onnxruntime does.
@@ -28,6 +30,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from ..ops.classify import isinf, isnan
 from ..ops.normalization import layer_norm
 from ..ops.reduction import reduce_max, reduce_min
 
@@ -85,9 +88,11 @@ class _OnnxNumerics(PyExprMutator):
                 self.ops[call.op.name], call.args[0], call.attrs.axis, bool(call.attrs.keepdims),
                 primfunc_name_hint=call.op.name.split(".")[1],
             )
+        if call.op.name in ("relax.isnan", "relax.isinf") and _float_tensor(call.args[0]):
+            return self._classify(call.op.name, call.args[0])
         if call.op.name in NAN_PASSES and dtype.startswith(("float", "bfloat")):
             x = call.args[0]
-            return relax.op.where(relax.op.isnan(x), x, self.builder_.emit(call))
+            return relax.op.where(self._classify("relax.isnan", x), x, self.builder_.emit(call))
         if call.op.name == "relax.nn.layer_norm" and dtype == "float32":
             return self._layer_norm(call)
         if call.op.name == "relax.matmul" and dtype in HALF_DTYPES and call.attrs.out_dtype is None:
@@ -102,12 +107,21 @@ class _OnnxNumerics(PyExprMutator):
                 return relax.op.astype(self.builder_.emit(wide), dtype)
         return call
 
+    def _classify(self, op_name: str, x):
+        """isnan/isinf from the bits (`ops.classify`): TVM's intrinsics scalarise the kernel."""
+        compute = {"relax.isnan": isnan, "relax.isinf": isinf}[op_name]
+        return self.builder_.call_te(compute, x, primfunc_name_hint=op_name.split(".")[1])
+
     def _layer_norm(self, call):
         attrs = call.attrs
         return self.builder_.call_te(
             layer_norm, *call.args, [int(a) for a in attrs.axes], float(attrs.epsilon),
             bool(attrs.center), bool(attrs.scale), primfunc_name_hint="layer_norm",
         )
+
+
+def _float_tensor(expr) -> bool:
+    return isinstance(expr.ty, relax.TensorType) and str(expr.ty.dtype) in ("float16", "bfloat16", "float32", "float64")
 
 
 def _half_tensor(expr) -> bool:
