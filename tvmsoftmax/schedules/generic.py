@@ -74,7 +74,7 @@ def _packed_weights(sch: s_tir.Schedule, block, layout_free, panel: int) -> None
     reduction = next(iv.var for iv in stmt.iter_vars if int(iv.iter_type) == _REDUCE)
     for index, region in enumerate(stmt.reads):
         buffer = region.source
-        if buffer.name not in layout_free or len(buffer.shape) != 2:
+        if not any(buffer.same_as(param) for param in layout_free) or len(buffer.shape) != 2:
             continue
         mins = [r.min for r in region.region]
         if not all(isinstance(m, tirx.Var) for m in mins) or any(static_extent(r.extent) != 1 for r in region.region):
@@ -221,26 +221,31 @@ def _copy_like(stmt) -> bool:
     return isinstance(value, TensorLoad)  # (TVM 0.27's BufferLoad node)
 
 
-def _inline_elementwise(sch: s_tir.Schedule, outputs: set) -> s_tir.Schedule:
+def _inline_elementwise(sch: s_tir.Schedule) -> s_tir.Schedule:
     """Elementwise intermediates computed where they are used (one loop nest, no buffer between):
     a spatial block writing an intermediate (not a parameter) is inlined into its consumers when
     they are all spatial too and each has the same number of iterations and reads one element
     of it per iteration (no recomputation), or the block only moves data (a load or cast).
     Producers of reductions stay (inlined into a matmul's k loop they would be recomputed for
-    every column tile). Each try on a copy."""
+    every column tile). Each try on a copy. Buffers are told apart by identity, not by name: topi
+    names every product "T_multiply", so an intermediate can share its name with the output
+    (ONNX Gelu: its erf pass stayed a buffer of its own, scalarised)."""
+    params = list(sch.mod["main"].params)
     root = sch.get_sblock("root")
     for block in sch.get_child_blocks(root):
         try:
             stmt = sch.get(block)
-            if not _spatial(stmt) or len(stmt.writes) != 1 or stmt.writes[0].source.name in outputs:
+            if not _spatial(stmt) or len(stmt.writes) != 1:
+                continue
+            written = stmt.writes[0].source
+            if any(written.same_as(param) for param in params):
                 continue
             consumers = [sch.get(c) for c in sch.get_consumers(block)]
             if not consumers or not all(_spatial(c) for c in consumers):
                 continue
-            name = stmt.writes[0].source.name
             if not _copy_like(stmt) and any(
                 _domain(c) is None or _domain(c) != _domain(stmt)
-                or any(static_extent(r.extent) != 1 for read in c.reads if read.source.name == name for r in read.region)
+                or any(static_extent(r.extent) != 1 for read in c.reads if read.source.same_as(written) for r in read.region)
                 for c in consumers
             ):
                 continue
@@ -366,8 +371,8 @@ def schedule_generic(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
     except Exception:  # noqa: BLE001 - no root block: nothing to schedule
         return func
     free = func.attrs.get("layout_free_buffers", []) if func.attrs is not None else []
-    layout_free = {str(func.params[int(i)].name) for i in free}  # (TVM 0.27: params are buffers by name)
-    sch = _inline_elementwise(sch, {str(p.name) for p in func.params})
+    layout_free = [func.params[int(i)] for i in free]  # (TVM 0.27: params are the buffers; by identity)
+    sch = _inline_elementwise(sch)
     root = sch.get_sblock("root")
     for block in sch.get_child_blocks(root):
         # Register tiles where they apply; where they fail, the plain rule; where that fails too,
