@@ -115,7 +115,7 @@ def test_matmul_rows_not_a_multiple_of_the_tile_keep_whole_tiles(x86_spec):
     func = te.create_prim_func([a, b, c])
     scheduled = schedule_generic(func, x86_spec.vector_lanes)
     script = scheduled.script()
-    rows, _ = register_tile(x86_spec.vector_lanes)
+    rows, _ = register_tile(x86_spec.vector_lanes, 64 // x86_spec.vector_lanes)
     assert f"T.unroll({rows})" in script and "T.where" in script and '"local"' in script
     rng = np.random.default_rng(2)
     x, y = rng.standard_normal((197, 32)).astype(np.float32), rng.standard_normal((32, 64)).astype(np.float32)
@@ -125,14 +125,20 @@ def test_matmul_rows_not_a_multiple_of_the_tile_keep_whole_tiles(x86_spec):
 
 
 @pytest.mark.parametrize("lanes,registers", [(16, 32), (8, 16), (4, 16)])
-def test_register_tile_fits_the_register_file(lanes, registers):
+@pytest.mark.parametrize("column_vectors", [None, 48, 6, 3, 1])
+def test_register_tile_fits_the_register_file(lanes, registers, column_vectors):
     """Accumulators (rows x vectors), the other operand's vectors and a broadcast fit in the
-    vector registers (AVX-512: 32; AVX2/SSE: 16): a tile that spills ran at a third of the speed."""
+    vector registers (AVX-512: 32; AVX2/SSE: 16): a tile that spills ran at a third of the speed.
+    The vectors divide the output's; fewer of them, more rows, up to 12 (each row a broadcast)."""
     from tvmsoftmax.schedules.generic import register_tile
 
-    rows, vectors = register_tile(lanes)
+    rows, vectors = register_tile(lanes, column_vectors)
     assert rows * vectors + vectors + 1 <= registers
-    assert rows >= 6  # and not so small that loads outnumber FMAs
+    assert rows >= 6 and rows <= 12  # and not so small that loads outnumber FMAs
+    if column_vectors is not None:  # as many accumulators as the preferred tile, or 12 rows
+        preferred_rows, preferred_vectors = register_tile(lanes)
+        assert column_vectors % vectors == 0
+        assert rows * vectors == preferred_rows * preferred_vectors or rows == 12
 
 
 def test_elementwise_chains_become_one_loop_nest(x86_spec):
@@ -349,10 +355,11 @@ def test_column_panels_are_grouped_to_fit_l2_outside_the_row_tiles(x86_spec):
     func = te.create_prim_func([a, b, c])
     scheduled = schedule_generic(func, x86_spec.vector_lanes)
     lanes = x86_spec.vector_lanes
-    panels = 4096 // (2 * lanes)
-    groups = panels // panel_group(panels, 64 * 2 * lanes * 4)
+    tile_rows, tile_vectors = register_tile(lanes, 4096 // lanes)
+    panels = 4096 // (tile_vectors * lanes)
+    groups = panels // panel_group(panels, 64 * tile_vectors * lanes * 4)
     assert groups > 1
-    row_tiles = -(-40 // register_tile(lanes)[0])  # the last one predicated
+    row_tiles = -(-40 // tile_rows)  # the last one predicated
     assert f"T.parallel({groups * row_tiles})" in scheduled.script()  # groups x row tiles, fused
     rng = np.random.default_rng(7)
     x, y = rng.standard_normal((40, 64)).astype(np.float32), rng.standard_normal((64, 4096)).astype(np.float32)
