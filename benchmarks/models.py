@@ -4,10 +4,12 @@ medians. Each result is also checked against onnxruntime with optimisations off.
 benchmarks/results/models.json.
 
     TVM_NUM_THREADS=1 python benchmarks/models.py   # onnxruntime gets the same thread count
+    TVM_NUM_THREADS=1 python benchmarks/models.py results/emeraldrapids/models.json   # another path
 """
 
 import json
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -16,6 +18,7 @@ import onnxruntime as ort
 
 import tvmsoftmax
 from tvmsoftmax.lowering.check import make_inputs
+from tvmsoftmax.lowering.targets import resolve
 from tvmsoftmax.models import build
 from _timing import median_of_rounds  # benchmarks/_timing.py (run as a script)
 
@@ -65,8 +68,10 @@ def main():
                          for s in report.sites if s["rewritten"]]}
         print(json.dumps(row))
         results.append(row)
-    out = Path(__file__).parent / "results" / "models.json"
-    out.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": results}, indent=1))
+    out = Path(__file__).parent / (sys.argv[1] if len(sys.argv) > 1 else "results/models.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": resolve("x86").mcpu, "results": results}
+    out.write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
