@@ -368,13 +368,12 @@ def _vector_rule(op_name: str):
     """LLVM lowering of `op_name` while `vector_math` is active: float32 (scalar or vector) becomes
     plain arithmetic that stays in vector registers (`ops.exp`), instead of ``llvm.exp`` /
     ``llvm.tanh``, which LLVM turns into one glibc call per lane (TVM's Sigmoid lowers to exp
-    too: an unrolled LSTM spent 20% of its time in expf; erf, GELU's, half of a BERT's MLP kernel;
-    log, 3.7x onnxruntime's time for a Log, 6x for a Softplus).
+    too: an unrolled LSTM spent 20% of its time in expf; erf, GELU's, half of a BERT's MLP kernel).
     tanh also gains relative accuracy near 0 (TVM's, from exponentials, was 1% off at 1e-6). Other
     dtypes, and builds not ours, keep TVM's rule."""
-    from ..ops.exp import _dtype, fast_erf, fast_exp, fast_log, fast_tanh
+    from ..ops.exp import _dtype, fast_erf, fast_exp, fast_tanh
 
-    ours = {"tirx.exp": fast_exp, "tirx.tanh": fast_tanh, "tirx.erf": fast_erf, "tirx.log": fast_log}[op_name]
+    ours = {"tirx.exp": fast_exp, "tirx.tanh": fast_tanh, "tirx.erf": fast_erf}[op_name]
 
     def lower(call):
         if getattr(_BUILDING, "active", False) and _dtype(call).split("x")[0] == "float32":
@@ -387,9 +386,9 @@ def _vector_rule(op_name: str):
 
 @contextmanager
 def vector_math():
-    """Our exp, tanh, erf and log lowerings for the LLVM builds inside this context (this thread only). The
+    """Our exp, tanh and erf lowerings for the LLVM builds inside this context (this thread only). The
     rules are registered once, above TVM's, and defer to TVM's outside the context."""
-    for op_name in ("tirx.exp", "tirx.tanh", "tirx.erf", "tirx.log"):
+    for op_name in ("tirx.exp", "tirx.tanh", "tirx.erf"):
         if op_name not in _TVM_RULES:
             _TVM_RULES[op_name] = tvm.ir.Op.get(op_name).get_attr("llvm.FLowerIntrinsic")
             tvm.tirx.op.register_intrin_lowering(op_name, "llvm", f=_vector_rule(op_name), level=99)

@@ -1,4 +1,4 @@
-"""A vectorisable float32 exp (and tanh, erf, log) for TIR, in the spirit of XNNPACK/MLAS.
+"""A vectorisable float32 exp (and tanh) for TIR, in the spirit of XNNPACK/MLAS.
 
 `te.exp` becomes `llvm.exp.v8f32` in LLVM IR but is lowered to scalar glibc `expf` calls in the
 binary (about 10x slower than a polynomial on AVX2). The functions here build the exponential from
@@ -253,55 +253,3 @@ def fast_erf(x: tirx.PrimExpr) -> tirx.PrimExpr:
         return _let(tirx.abs(xv), on_magnitude, "erf_a")
 
     return _let(x, signed, "erf_x")
-
-
-# log(x) = e ln2 + log(m), x = m 2^e with m in [sqrt(1/2), sqrt(2)): Cephes' logf. With f = m - 1,
-# log(m) = f - f^2/2 + f^3 P(f), P of degree 8 (highest degree first); ln2 split in two so that
-# e ln2 adds exactly (LOG_LN2_HI has 9 significant bits).
-_LOG_P = (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1,
-          -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1)
-LOG_LN2_HI, LOG_LN2_LO = 0.693359375, -2.12194440e-4
-FLT_MIN, FLT_MAX = 1.1754943508222875e-38, 3.4028234663852886e38
-
-
-def fast_log(x: tirx.PrimExpr) -> tirx.PrimExpr:
-    """log(x) for a float32 expression (scalar or vector), plain arithmetic (TVM's `log` is one
-    glibc call per lane: 3.7x onnxruntime's time over [197, 3072]). The exponent and mantissa come
-    from the bits; subnormal inputs are scaled by 2^23 first. log(+-0) = -inf, log(+inf) = +inf,
-    negative and NaN inputs give NaN (selects whose comparisons NaN fails, no `isnan`)."""
-
-    def on_value(xv):
-        tiny = xv < _f32(FLT_MIN)
-
-        def split(scaled):
-            bits = tirx.reinterpret(_like(scaled, "int32"), scaled)
-            # frexp: scaled = m * 2^exponent, m in [0.5, 1)
-            exponent = (tirx.shift_right(bits, 23) - 126).astype(_like(scaled, "float32"))
-            exponent = exponent - tirx.Select(tiny, _const_like(scaled, 23.0), _const_like(scaled, 0.0))
-            m = tirx.reinterpret(_like(scaled, "float32"), tirx.bitwise_or(tirx.bitwise_and(bits, 0x007FFFFF), 0x3F000000))
-
-            def reduced(mv):
-                small = mv < _f32(0.7071067811865476)  # (not bound by a Let: a bool vector Let fails)
-                e = exponent - tirx.Select(small, _const_like(mv, 1.0), _const_like(mv, 0.0))
-                f = tirx.Select(small, mv + mv, mv) - _f32(1.0)
-
-                def series(fv):
-                    def with_square(z):
-                        def with_e(ev):
-                            y = _horner(_LOG_P, fv) * fv * z + ev * _f32(LOG_LN2_LO) - _f32(0.5) * z
-                            return fv + y + ev * _f32(LOG_LN2_HI)
-
-                        return _let(e, with_e, "log_e")
-
-                    return _let(fv * fv, with_square, "log_z")
-
-                return _let(f, series, "log_f")
-
-            return _let(m, reduced, "log_m")
-
-        value = _let(tirx.Select(tiny, xv * _f32(8388608.0), xv), split, "log_s")
-        positive = tirx.Select(xv > _f32(FLT_MAX), _const_like(xv, float("inf")), value)
-        other = tirx.Select(xv == _f32(0.0), _const_like(xv, float("-inf")), _const_like(xv, float("nan")))
-        return tirx.Select(xv > _f32(0.0), positive, other)
-
-    return _let(x, on_value, "log_x")
