@@ -307,8 +307,9 @@ def test_row_reductions_sum_in_vector_lanes(x86_spec, keepdims):
     axis) runs as `lanes` vector partial results per row (rfactor), not one serial chain; the
     LayerNorm's second sum, which also reads the mean, is a row reduction too, not a matmul
     (keepdims' [rows, 1]). Results against float64 NumPy (LayerNorm within 2e-6); a sum whose row
-    length the lanes do not divide (100) stays serial; ONNX's max from -inf, which TVM's rfactor
-    does not know, stays serial too, and both stay exact."""
+    length the lanes do not divide (100) stays serial; ONNX's max from -inf (`ops.reduction`:
+    TVM's integer max over order-preserving keys, which rfactor knows) in lanes too, with a NaN
+    anywhere in a row giving NaN; all exact."""
     from tvmsoftmax.ops.normalization import layer_norm
     from tvmsoftmax.ops.reduction import reduce_max
 
@@ -338,7 +339,9 @@ def test_row_reductions_sum_in_vector_lanes(x86_spec, keepdims):
         assert ("_rf" in total.script()) == (length % lanes == 0)
         np.testing.assert_array_equal(_build_and_run(total, x86_spec, [y_np], shape), y_np.sum(-1, keepdims=keepdims))
         top = schedule_generic(te.create_prim_func([y, reduce_max(y, [-1], keepdims)]), lanes)
-        assert "_rf" not in top.script() and "T.max" in top.script()
+        assert ("_rf" in top.script()) == (length % lanes == 0) and "T.max" in top.script()
+        y_np[3, length // 2] = np.nan
+        y_np[5, :] = -np.inf
         np.testing.assert_array_equal(_build_and_run(top, x86_spec, [y_np], shape), y_np.max(-1, keepdims=keepdims))
 
 

@@ -120,7 +120,8 @@ def _cuda_source(model) -> str:
 
 def test_cuda_keeps_the_float32_accumulator_and_the_inf_identity():
     """The same rewrites reach dlight's CUDA kernels: a float32 accumulator in the float16 MatMul
-    (dlight's Matmul rule keeps it in registers), -inf as the start of a float ReduceMax."""
+    (dlight's Matmul rule keeps it in registers); a float ReduceMax over integer keys (`ops.reduction`)
+    from the integer's lowest (no float's key), in warp shuffles."""
     assert re.search(r"float2? matmul\w*_local\w*\[", _cuda_source(_matmul_model(64, 256, 64)))
     reduce_max = _model(
         [helper.make_node("ReduceMax", ["x", "axes"], ["y"], keepdims=0)],
@@ -128,7 +129,8 @@ def test_cuda_keeps_the_float32_accumulator_and_the_inf_identity():
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64])],
         initializers=[helper.make_tensor("axes", TensorProto.INT64, [1], [1])],
     )
-    assert "= -CUDART_INF_F;" in _cuda_source(reduce_max)
+    source = _cuda_source(reduce_max)
+    assert "= -2147483648;" in source and "__shfl_down_sync" in source
 
 
 # collect_testcases fills one module-global list on first import: collect once, filter.
