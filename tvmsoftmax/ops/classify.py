@@ -12,7 +12,7 @@ from __future__ import annotations
 from tvm import te, tirx
 
 # (integer type of the same width, mask of every bit but the sign, the bits of +infinity)
-_LAYOUT = {
+LAYOUT = {
     "float16": ("int16", 0x7FFF, 0x7C00),
     "bfloat16": ("int16", 0x7FFF, 0x7F80),
     "float32": ("int32", 0x7FFFFFFF, 0x7F800000),
@@ -22,7 +22,7 @@ _LAYOUT = {
 
 def _magnitude_bits(value: tirx.PrimExpr):
     dtype = getattr(value, "dtype", None)  # TVM 0.27's buffer loads carry it in `.ty`
-    integer, mask, infinity = _LAYOUT[str(dtype if dtype is not None else value.ty)]
+    integer, mask, infinity = LAYOUT[str(dtype if dtype is not None else value.ty)]
     bits = tirx.bitwise_and(tirx.reinterpret(integer, value), tirx.const(mask, integer))
     return bits, tirx.const(infinity, integer)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import tvm
 from tvm import te
 
-from .classify import is_nan
+from .classify import LAYOUT, is_nan
 
 
 def reduce(x: te.Tensor, axes, keepdims: bool, reducer, name: str = "reduce") -> te.Tensor:
@@ -42,10 +42,6 @@ IEEE_MAX = _ieee_reducer("ieee_max", lambda a, b: tvm.tirx.max(a, b), float("-in
 IEEE_MIN = _ieee_reducer("ieee_min", lambda a, b: tvm.tirx.min(a, b), float("inf"))
 
 
-# (integer type of the same width, index of the sign bit) per float type
-_KEYS = {"float16": ("int16", 15), "bfloat16": ("int16", 15), "float32": ("int32", 31), "float64": ("int64", 63)}
-
-
 def order_key(bits: tvm.tirx.PrimExpr, integer: str, sign: int) -> tvm.tirx.PrimExpr:
     """The float whose bits are `bits` as an integer in the floats' order (-inf < ... < -0 < +0 <
     ... < +inf): negative floats have their magnitude bits flipped. Its own inverse."""
@@ -58,7 +54,8 @@ def _keyed_extreme(x: te.Tensor, axes, keepdims: bool, largest: bool, name: str)
     propagates, whatever its sign and payload), the integer reduction's identity (an empty axis)
     read back as -inf (max) / +inf (min)."""
     dtype = str(x.dtype)
-    integer, sign = _KEYS[dtype]
+    integer = LAYOUT[dtype][0]
+    sign = int(integer[3:]) - 1  # the sign bit's index
     # NaN's key wins the reduction; the identity's key is no float's (it would be a NaN's)
     nan_key = (tvm.tirx.max_value if largest else tvm.tirx.min_value)(integer)
     identity = (tvm.tirx.min_value if largest else tvm.tirx.max_value)(integer)
@@ -81,13 +78,13 @@ def _keyed_extreme(x: te.Tensor, axes, keepdims: bool, largest: bool, name: str)
 
 def reduce_max(x: te.Tensor, axes, keepdims: bool) -> te.Tensor:
     """Max over `axes` from -inf (a row of -inf gives -inf; NaN anywhere gives NaN)."""
-    if str(x.dtype) in _KEYS:
+    if str(x.dtype) in LAYOUT:
         return _keyed_extreme(x, axes, keepdims, True, "reduce_max")
     return reduce(x, axes, keepdims, lambda idx, k: IEEE_MAX(x(*idx), axis=k), name="reduce_max")
 
 
 def reduce_min(x: te.Tensor, axes, keepdims: bool) -> te.Tensor:
     """Min over `axes` from +inf (NaN anywhere gives NaN)."""
-    if str(x.dtype) in _KEYS:
+    if str(x.dtype) in LAYOUT:
         return _keyed_extreme(x, axes, keepdims, False, "reduce_min")
     return reduce(x, axes, keepdims, lambda idx, k: IEEE_MIN(x(*idx), axis=k), name="reduce_min")
