@@ -30,7 +30,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ..ops.classify import isinf, isnan
+from ..ops.classify import LAYOUT, isinf, isnan
 from ..ops.normalization import layer_norm
 from ..ops.reduction import reduce_max, reduce_min
 
@@ -121,7 +121,8 @@ class _OnnxNumerics(PyExprMutator):
 
 
 def _float_tensor(expr) -> bool:
-    return isinstance(expr.ty, relax.TensorType) and str(expr.ty.dtype) in ("float16", "bfloat16", "float32", "float64")
+    """A tensor of a float type `ops.classify` knows."""
+    return isinstance(expr.ty, relax.TensorType) and str(expr.ty.dtype) in LAYOUT
 
 
 def _half_tensor(expr) -> bool:

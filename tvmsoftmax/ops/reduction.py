@@ -42,11 +42,13 @@ IEEE_MAX = _ieee_reducer("ieee_max", lambda a, b: tvm.tirx.max(a, b), float("-in
 IEEE_MIN = _ieee_reducer("ieee_min", lambda a, b: tvm.tirx.min(a, b), float("inf"))
 
 
-def order_key(bits: tvm.tirx.PrimExpr, integer: str, sign: int) -> tvm.tirx.PrimExpr:
-    """The float whose bits are `bits` as an integer in the floats' order (-inf < ... < -0 < +0 <
-    ... < +inf): negative floats have their magnitude bits flipped. Its own inverse."""
-    magnitude = tvm.tirx.const((1 << sign) - 1, integer)
-    return tvm.tirx.bitwise_xor(bits, tvm.tirx.bitwise_and(tvm.tirx.shift_right(bits, sign), magnitude))
+def order_key(bits: tvm.tirx.PrimExpr, dtype: str) -> tvm.tirx.PrimExpr:
+    """The `dtype` float whose bits (as the same-width integer) are `bits`, as an integer in the
+    floats' order (-inf < ... < -0 < +0 < ... < +inf): negative floats have their magnitude bits
+    (classify's mask) flipped, the sign shifted across them. Its own inverse."""
+    integer, magnitude, _ = LAYOUT[dtype]
+    sign = tvm.tirx.shift_right(bits, int(integer[3:]) - 1)  # all ones for a negative float
+    return tvm.tirx.bitwise_xor(bits, tvm.tirx.bitwise_and(sign, tvm.tirx.const(magnitude, integer)))
 
 
 def _keyed_extreme(x: te.Tensor, axes, keepdims: bool, largest: bool, name: str) -> te.Tensor:
@@ -55,7 +57,6 @@ def _keyed_extreme(x: te.Tensor, axes, keepdims: bool, largest: bool, name: str)
     read back as -inf (max) / +inf (min)."""
     dtype = str(x.dtype)
     integer = LAYOUT[dtype][0]
-    sign = int(integer[3:]) - 1  # the sign bit's index
     # NaN's key wins the reduction; the identity's key is no float's (it would be a NaN's)
     nan_key = (tvm.tirx.max_value if largest else tvm.tirx.min_value)(integer)
     identity = (tvm.tirx.min_value if largest else tvm.tirx.max_value)(integer)
@@ -63,14 +64,14 @@ def _keyed_extreme(x: te.Tensor, axes, keepdims: bool, largest: bool, name: str)
 
     def key(*index):
         value = x(*index)
-        return tvm.tirx.Select(is_nan(value), nan_key, order_key(tvm.tirx.reinterpret(integer, value), integer, sign))
+        return tvm.tirx.Select(is_nan(value), nan_key, order_key(tvm.tirx.reinterpret(integer, value), dtype))
 
     keys = reduce(x, axes, keepdims, lambda idx, k: combine(key(*idx), axis=k), name=f"{name}_key")
     empty = tvm.tirx.const(float("-inf") if largest else float("inf"), dtype)
 
     def value(*index):
         found = keys(*index)
-        back = tvm.tirx.reinterpret(dtype, order_key(found, integer, sign))
+        back = tvm.tirx.reinterpret(dtype, order_key(found, dtype))
         return tvm.tirx.Select(found == identity, empty, back)
 
     return te.compute(keys.shape, value, name=name)
