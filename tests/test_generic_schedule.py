@@ -287,6 +287,57 @@ def test_long_reductions_are_summed_in_blocks_as_accurately_as_onnxruntime(x86_s
     assert ours_error <= 1.5 * their_error, (ours_error, their_error)
 
 
+def _matmul_bias(rows, depth, columns):
+    a = te.placeholder((rows, depth), "float32", name="a")
+    b = te.placeholder((depth, columns), "float32", name="b")
+    bias = te.placeholder((columns,), "float32", name="bias")
+    product = topi.matmul(a, b)
+    out = te.compute((rows, columns), lambda i, j: product[i, j] + bias[j], name="biased")
+    return te.create_prim_func([a, b, bias, out])
+
+
+@pytest.mark.parametrize("depth", [96, 600], ids=["one-k-block", "k-blocks"])
+def test_matmul_epilogue_runs_in_the_tile(x86_spec, depth):
+    """The bias add after a tiled matmul is computed per register tile, right after the tile's
+    sums (`_fuse_epilogue`): no pass of its own over the product. Rows that are not a multiple of
+    the tile's (52 = 8 x 6 + 4) give a predicated last tile; with K past K_BLOCK each block's sum
+    is added to the tile's output as it completes. Results as the unscheduled kernel's (one k
+    block: the same bits; k blocks: float32-close to float64)."""
+    from tvm import s_tir
+
+    rows, columns = 52, 64
+    func = _matmul_bias(rows, depth, columns)
+    scheduled = schedule_generic(func, x86_spec.vector_lanes)
+    sch = s_tir.Schedule(scheduled)
+    outermost = {name: sch.get(sch.get_loops(sch.get_sblock(name))[0]) for name in ("biased", "T_matmul_update")}
+    assert outermost["biased"].same_as(outermost["T_matmul_update"])  # inside the matmul's tile loop
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((rows, depth)).astype(np.float32)
+    w = rng.standard_normal((depth, columns)).astype(np.float32)
+    bias = rng.standard_normal(columns).astype(np.float32)
+    got = _build_and_run(scheduled, x86_spec, [x, w, bias], (rows, columns))
+    np.testing.assert_allclose(got, x.astype(np.float64) @ w + bias, rtol=1e-4, atol=1e-4)
+    if depth <= 256:
+        np.testing.assert_array_equal(got, _build_and_run(func, x86_spec, [x, w, bias], (rows, columns)))
+
+
+def test_predicated_tile_keeps_its_accumulators_in_registers(x86_spec):
+    """The tile loop of a matmul whose rows leave a partial last tile (64 = 10 x 6 + 4), with its
+    bias add fused: the innermost loop with the most FMAs stores nothing (its accumulators stay in
+    registers). An epilogue that walked the accumulators in a loop left them an array in memory,
+    and the inner loop read-modified-wrote it for every k (20% slower)."""
+    func = _matmul_bias(64, 128, 64)
+    scheduled = schedule_generic(func, x86_spec.vector_lanes)
+    executable = tvm.compile(tvm.IRModule({"main": scheduled}), x86_spec.tvm_target())
+    modules = executable.mod._collect_from_import_tree(lambda m: m.kind == "llvm")
+    asm = "".join(module.inspect_source("asm") for module in modules)
+    blocks = re.split(r"\n\.?L?[\w.$]+:", asm)  # basic blocks, split at labels
+    hot = max(blocks, key=lambda text: len(re.findall(r"vfmadd\w*ps", text)))
+    assert len(re.findall(r"vfmadd\w*ps", hot)) >= 8
+    stores = re.findall(r"vmov\w*ps\s+%[xyz]mm\d+,\s*[^%\n]*\(", hot)
+    assert not stores, stores
+
+
 def test_weights_pack_at_compile_time_for_another_cpu():
     """Compiling for a CPU this host may not be (AVX-512 code on an AVX2 host): the packing runs
     here, so it is built for plain x86-64, not for the target (whose code would fault here)."""
