@@ -1,6 +1,6 @@
 """Real exports: small, randomly initialised Hugging Face models (no download) exported with
 torch.onnx.export(dynamo=False) and (dynamo=True), compiled and checked against onnxruntime: the
-four families with bound shapes in both exporter forms, twenty-one more families with their dims left
+four families with bound shapes in both exporter forms, twenty-four more families with their dims left
 symbolic, float16 exports that run the softmax in float32, a Llama export with a KV cache, and
 dynamo exports at opset 23 (ONNX Attention-23) with symbolic dims, checked against torch itself.
 
@@ -63,6 +63,9 @@ def _more_models():
     yield "swinv2", lambda: t.Swinv2Model(t.Swinv2Config(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4)), pixels, "attention"  # shifted windows, per-head scale
     yield "bloom", lambda: t.BloomForCausalLM(t.BloomConfig(vocab_size=100, hidden_size=32, n_layer=2, n_head=4, use_cache=False)), text, "attention"  # ALiBi: [B*H] products viewed as [B, H]
     yield "deberta_v2", lambda: t.DebertaV2Model(t.DebertaV2Config(vocab_size=100, hidden_size=32, max_position_embeddings=64, **small)), text, "attention"  # disentangled: [B*H] products, masked_fill Where
+    yield "albert", lambda: t.AlbertModel(t.AlbertConfig(vocab_size=100, embedding_size=16, hidden_size=32, max_position_embeddings=64, **small)), text, "attention"  # shared layers, factorised embeddings
+    yield "electra", lambda: t.ElectraModel(t.ElectraConfig(vocab_size=100, embedding_size=32, hidden_size=32, max_position_embeddings=64, **small)), text, "attention"
+    yield "mpnet", lambda: t.MPNetModel(t.MPNetConfig(vocab_size=100, hidden_size=32, max_position_embeddings=64, **small)), text, "attention"  # relative position bias
     yield "gptj", lambda: t.GPTJForCausalLM(t.GPTJConfig(vocab_size=100, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64, use_cache=False, bos_token_id=1, eos_token_id=2)), text, "attention"  # partial rotary, interleaved
     yield "beit", lambda: t.BeitModel(t.BeitConfig(image_size=32, patch_size=8, hidden_size=32, use_relative_position_bias=True, **small)), pixels, "attention"  # relative position bias
     audio = {"input_values": torch.from_numpy(np.random.default_rng(2).standard_normal((BATCH, 1600)).astype(np.float32))}
@@ -72,7 +75,8 @@ def _more_models():
 
 
 MORE = ["distilbert", "roberta", "mistral", "qwen2", "phi", "gpt_neox", "opt", "falcon", "gemma", "gemma2", "bart",
-        "clip_text", "deit", "swin", "swinv2", "bloom", "deberta_v2", "gptj", "beit", "wav2vec2", "whisper_encoder"]
+        "clip_text", "deit", "swin", "swinv2", "bloom", "deberta_v2", "albert", "electra", "mpnet",
+        "gptj", "beit", "wav2vec2", "whisper_encoder"]
 
 
 def _export(wrapper, inputs, path):
