@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from tvm import s_tir, tirx
 
 from ..ops.softmax import Partitioning
-from ._tir import named_root_blocks, static_extent
+from ._tir import STACK_SCRATCH_ATTR, named_root_blocks, static_extent
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,10 @@ def schedule_softmax(func: tirx.PrimFunc, knobs: X86SoftmaxKnobs) -> tirx.PrimFu
             _schedule_rows_split(sch, named, knobs)
     else:
         _schedule_strided(sch, named, knobs)
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    # A row's stored exponentials (three-pass) and partial states live on the parallel task's
+    # stack (up to `lowering.pipeline.STACK_ARRAY_BYTES`), not in a TVMBackendAllocWorkspace /
+    # FreeWorkspace pair per row.
+    return sch.mod["main"].with_attrs({"tirx.is_scheduled": True, STACK_SCRATCH_ATTR: True})
 
 
 def _vectorize_tail(sch, loop, lanes: int, unroll: int = 1):
