@@ -125,6 +125,16 @@ def panel_group(panels: int, panel_bytes: int) -> int:
 K_BLOCK = 256
 
 
+def _unrolled_vectors(sch: s_tir.Schedule, rows, columns, width: int) -> None:
+    """A register tile's rows x columns loops (its write-back, block sums or epilogue): the columns
+    in vectors of `width`, the vectors and rows unrolled, so every access to the accumulators is
+    at a constant index (they stay in registers)."""
+    vectors, lanes = sch.split(columns, [None, width])
+    sch.vectorize(lanes)
+    sch.unroll(vectors)
+    sch.unroll(rows)
+
+
 def _sum_of_blocks(sch: s_tir.Schedule, total, k_outer, width: int) -> None:
     """The sum over k blocks of a register tile's partial products (`_register_tiled`): each
     block's sum added to the tile's output as soon as it is complete, read from the accumulators
@@ -144,11 +154,7 @@ def _sum_of_blocks(sch: s_tir.Schedule, total, k_outer, width: int) -> None:
         return next(loop for loop in reversed(loops) if any(v.same_as(sch.get(loop).loop_var) for v in used))
 
     spatial = [value for iv, value in values if int(iv.iter_type) == _DATA_PAR]
-    row_loop, column_loop = loop_of(spatial[-2]), loop_of(spatial[-1])
-    vectors, lanes = sch.split(column_loop, [None, width])
-    sch.vectorize(lanes)
-    sch.unroll(vectors)
-    sch.unroll(row_loop)
+    _unrolled_vectors(sch, loop_of(spatial[-2]), loop_of(spatial[-1]), width)
     init = sch.decompose_reduction(total, k_outer)
     init_columns = sch.get_loops(init)[-1]
     _, init_lanes = sch.split(init_columns, [None, width])
@@ -217,11 +223,7 @@ def _register_tiled(sch: s_tir.Schedule, block, spatial, reduce, lanes: int, par
         _sum_of_blocks(sch, total, k_outer, width)
         sch.compute_inline(writeback)  # the blocks' sums read from the accumulators
     else:
-        back_rows, back_columns = sch.get_loops(writeback)[-2:]
-        back_vectors, back_lanes = sch.split(back_columns, [None, width])
-        sch.vectorize(back_lanes)
-        sch.unroll(back_vectors)
-        sch.unroll(back_rows)
+        _unrolled_vectors(sch, *sch.get_loops(writeback)[-2:], width)
     sch.vectorize(lane)
     sch.unroll(column_vector)
     sch.unroll(row_inner)
@@ -249,17 +251,13 @@ def _fuse_epilogue(sch: s_tir.Schedule, tiled: Tiled, params) -> str | None:
     sch.reverse_compute_at(consumer, tiled.tile, preserve_unit_loops=True)
     if tiled.copy:  # the tile's write-back: the consumer reads the accumulators themselves
         sch.compute_inline(tiled.output)
-    loops = sch.get_loops(consumer)
-    inner = loops[-2:]  # the tile's rows and columns
-    extent = static_extent(sch.get(inner[-1]).extent)
+    rows, columns = sch.get_loops(consumer)[-2:]  # the tile's
+    extent = static_extent(sch.get(columns).extent)
     if extent is None or extent % tiled.width:
         raise ValueError("the tile's columns are not whole vectors")
-    vectors, lanes = sch.split(inner[-1], [None, tiled.width])
-    sch.vectorize(lanes)
-    # unrolled: the accumulators are read at constant indices, so they stay in registers (a
-    # loop over them left LLVM an array in memory, and the tile's inner loop went with it)
-    sch.unroll(vectors)
-    sch.unroll(inner[0])
+    # unrolled: left as loops over the accumulators, LLVM kept them as an array in memory, and the
+    # tile's inner loop read-modified-wrote it
+    _unrolled_vectors(sch, rows, columns, tiled.width)
     return stmt.name_hint
 
 
@@ -479,7 +477,7 @@ def schedule_generic(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc:
     layout_free = [func.params[int(i)] for i in free]  # (TVM 0.27: params are the buffers; by identity)
     sch = _inline_elementwise(sch)
     root = sch.get_sblock("root")
-    params = list(sch.mod["main"].params)
+    params = list(func.params)
     fused = set()  # epilogues computed in a matmul's tiles (`_fuse_epilogue`)
     for block in sch.get_child_blocks(root):
         if sch.get(block).name_hint in fused:
