@@ -98,3 +98,12 @@ def assert_case_outputs(compiled, case) -> None:
         for (name, value), want in zip(got.items(), outputs):
             assert value.shape == want.shape, name
             np.testing.assert_allclose(value, want, rtol=case.rtol, atol=case.atol, err_msg=f"{case.name} {name}")
+
+
+def workspace_calls(func, target, pipeline) -> int:
+    """TVMBackendAllocWorkspace calls in the LLVM IR of `func` built by `pipeline` ("default" or
+    the models' TIR pipeline): the buffers that are not stack arrays."""
+    import tvm
+
+    ir = tvm.compile(func, target=target, tir_pipeline=pipeline).mod.inspect_source("ll")
+    return ir.count("load ptr, ptr @__TVMBackendAllocWorkspace")

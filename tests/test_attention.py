@@ -20,6 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 import tvm
 import tvmsoftmax
 from attention_reference import reference
+from conftest import workspace_calls
 from tvmsoftmax.lowering.pipeline import TIR_PIPELINE
 from tvmsoftmax.lowering.targets import resolve
 from tvmsoftmax.models import build
@@ -224,12 +225,9 @@ def test_flash_block_buffers_on_the_stack():
     knobs = X86AttentionKnobs(vector_lanes=resolve("x86").vector_lanes)
     func = schedule_flash(flash_attention(spec, knobs.tiling(), {"batch": 1, "q_len": 128, "kv_len": 128}), knobs)
 
-    def workspace_calls(pipeline):
-        ir = tvm.compile(func, target=resolve("x86").tvm_target(), tir_pipeline=pipeline).mod.inspect_source("ll")
-        return ir.count("load ptr, ptr @__TVMBackendAllocWorkspace")
-
-    assert workspace_calls("default") >= 4
-    assert workspace_calls(TIR_PIPELINE) == 1
+    target = resolve("x86").tvm_target()
+    assert workspace_calls(func, target, "default") >= 4
+    assert workspace_calls(func, target, TIR_PIPELINE) == 1
 
 
 def test_flash_dynamic_lengths_float16():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import tvmsoftmax
-from conftest import TOLERANCES, assert_close, compiled_for, reference64, run_ort, softmax_model
+from conftest import TOLERANCES, assert_close, compiled_for, reference64, run_ort, softmax_model, workspace_calls
 
 ALGORITHMS = ["three-pass", "three-pass-recompute", "two-pass", "online"]
 OPS = ["Softmax", "LogSoftmax"]
@@ -143,31 +143,17 @@ def test_long_row_accuracy(algorithm):
     assert rel.max() <= 1e-5, f"max relative error {rel.max():.3g}"
 
 
-
 def test_three_pass_row_buffer_on_the_stack():
     """A row's stored exponentials (three-pass, 1024 floats) are a stack array of the parallel
     task under the models' TIR pipeline, not a TVMBackendAllocWorkspace/FreeWorkspace pair per row
     (what TVM's default pipeline does with a 4 KiB buffer); the kernel stays right."""
-    import tvm
-    from tvm import te
-
     from tvmsoftmax.lowering.kernels import SoftmaxKernel
     from tvmsoftmax.lowering.pipeline import TIR_PIPELINE
     from tvmsoftmax.lowering.targets import resolve
-    from tvmsoftmax.ops.softmax import softmax
-    from tvmsoftmax.schedules import schedule_softmax
 
     spec, view = resolve("x86"), (64, 1024, 1)
     kernel = SoftmaxKernel(view, algorithm="three-pass", spec=spec)
     x = (np.random.default_rng(3).standard_normal(view) * 3).astype(np.float32)
     assert_close(kernel(x)[..., 0], reference64(x[..., 0], axis=-1, log=False), **TOLERANCES["float32"], what="three-pass")
-    placeholder = te.placeholder(view, "float32", name="x")
-    out = softmax(placeholder, algorithm="three-pass", log=False, partitioning=kernel.knobs.partitioning(True))
-    func = schedule_softmax(te.create_prim_func([placeholder, out]), spec, kernel.knobs)
-
-    def workspace_calls(pipeline):
-        ir = tvm.compile(tvm.IRModule({"main": func}), target=spec.tvm_target(), tir_pipeline=pipeline).mod.inspect_source("ll")
-        return ir.count("load ptr, ptr @__TVMBackendAllocWorkspace")
-
-    assert workspace_calls("default") >= 1
-    assert workspace_calls(TIR_PIPELINE) == 0
+    assert workspace_calls(kernel.func, spec.tvm_target(), "default") >= 1
+    assert workspace_calls(kernel.func, spec.tvm_target(), TIR_PIPELINE) == 0

@@ -29,9 +29,9 @@ class SoftmaxKernel:
         self.knobs = knobs or default_knobs
         x = te.placeholder(self.view, dtype, name="x")
         y = softmax(x, algorithm=chosen, log=log, partitioning=self.knobs.partitioning(self.view[2] == 1))
-        func = schedule_softmax(te.create_prim_func([x, y]), spec, self.knobs)
+        self.func = schedule_softmax(te.create_prim_func([x, y]), spec, self.knobs)  # the scheduled PrimFunc
         with quiet_native_stderr():
-            self.executable = tvm.compile(tvm.IRModule({"main": func}), spec.tvm_target(), tir_pipeline=TIR_PIPELINE)
+            self.executable = tvm.compile(tvm.IRModule({"main": self.func}), spec.tvm_target(), tir_pipeline=TIR_PIPELINE)
         self.device = tvm.cuda(0) if spec.name == "cuda" else tvm.cpu(0)
         self.dtype = dtype
 
