@@ -157,3 +157,56 @@ def test_three_pass_row_buffer_on_the_stack():
     assert_close(kernel(x)[..., 0], reference64(x[..., 0], axis=-1, log=False), **TOLERANCES["float32"], what="three-pass")
     assert workspace_calls(kernel.func, spec.tvm_target(), "default") >= 1
     assert workspace_calls(kernel.func, spec.tvm_target(), TIR_PIPELINE) == 0
+
+
+def _prefetched_block(func, rows: int) -> str | None:
+    """Name of the block whose loop carries the kernel's prefetch (the first block after the
+    llvm.prefetch call in the TIR), None if the kernel has none; asserts there is at most one and
+    that it reads the next of `rows` rows, clamped to the last."""
+    lines = func.script().splitlines()
+    at = [n for n, line in enumerate(lines) if "llvm.prefetch" in line]
+    assert len(at) <= 1, f"{len(at)} prefetches"
+    if not at:
+        return None
+    assert f"+ 1, {rows - 1})" in lines[at[0]], lines[at[0]]
+    return next(line.split('"')[1] for line in lines[at[0]:] if "T.sblock(" in line)
+
+
+@pytest.mark.parametrize("algorithm, op, block", [
+    ("three-pass", "Softmax", "softmax_exp"),  # its last pass over x stores the exponentials
+    ("three-pass-recompute", "LogSoftmax", "softmax"),  # the output pass (block "softmax") reads x
+    ("online", "Softmax", None),  # first passes compute exponentials: no gain measured
+    ("two-pass", "Softmax", None),
+])
+def test_next_row_prefetch(algorithm, op, block):
+    """Contiguous rows shorter than LONG_ROW: the three-pass algorithms prefetch the next row in
+    their last pass over the input (one llvm.prefetch per vector, row clamped to the last);
+    outputs are bitwise those of the kernel without it, on whole vectors, odd rows (a scalar tail,
+    the prefetching loop in the copy of the block over the whole vectors) and one row (nothing to
+    prefetch)."""
+    import dataclasses
+
+    from tvmsoftmax.lowering.kernels import SoftmaxKernel
+    from tvmsoftmax.lowering.targets import resolve
+    from tvmsoftmax.schedules import x86
+
+    spec = resolve("x86")
+    log = op == "LogSoftmax"
+    for view in [(37, 1024, 1), (37, 1000, 1), (1, 1000, 1)]:
+        kernel = SoftmaxKernel(view, algorithm=algorithm, log=log, spec=spec)
+        got = _prefetched_block(kernel.func, view[0])
+        if block is None or view[0] == 1:
+            assert got is None, view
+        else:
+            assert got == block or (view[1] % 16 and got is not None), (view, got)
+        assert (kernel.knobs.prefetch == "l1") == (block is not None)
+        plain = SoftmaxKernel(view, algorithm=algorithm, log=log, spec=spec,
+                              knobs=dataclasses.replace(kernel.knobs, prefetch="off"))
+        assert _prefetched_block(plain.func, view[0]) is None
+        x = (np.random.default_rng(view[0]).standard_normal(view) * 5).astype(np.float32)
+        x[1 % view[0], :7] = -np.inf
+        got = kernel(x)
+        np.testing.assert_array_equal(got, plain(x))
+        assert_close(got[..., 0], reference64(x[..., 0], axis=-1, log=log), **TOLERANCES["float32"], what=algorithm)
+    _, long_rows = x86.choose(algorithm, log, [8, x86.LONG_ROW, 1], spec.vector_lanes, spec.num_cores)
+    assert long_rows.prefetch == "off"  # rows of 32 KiB and more: no gain, losses with online

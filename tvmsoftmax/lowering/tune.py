@@ -60,8 +60,9 @@ def _softmax_candidates(default, context: dict) -> list:
     for choice in algorithms:
         for accumulators in ((1, 2, 4) if contiguous else (knobs.accumulators,)):
             for unroll in (1, 2, 4):
-                out.append((choice, X86SoftmaxKnobs(vector_lanes=knobs.vector_lanes, accumulators=accumulators,
-                                                     splits=knobs.splits, unroll=unroll)))
+                for prefetch in (("off", "l1", "l2") if contiguous else ("off",)):
+                    out.append((choice, X86SoftmaxKnobs(vector_lanes=knobs.vector_lanes, accumulators=accumulators,
+                                                         splits=knobs.splits, unroll=unroll, prefetch=prefetch)))
     return out
 
 
