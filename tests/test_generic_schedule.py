@@ -298,10 +298,11 @@ def _matmul_bias(rows, depth, columns):
 
 @pytest.mark.parametrize("depth", [96, 600], ids=["one-k-block", "k-blocks"])
 def test_matmul_epilogue_runs_in_the_tile(x86_spec, depth):
-    """The bias add after a tiled matmul is computed per register tile, right after the tile's
-    sums (`_fuse_epilogue`): no pass of its own over the product. Rows that are not a multiple of
-    the tile's (52 = 8 x 6 + 4) give a predicated last tile; with K past K_BLOCK each block's sum
-    is added to the tile's output as it completes. Results as the unscheduled kernel's (one k
+    """The bias add after a tiled matmul of one k block is computed per register tile from its
+    accumulators (`_fuse_epilogue`): no pass of its own over the product. With K past K_BLOCK
+    (k blocks) it keeps a pass of its own (fused, LLVM held the running totals in registers
+    across blocks and spilled the accumulators). Rows that are not a multiple of the tile's
+    (52 = 8 x 6 + 4) give a predicated last tile. Results as the unscheduled kernel's (one k
     block: the same bits; k blocks: float32-close to float64)."""
     from tvm import s_tir
 
@@ -309,8 +310,9 @@ def test_matmul_epilogue_runs_in_the_tile(x86_spec, depth):
     func = _matmul_bias(rows, depth, columns)
     scheduled = schedule_generic(func, x86_spec.vector_lanes)
     sch = s_tir.Schedule(scheduled)
-    outermost = {name: sch.get(sch.get_loops(sch.get_sblock(name))[0]) for name in ("biased", "T_matmul_update")}
-    assert outermost["biased"].same_as(outermost["T_matmul_update"])  # inside the matmul's tile loop
+    product = "T_matmul_rf_update" if depth > 256 else "T_matmul_update"
+    outermost = {name: sch.get(sch.get_loops(sch.get_sblock(name))[0]) for name in ("biased", product)}
+    assert outermost["biased"].same_as(outermost[product]) == (depth <= 256)  # inside the matmul's tile loop
     rng = np.random.default_rng(8)
     x = rng.standard_normal((rows, depth)).astype(np.float32)
     w = rng.standard_normal((depth, columns)).astype(np.float32)
@@ -321,21 +323,29 @@ def test_matmul_epilogue_runs_in_the_tile(x86_spec, depth):
         np.testing.assert_array_equal(got, _build_and_run(func, x86_spec, [x, w, bias], (rows, columns)))
 
 
-def test_predicated_tile_keeps_its_accumulators_in_registers(x86_spec):
-    """The tile loop of a matmul whose rows leave a partial last tile (64 = 10 x 6 + 4), with its
-    bias add fused: the innermost loop with the most FMAs stores nothing (its accumulators stay in
-    registers). An epilogue that walked the accumulators in a loop left them an array in memory,
-    and the inner loop read-modified-wrote it for every k (20% slower)."""
-    func = _matmul_bias(64, 128, 64)
+@pytest.mark.parametrize("rows, depth, columns", [(64, 128, 64), (126, 768, 256), (52, 600, 64)],
+                         ids=["predicated-tile", "whole-tiles-k-blocks", "predicated-k-blocks"])
+def test_matmul_inner_loops_keep_their_accumulators_in_registers(x86_spec, rows, depth, columns):
+    """Every loop of a matmul + bias (a basic block that branches back to itself) with at least 8
+    FMAs (the inner loops: one per k block where LLVM unrolls them) stores nothing: its
+    accumulators stay in registers. Broken
+    once by an epilogue that walked the accumulators in a loop (an array in memory, the inner
+    loop read-modified-wrote it: 20% slower), once by the bias fused into a tile with k blocks
+    and rows a multiple of 6 (the middle block of three spilled: 2.2x slower)."""
+    func = _matmul_bias(rows, depth, columns)
     scheduled = schedule_generic(func, x86_spec.vector_lanes)
     executable = tvm.compile(tvm.IRModule({"main": scheduled}), x86_spec.tvm_target())
     modules = executable.mod._collect_from_import_tree(lambda m: m.kind == "llvm")
     asm = "".join(module.inspect_source("asm") for module in modules)
-    blocks = re.split(r"\n\.?L?[\w.$]+:", asm)  # basic blocks, split at labels
-    hot = max(blocks, key=lambda text: len(re.findall(r"vfmadd\w*ps", text)))
-    assert len(re.findall(r"vfmadd\w*ps", hot)) >= 8
-    stores = re.findall(r"vmov\w*ps\s+%[xyz]mm\d+,\s*[^%\n]*\(", hot)
-    assert not stores, stores
+    # single-block loops: from a label to the branch back to it (the code after is the exit's)
+    pieces = re.split(r"\n(\.?L?[\w.$]+):", asm)
+    back = [(text, re.search(rf"\sj\w+\s+{re.escape(label)}\b", text)) for label, text in zip(pieces[1::2], pieces[2::2])]
+    loops = [text[:jump.end()] for text, jump in back if jump]
+    hot = [text for text in loops if len(re.findall(r"vfmadd\w*ps", text)) >= 8]
+    assert hot
+    for text in hot:
+        stores = re.findall(r"vmov\w*ps\s+%[xyz]mm\d+,\s*[^%\n]*\(", text)
+        assert not stores, stores
 
 
 def test_weights_pack_at_compile_time_for_another_cpu():
