@@ -132,6 +132,26 @@ def test_flash_matches_reference(name, tiles):
     _close(got, want, spec.dtype, name)
 
 
+@pytest.mark.parametrize("length, key_block, query_block", [(77, 32, 16), (197, 32, 32), (100, 64, 16),
+                                                         (128, 64, 32), (384, 64, 32), (None, 64, 32)])
+def test_flash_tiles_follow_static_lengths(length, key_block, query_block):
+    """`auto` halves the key tile (64 -> 32) or the query block (32 -> 16) where a static length
+    padded to the half is at least 10% shorter (every tile is computed whole: 77 keys in 64-key
+    tiles are 128), keeps them where they divide the length or it is symbolic; K stays packed
+    (blocks of 16 rows over 77 queries are not a decoding step). The chosen kernel at 77 against
+    the reference."""
+    from tvmsoftmax.schedules import x86_attention
+
+    spec = AttentionSpec(q_heads=2, kv_heads=2, head_size=32, v_head_size=32, scale=32 ** -0.5)
+    dims = {"batch": 1, "q_len": length, "kv_len": length}
+    _, knobs = x86_attention.choose("auto", dims, spec, resolve("x86").vector_lanes)
+    assert (knobs.key_block, knobs.query_block, knobs.pack_keys) == (key_block, query_block, True)
+    if length == 77:
+        rng = np.random.default_rng(77)
+        q, k, v = (rng.standard_normal((1, 2, 77, 32)).astype(np.float32) for _ in range(3))
+        _close(_flash(spec, knobs, dims, [q, k, v]), reference(q, k, v, spec), "float32", "S=77")
+
+
 @pytest.mark.parametrize("lanes", [4, 8, 16])
 def test_transpose_intrinsic(lanes):
     """The in-register transpose K's whole tiles are packed with: a lanes x lanes tile of a
@@ -180,25 +200,31 @@ def test_flash_transposed_key_tiles(lanes, kv_len):
 
 
 @pytest.mark.parametrize("lanes", [8, 16])
-def test_materialized_scores_with_transposed_keys(lanes):
+@pytest.mark.parametrize("keys", [48, 45], ids=["whole-tiles", "key-tail"])
+def test_materialized_scores_with_transposed_keys(lanes, keys):
     """The materialized strategy's K^T per head, static lengths: packed by the in-register
-    transpose; the scores (GQA, 48 keys) against numpy."""
+    transpose (48 keys); the scores (GQA) against numpy. 45 keys: the 13 past the last whole
+    16-key tile are a loop of their own, the tiles stay vectorised (with the tail's bounds
+    predicate inside them, TVM scalarised every vector: 12x slower)."""
     from tvm import te
     from tvmsoftmax.ops.attention import attention_scores
     from tvmsoftmax.schedules.x86_attention import schedule_scores
 
     spec = AttentionSpec(q_heads=4, kv_heads=2, head_size=32, v_head_size=32, scale=32 ** -0.5)
-    q_in, k_in = te.placeholder((2, 4, 37, 32), name="q"), te.placeholder((2, 2, 48, 32), name="k")
+    q_in, k_in = te.placeholder((2, 4, 37, 32), name="q"), te.placeholder((2, 2, keys, 32), name="k")
     scores = attention_scores(q_in, k_in, spec=spec)
     knobs = X86AttentionKnobs(vector_lanes=lanes, query_block=8, key_block=16, rows=2)
     func = schedule_scores(te.create_prim_func([q_in, k_in, scores]), knobs)
-    assert "T.Shuffle" in func.script()
+    script = func.script()
+    assert ("T.Shuffle" in script) == (keys % lanes == 0)
+    dot = script[script.index('T.sblock("attention_dot'):script.index('T.sblock("attention_scores')]
+    assert "T.vectorized" in dot and ('_partition"' in dot) == (keys % 16 != 0)
     rng = np.random.default_rng(7)
-    q, k = rng.standard_normal((2, 4, 37, 32)).astype(np.float32), rng.standard_normal((2, 2, 48, 32)).astype(np.float32)
-    out = tvm.runtime.empty((2 * 4 * 37, 48, 1), "float32")
+    q, k = rng.standard_normal((2, 4, 37, 32)).astype(np.float32), rng.standard_normal((2, 2, keys, 32)).astype(np.float32)
+    out = tvm.runtime.empty((2 * 4 * 37, keys, 1), "float32")
     tvm.compile(func, target=resolve("x86").tvm_target())(tvm.runtime.tensor(q), tvm.runtime.tensor(k), out)
     want = np.einsum("bhid,bhjd->bhij", q.astype(np.float64), np.repeat(k, 2, axis=1).astype(np.float64)) * 32 ** -0.5
-    np.testing.assert_allclose(out.numpy().reshape(2, 4, 37, 48), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out.numpy().reshape(2, 4, 37, keys), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["kv-lengths-causal", "per-head-bias-causal", "gqa-causal-softcap"])

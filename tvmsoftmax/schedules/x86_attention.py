@@ -219,13 +219,21 @@ def schedule_flash(func: tirx.PrimFunc, knobs: X86AttentionKnobs) -> tirx.PrimFu
 UNPACKED_ROWS = 16
 
 
+def _tile(length, whole: int, half: int) -> int:
+    """`whole`, or `half` where a static `length` padded to `half`s is at least 10% shorter."""
+    if not isinstance(length, int) or length <= 0:
+        return whole
+    padded = lambda size: -(-length // size) * size  # noqa: E731
+    return half if padded(half) * 10 <= padded(whole) * 9 else whole
+
+
 def choose(requested: str, dims: dict, spec, vector_lanes: int, algorithm: str = "auto"):
     """The `auto` rule for x86: flash (it never materialises the scores and skips masked tiles;
     it was faster than materialized on every benchmark shape, benchmarks/README.md).
 
     Knobs: 32-row query blocks (fewer when the query length is known and shorter: a power of two
     at least as long) and 64-key tiles (a packed K tile of 64 x D floats stays in L1/L2 while the
-    block's rows use it); GQA/MQA blocks fold the query heads of a key/value head into their rows
+    block's rows use it), halved where a static length pads much less so (`_tile`); GQA/MQA blocks fold the query heads of a key/value head into their rows
     (`FlashTiling.fold_group`; decoding 32 query heads over 8 key/value heads, 1025 keys, D=128,
     1 thread: the kernel 1.10 -> 0.71 ms); with a query length known only at run time the kernel
     holds a decoding step's own blocks (as many rows as the group) beside the 32-row ones (that
@@ -235,10 +243,15 @@ def choose(requested: str, dims: dict, spec, vector_lanes: int, algorithm: str =
     AVX-512 4 rows 157 GFLOP/s vs 8-row/32-key 130; AVX2 code 1 row 86 vs 2 rows 58 (spills).
     """
     strategy = "flash" if requested == "auto" else requested
-    key_block, query_block = 64, 32
     fold = spec.group > 1 and strategy == "flash"
     q_len = dims.get("q_len")
     rows = q_len * spec.group if fold and isinstance(q_len, int) else q_len
+    # Static lengths that the usual tiles would pad by much (every tile is computed whole): half
+    # the tile where that pads at least 10% less (S = 77: 128 keys x 96 rows -> 96 x 80; S = 197:
+    # 256 keys -> 224). 1 thread, (1, 12, 77, 64): 0.44 -> 0.32 ms; lengths the tiles divide ran
+    # slower with the half tiles (key_block 32 at S = 128 and 384: 8-10%).
+    key_block = _tile(dims.get("kv_len"), 64, 32)
+    query_block = _tile(rows, 32, 16)
     if isinstance(rows, int) and 0 < rows < query_block:
         # few queries (decoding: 1 per head): a block as small as they are, not 32 rows of which
         # all but these repeat the last one (static tiles clamp their rows)
@@ -252,7 +265,7 @@ def choose(requested: str, dims: dict, spec, vector_lanes: int, algorithm: str =
     return strategy, X86AttentionKnobs(
         vector_lanes=vector_lanes, query_block=query_block, key_block=key_block,
         rows=rows_for(key_block), pv_rows=rows_for(spec.v_head_size), softmax_algorithm=algorithm,
-        fold_group=fold, pack_keys=query_block > UNPACKED_ROWS,
+        fold_group=fold, pack_keys=query_block > UNPACKED_ROWS or (isinstance(rows, int) and rows > UNPACKED_ROWS),
     )
 
 
@@ -263,13 +276,24 @@ def schedule_scores(func: tirx.PrimFunc, knobs: X86AttentionKnobs) -> tirx.PrimF
     blocks = _blocks(sch)
     _schedule_key_packing(sch, blocks["attention_key_t"], knobs.vector_lanes, transpose=knobs.transpose_keys)
     block = blocks["attention_dot"]
-    row, key, _unit, depth = sch.get_loops(block)
-    rows = knobs.rows
-    row_outer, row_inner = sch.split(row, [None, rows])
-    key_outer, key_block = sch.split(key, [None, knobs.key_block])
-    sch.reorder(row_outer, key_outer, depth, row_inner, key_block)
-    vec_outer, vec_inner = sch.split(key_block, [None, knobs.vector_lanes])
+    row, key, unit, depth = sch.get_loops(block)
+    row_outer, row_inner = sch.split(row, [None, knobs.rows])
     sch.parallel(row_outer)
+    keys = static_extent(sch.get(key).extent)
+    whole = keys - keys % knobs.key_block if keys is not None else 0
+    if 0 < whole < keys:
+        # The keys past the last whole key block in a loop of their own (scalar): left in the
+        # tiles, the last tile's bounds predicate made TVM scalarise every vector of every tile
+        # ((1, 12, 197, 64)'s scores: 17 ms -> 4 ms; 192 keys: 0.6 ms, as LLVM keeps those
+        # tiles' sums in registers and not these: the partition leaves the block's write region
+        # whole, so a register block (cache_write) cannot be placed per tile here).
+        sch.reorder(row_outer, key, row_inner, unit, depth)
+        key, _tail = sch.loop_partition(key, [whole, None])
+        (block,) = sch.get_child_blocks(key)  # the block of the whole key blocks (renamed)
+        row_inner, unit, depth = sch.get_loops(block)[-3:]
+    key_outer, key_block = sch.split(key, [None, knobs.key_block])
+    sch.reorder(key_outer, depth, row_inner, key_block)
+    vec_outer, vec_inner = sch.split(key_block, [None, knobs.vector_lanes])
     sch.vectorize(vec_inner)
     sch.unroll(vec_outer)
     sch.unroll(row_inner)
