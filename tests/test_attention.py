@@ -118,34 +118,42 @@ def _problem(name, dtype="float32", sq=37, skv=45, seed=0, d=16, dv=24):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-@pytest.mark.parametrize("tiles", [(8, 16, False, True), (32, 64, False, True), (8, 16, True, True), (4, 16, True, False)],
-                         ids=["8x16", "32x64", "8x16-folded", "4x16-folded-unpacked"])
+@pytest.mark.parametrize("tiles", [(8, 16, False, True, 0), (32, 64, False, True, 0), (8, 16, True, True, 0),
+                                   (4, 16, True, False, 0), (16, 32, False, True, 16), (4, 32, True, False, 16)],
+                         ids=["8x16", "32x64", "8x16-folded", "4x16-folded-unpacked", "16x32-tail16",
+                              "4x32-tail16-folded-unpacked"])
 def test_flash_matches_reference(name, tiles):
     """Folded: the block rows run over the query heads of a key/value head (2 here); with 37
-    queries, blocks of 8 rows span two heads. Unpacked: the inner products read K in place."""
+    queries, blocks of 8 rows span two heads. Unpacked: the inner products read K in place.
+    Tail: 45 keys are a whole 32-key tile and a 16-key last one (`FlashTiling.key_tail`), which
+    the -FLT_MAX masks leave fully masked (skipped, then recomputed for the fully masked rows)."""
     spec, arrays, kwargs = _problem(name)
     knobs = X86AttentionKnobs(vector_lanes=resolve("x86").vector_lanes, query_block=tiles[0], key_block=tiles[1],
-                              fold_group=tiles[2], pack_keys=tiles[3])
+                              fold_group=tiles[2], pack_keys=tiles[3], key_tail=tiles[4])
     dims = {"batch": 2, "q_len": arrays[0].shape[2], "kv_len": arrays[1].shape[2]}
     got = _flash(spec, knobs, dims, arrays)
     want = reference(*arrays[:3], spec, **kwargs)
     _close(got, want, spec.dtype, name)
 
 
-@pytest.mark.parametrize("length, key_block, query_block", [(77, 32, 16), (197, 32, 16), (100, 64, 16), (1000, 64, 32),
-                                                         (577, 64, 32), (257, 64, 16), (128, 64, 32), (384, 64, 32), (None, 64, 32)])
-def test_flash_tiles_follow_static_lengths(length, key_block, query_block):
-    """`auto` halves the key tile (64 -> 32) where a static length padded to the half is at least
-    12% shorter, the query block (32 -> 16) where 5% (every tile is computed whole: 77 keys in 64-key
-    tiles are 128), keeps them where they divide the length or it is symbolic; K stays packed
-    (blocks of 16 rows over 77 queries are not a decoding step). The chosen kernel at 77 against
-    the reference."""
+@pytest.mark.parametrize("length, query_block", [(77, 16), (197, 16), (100, 16), (1000, 32), (577, 32), (257, 16),
+                                                (128, 32), (384, 32), (None, 32)])
+def test_flash_tiles_follow_static_lengths(length, query_block):
+    """`auto` computes the last key tile of a static length only as wide as its keys (whole
+    vectors: 77 keys are a 64-key tile and a 16-key one, not 128 keys) and halves the query block
+    (32 -> 16) where that pads at least 5% fewer rows; tiles are whole where they divide the length
+    or it is symbolic; K stays packed (blocks of 16 rows over 77 queries are not a decoding step).
+    The chosen kernel at 77 against the reference."""
     from tvmsoftmax.schedules import x86_attention
 
+    lanes = resolve("x86").vector_lanes
     spec = AttentionSpec(q_heads=2, kv_heads=2, head_size=32, v_head_size=32, scale=32 ** -0.5)
     dims = {"batch": 1, "q_len": length, "kv_len": length}
-    _, knobs = x86_attention.choose("auto", dims, spec, resolve("x86").vector_lanes)
-    assert (knobs.key_block, knobs.query_block, knobs.pack_keys) == (key_block, query_block, True)
+    _, knobs = x86_attention.choose("auto", dims, spec, lanes)
+    assert (knobs.key_block, knobs.query_block, knobs.pack_keys) == (64, query_block, True)
+    tail = 0 if length is None or length % 64 == 0 else -(-(length % 64) // lanes) * lanes
+    assert knobs.key_tail == (tail if tail < 64 else 0)
+    assert knobs.tiling().tail_width(tvm.tirx.const(length or 64, "int64")) == (knobs.key_tail or None)
     if length == 77:
         rng = np.random.default_rng(77)
         q, k, v = (rng.standard_normal((1, 2, 77, 32)).astype(np.float32) for _ in range(3))

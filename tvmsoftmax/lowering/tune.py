@@ -23,6 +23,7 @@ from pathlib import Path
 from .._atomic import atomic_path
 from ..errors import InputError
 from ..schedules import X86AttentionKnobs, X86SoftmaxKnobs, tuning
+from ..schedules.x86_attention import key_tail
 from .frontend import bind_constants, bind_shapes, load_model
 
 EXACT_ALGORITHMS = ("three-pass", "three-pass-recompute", "online")  # two-pass differs on masked rows
@@ -89,7 +90,8 @@ def _attention_candidates(default, context: dict) -> list:
                             pv_rows=pv_rows, softmax_algorithm=knobs.softmax_algorithm,
                             fold_group=knobs.fold_group and choice == "flash",
                             # K's layout as the default's (decoding reads K in place)
-                            pack_keys=knobs.pack_keys, transpose_keys=knobs.transpose_keys)))
+                            pack_keys=knobs.pack_keys, transpose_keys=knobs.transpose_keys,
+                            key_tail=key_tail(context["dims"].get("kv_len"), key_block, lanes))))
     return out
 
 

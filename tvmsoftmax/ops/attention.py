@@ -131,6 +131,18 @@ class FlashTiling:
     # share each tile of them too: a decoding step (Sq = 1) has `group` rows per block, each key
     # read once, instead of `group` one-row blocks that each read every key.
     fold_group: bool = False
+    # The last key tile of a static Skv that is not a multiple of key_block, computed this many
+    # keys wide (a multiple of the schedule's vector width, at least Skv % key_block) instead of
+    # key_block wide: at Skv = 197, whole 64-key tiles compute 256 keys, a 16-key last tile 208.
+    # 0: every tile whole (the keys past Skv masked).
+    key_tail: int = 0
+
+    def tail_width(self, skv) -> int | None:
+        """The width of the last key tile at this Skv, or None where every tile is whole."""
+        if not self.key_tail or not isinstance(skv, tirx.IntImm):
+            return None
+        rest = skv.value % self.key_block
+        return self.key_tail if 0 < rest <= self.key_tail < self.key_block else None
 
 
 def _f32(value: float) -> tirx.PrimExpr:
@@ -411,10 +423,10 @@ def _pack_keys(T, spec, tiling, k, batch, skv, i64):
     kv_tiles = tirx.floordiv(skv + i64(kb - 1), i64(kb))
     key_t = IRBuilder.name("key_tiles", T.alloc_buffer((batch, hkv, kv_tiles, d, kb), operand, scope="global"))
 
-    def pack(name, first_tile, tiles, partial):
+    def pack(name, first_tile, tiles, partial, width=kb):
         if isinstance(tiles, tirx.IntImm) and tiles.value == 0:
             return
-        with T.grid(batch, i64(hkv), tiles, i64(d), i64(kb)) as (b, h, t, e, jj):
+        with T.grid(batch, i64(hkv), tiles, i64(d), i64(width)) as (b, h, t, e, jj):
             with T.sblock(name):
                 vb, vh, vt, ve, vj = T.axis.remap("SSSSS", [b, h, t, e, jj])
                 j = (first_tile + vt) * i64(kb) + vj
@@ -427,7 +439,8 @@ def _pack_keys(T, spec, tiling, k, batch, skv, i64):
     if tiling.pack_whole_tiles_apart:
         whole = tirx.floordiv(skv, i64(kb))
         pack("flash_key_t", i64(0), whole, partial=False)
-        pack("flash_key_t_tail", whole, kv_tiles - whole, partial=True)
+        # a narrow last tile (`key_tail`) reads only its first columns
+        pack("flash_key_t_tail", whole, kv_tiles - whole, partial=True, width=tiling.tail_width(skv) or kb)
     else:
         pack("flash_key_t", i64(0), kv_tiles, partial=True)
     return key_t
@@ -484,15 +497,33 @@ def _flash_blocks(T, spec, tiling, masking, q, keys, v, y, batch, sq, skv, i64, 
                     vi, ve = T.axis.remap("SS", [ii, e])
                     T.buffer_store(q_rows, _load(q, vb, ctx.head(vi), ctx.position(vi), ve), [vi, ve])
             ctx.q_rows = q_rows
-            ctx.init(variant)
-            with T.serial(tiles) as t:
-                if threshold is None:
-                    ctx.tile(t, variant)
-                else:
-                    ctx.liveness(t, threshold, variant)
+            tail = tiling.tail_width(skv)
+
+            def visit(suffix, skipping):
+                """The block's key tiles: whole ones, then (`tail`) the narrow last one."""
+
+                def one(t, suffix, width):
+                    if not skipping:
+                        ctx.tile(t, suffix, width)
+                        return
+                    ctx.liveness(t, threshold, suffix, width)
                     with T.If(_load(flag, 0) > _f32(0.0)):
                         with T.Then():
-                            ctx.tile(t, variant)
+                            ctx.tile(t, suffix, width)
+
+                if tail is None:
+                    with T.serial(tiles) as t:
+                        one(t, suffix, kb)
+                    return
+                whole = i64(skv.value // kb)
+                with T.serial(tirx.min(tiles, whole)) as t:
+                    one(t, suffix, kb)
+                with T.If(tiles > whole):
+                    with T.Then():
+                        one(whole, f"{suffix}_tail", tail)
+
+            ctx.init(variant)
+            visit(variant, skipping=threshold is not None)
             if threshold is not None:
                 # A fully masked row saw only skipped tiles (or scores as low as the mask): redo
                 # the block without skipping so that its result is that of the whole row.
@@ -500,8 +531,7 @@ def _flash_blocks(T, spec, tiling, masking, q, keys, v, y, batch, sq, skv, i64, 
                 with T.If(_load(flag, 0) > _f32(0.0)):
                     with T.Then():
                         ctx.init(f"{variant}_full")
-                        with T.serial(tiles) as t:
-                            ctx.tile(t, f"{variant}_full")
+                        visit(f"{variant}_full", skipping=False)
             with T.grid(i64(qb), i64(dv)) as (ii, e):
                 with T.sblock(f"flash_output{variant}"):
                     vi, ve = T.axis.remap("SS", [ii, e])
@@ -559,10 +589,11 @@ class _FlashTile:
                 vi, ve = T.axis.remap("SS", [ii, e])
                 T.buffer_store(self.acc, _f32(0.0), [vi, ve])
 
-    def liveness(self, t, threshold, variant=""):
-        """_load(flag, 0) = 1 if some score of tile t may count (see the module docstring), else 0."""
+    def liveness(self, t, threshold, variant="", width=None):
+        """_load(flag, 0) = 1 if some score of tile t (its first `width` keys) may count (see the
+        module docstring), else 0."""
         T, i64 = self.T, self.i64
-        with T.grid(i64(self.qb), i64(self.kb)) as (ii, jj):
+        with T.grid(i64(self.qb), i64(width or self.kb)) as (ii, jj):
             with T.sblock(f"flash_live{variant}"):
                 vt = T.axis.spatial(self.tiles, t)
                 vi, vj = T.axis.remap("RR", [ii, jj])
@@ -605,10 +636,10 @@ class _FlashTile:
         with self.T.sblock(name):
             yield self.T.axis.spatial(self.tiles, t)
 
-    def row_reduce(self, name, vt, out, identity: float, combine, value_of):
-        """out[i] = combine over the tile's keys j of value_of(vt, i, j), from `identity`: a pure
-        reduction (identity init), which a schedule can split across lanes (rfactor)."""
-        T, qb, kb = self.T, self.i64(self.qb), self.i64(self.kb)
+    def row_reduce(self, name, vt, width, out, identity: float, combine, value_of):
+        """out[i] = combine over the tile's `width` keys j of value_of(vt, i, j), from `identity`:
+        a pure reduction (identity init), which a schedule can split across lanes (rfactor)."""
+        T, qb, kb = self.T, self.i64(self.qb), width
         with T.grid(qb, kb) as (ii, jj), T.sblock(name):
             vi = T.axis.spatial(qb, ii)
             vj = T.axis.reduce(kb, jj)
@@ -616,11 +647,12 @@ class _FlashTile:
                 T.buffer_store(out, _f32(identity), [vi])
             T.buffer_store(out, combine(_load(out, vi), value_of(vt, vi, vj)), [vi])
 
-    def tile(self, t, suffix):
+    def tile(self, t, suffix, width=None):
+        """Tile t's blocks over its first `width` keys (default: all key_block of them)."""
         from tvm.script.ir_builder import IRBuilder
 
         T, i64, spec = self.T, self.i64, self.spec
-        qb, kb = i64(self.qb), i64(self.kb)
+        qb, kb, kw = i64(self.qb), i64(self.kb), i64(width or self.kb)  # kb: the tile stride
         per_key_open = spec.empty_row == "zero_if_masked" and self.masking.row_open(self.b, self.q0) is None
         # The scores, their softmax and its row sum form one scope of pure dataflow (the running
         # state is only read in it; the new max goes to `m_new`, state updates follow the scope):
@@ -628,9 +660,9 @@ class _FlashTile:
         # softmax of a register block of rows while its scores are in L1.
         with self.scope(f"flash_qk_tile{suffix}", t) as vt:
             # The scores exist only in this scope (a schedule may keep them out of memory).
-            self.dots = IRBuilder.name("dots", T.sblock_alloc_buffer((qb, kb), "float32"))
-            self.scores = IRBuilder.name("scores", T.sblock_alloc_buffer((qb, kb), "float32"))
-            with T.grid(qb, kb, i64(self.d)) as (ii, jj, e):
+            self.dots = IRBuilder.name("dots", T.sblock_alloc_buffer((qb, kw), "float32"))
+            self.scores = IRBuilder.name("scores", T.sblock_alloc_buffer((qb, kw), "float32"))
+            with T.grid(qb, kw, i64(self.d)) as (ii, jj, e):
                 with T.sblock(f"flash_qk{suffix}"):
                     vi, vj, ve = T.axis.remap("SSR", [ii, jj, e])
                     with T.init():
@@ -641,7 +673,7 @@ class _FlashTile:
                     T.buffer_store(
                         self.dots, _load(self.dots, vi, vj) + product, [vi, vj]
                     )
-            with T.grid(qb, kb) as (ii, jj):
+            with T.grid(qb, kw) as (ii, jj):
                 with T.sblock(f"flash_mask{suffix}"):
                     vi, vj = T.axis.remap("SS", [ii, jj])
                     j = vt * kb + vj
@@ -664,8 +696,8 @@ class _FlashTile:
                     keep = tirx.And(j < self.skv, value >= _f32(FLT_LOWEST))
                     return tirx.Select(keep, _f32(0.0), _f32(FLT_LOWEST))
 
-                self.row_reduce(f"flash_open{suffix}", vt, self.tile_open, FLT_LOWEST, tirx.max, kept)
-            self.row_reduce(f"flash_tile_max{suffix}", vt, self.tile_max, FLT_LOWEST, tirx.max,
+                self.row_reduce(f"flash_open{suffix}", vt, kw, self.tile_open, FLT_LOWEST, tirx.max, kept)
+            self.row_reduce(f"flash_tile_max{suffix}", vt, kw, self.tile_max, FLT_LOWEST, tirx.max,
                             lambda vt, vi, vj: _load(self.scores, vi, vj))
             with T.serial(qb) as ii:
                 with T.sblock(f"flash_rescale{suffix}"):
@@ -674,12 +706,12 @@ class _FlashTile:
                     new_max = tirx.max(_load(self.m, vi), _load(self.tile_max, vi))
                     T.buffer_store(self.alpha, exp_nonpositive(_load(self.m, vi) - new_max), [vi])
                     T.buffer_store(self.m_new, new_max, [vi])
-            with T.grid(qb, kb) as (ii, jj):
+            with T.grid(qb, kw) as (ii, jj):
                 with T.sblock(f"flash_exp{suffix}"):
                     vi, vj = T.axis.remap("SS", [ii, jj])
                     p = exp_nonpositive(_load(self.scores, vi, vj) - _load(self.m_new, vi))
                     T.buffer_store(self.probs, p if self.probs.dtype == "float32" else p.astype(self.probs.dtype), [vi, vj])
-            self.row_reduce(f"flash_sum{suffix}", vt, self.tile_sum, 0.0, lambda x, y: x + y,
+            self.row_reduce(f"flash_sum{suffix}", vt, kw, self.tile_sum, 0.0, lambda x, y: x + y,
                             lambda vt, vi, vj: _to_f32(_load(self.probs, vi, vj)))
         with T.serial(qb) as ii:
             with T.sblock(f"flash_total{suffix}"):
@@ -695,13 +727,13 @@ class _FlashTile:
         with self.scope(f"flash_pv_tile{suffix}", t) as vt:
             self.tile_pv = IRBuilder.name("tile_pv", T.sblock_alloc_buffer((qb, i64(self.dv)), "float32"))
             # The tile's rows of V (keys past Skv repeat the last one; their P is 0).
-            v_tile = IRBuilder.name("v_tile", T.sblock_alloc_buffer((kb, i64(self.dv)), spec.dtype))
-            with T.grid(kb, i64(self.dv)) as (jj, e):
+            v_tile = IRBuilder.name("v_tile", T.sblock_alloc_buffer((kw, i64(self.dv)), spec.dtype))
+            with T.grid(kw, i64(self.dv)) as (jj, e):
                 with T.sblock(f"flash_v{suffix}"):
                     vj, ve = T.axis.remap("SS", [jj, e])
                     j = tirx.min(vt * kb + vj, self.skv - i64(1))
                     T.buffer_store(v_tile, _load(self.v, self.b, self.kh, j, ve), [vj, ve])
-            with T.grid(qb, kb, i64(self.dv)) as (ii, jj, e):
+            with T.grid(qb, kw, i64(self.dv)) as (ii, jj, e):
                 with T.sblock(f"flash_pv{suffix}"):
                     # Block axes (row, value dim, key) as an inner product's (i, j, k), which a
                     # tensor intrinsic matches; the loops keep the keys in the middle.

@@ -34,10 +34,12 @@ class X86AttentionKnobs:
     fold_group: bool = False  # flash, GQA: a block's rows span the query heads of a K/V head
     pack_keys: bool = True  # flash: K packed per tile for the inner products (else read in place)
     transpose_keys: bool = True  # flash: K's whole tiles packed by in-register transposes
+    key_tail: int = 0  # flash, static Skv: keys of the narrow last key tile (0: tiles all whole)
 
     def tiling(self) -> FlashTiling:
         return FlashTiling(query_block=self.query_block, key_block=self.key_block, fold_group=self.fold_group,
-                           pack_keys=self.pack_keys, pack_whole_tiles_apart=self.transpose_keys)
+                           pack_keys=self.pack_keys, pack_whole_tiles_apart=self.transpose_keys,
+                           key_tail=self.key_tail)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -132,9 +134,10 @@ def _reads(sch, block, buffer_name: str) -> bool:
 
 
 def _base(name: str) -> str:
-    """A flash block's name without the suffixes of its copies: `_full` (the block recomputed
-    without skipping) and `_decode` (a decoding step's blocks, `ops.attention._flash_body`)."""
-    return name.removesuffix("_full").removesuffix("_decode")
+    """A flash block's name without the suffixes of its copies: `_tail` (the narrow last key
+    tile, `FlashTiling.key_tail`), `_full` (the block recomputed without skipping) and `_decode`
+    (a decoding step's blocks, `ops.attention._flash_body`)."""
+    return name.removesuffix("_tail").removesuffix("_full").removesuffix("_decode")
 
 
 def _schedule_key_packing(sch, block, lanes: int, transpose: bool):
@@ -180,7 +183,10 @@ def schedule_flash(func: tirx.PrimFunc, knobs: X86AttentionKnobs) -> tirx.PrimFu
             _lane_reduce(sch, block, lanes)
         elif base == "flash_qk":
             rows, keys, depth = sch.get_loops(block)
-            _register_block(sch, block, rows, depth, keys, lanes, knobs.rows)
+            # a narrow last tile (`key_tail`) holds as many accumulators in more rows
+            width = static_extent(sch.get(keys).extent)
+            rows_of_block = min(knobs.rows * max(1, knobs.key_block // (width or knobs.key_block)), knobs.query_block)
+            _register_block(sch, block, rows, depth, keys, lanes, rows_of_block)
             # Scale and mask applied as the accumulators are written back: the raw dot products
             # never reach memory (a separate pass over the tile cost about 1.5%). The softmax
             # passes stay over the whole tile: run per register block of rows (its scores still
@@ -228,13 +234,24 @@ def _tile(length, whole: int, half: int, saving_percent: int) -> int:
     return half if padded(half) * 100 <= padded(whole) * (100 - saving_percent) else whole
 
 
+def key_tail(kv_len, key_block: int, lanes: int) -> int:
+    """`X86AttentionKnobs.key_tail` for a static `kv_len`: its keys past the last whole tile,
+    padded to whole vectors (0 where the tiles divide it, the padding fills a tile, or the length
+    is symbolic)."""
+    rest = kv_len % key_block if isinstance(kv_len, int) else 0
+    tail = -(-rest // lanes) * lanes
+    return tail if tail < key_block else 0
+
+
 def choose(requested: str, dims: dict, spec, vector_lanes: int, algorithm: str = "auto"):
     """The `auto` rule for x86: flash (it never materialises the scores and skips masked tiles;
     it was faster than materialized on every benchmark shape, benchmarks/README.md).
 
     Knobs: 32-row query blocks (fewer when the query length is known and shorter: a power of two
-    at least as long) and 64-key tiles (a packed K tile of 64 x D floats stays in L1/L2 while the
-    block's rows use it), halved where a static length pads much less so (`_tile`); GQA/MQA blocks fold the query heads of a key/value head into their rows
+    at least as long; 16 where a static length pads much less so, `_tile`) and 64-key tiles (a
+    packed K tile of 64 x D floats stays in L1/L2 while the block's rows use it), the last one of
+    a static length as narrow as its keys (`key_tail`); GQA/MQA blocks fold the query heads of a
+    key/value head into their rows
     (`FlashTiling.fold_group`; decoding 32 query heads over 8 key/value heads, 1025 keys, D=128,
     1 thread: the kernel 1.10 -> 0.71 ms); with a query length known only at run time the kernel
     holds a decoding step's own blocks (as many rows as the group) beside the 32-row ones (that
@@ -247,13 +264,13 @@ def choose(requested: str, dims: dict, spec, vector_lanes: int, algorithm: str =
     fold = spec.group > 1 and strategy == "flash"
     q_len = dims.get("q_len")
     rows = q_len * spec.group if fold and isinstance(q_len, int) else q_len
-    # Static lengths that the usual tiles would pad by much (every tile is computed whole): half
-    # the key tile where that pads at least 12% fewer keys, half the query block where 5% fewer
-    # rows (S = 77: 128 keys x 96 rows -> 96 x 80; S = 197: 256 x 224 -> 224 x 208). 1 thread,
-    # interleaved: (1, 12, 77, 64) 0.31 -> 0.22 ms, 197: 1.36 -> 1.30 (32 keys) -> 1.23 ms (and 16
-    # rows). Where the padding is alike, 32-key tiles ran 8-10% slower (S = 128, 384; 577: 608 keys
-    # against 640, 0.92x; 257: 288 against 320, 0.97x) and 16-row blocks within noise.
-    key_block = _tile(dims.get("kv_len"), 64, 32, saving_percent=12)
+    # Static lengths that the usual tiles would pad by much: the last key tile is only as wide as
+    # the keys left (`key_tail`, in vectors), the query block halves where that pads at least 5%
+    # fewer rows (S = 197: 256 keys x 224 rows -> 208 x 208). 1 thread, interleaved, kernel alone:
+    # (1, 12, 197, 64) 1.36 ms (whole tiles) -> 1.24 (32-key tiles, 16 rows) -> 1.09 (64-key tiles
+    # and a 16-key tail); 77: 0.31 -> 0.23 -> 0.20 ms; 100: 0.36 -> 0.32 ms. Where the padding is
+    # alike, 32-key tiles ran 8-10% slower (S = 128, 384) and 16-row blocks within noise.
+    key_block = 64
     query_block = _tile(rows, 32, 16, saving_percent=5)
     if isinstance(rows, int) and 0 < rows < query_block:
         # few queries (decoding: 1 per head): a block as small as they are, not 32 rows of which
@@ -269,6 +286,7 @@ def choose(requested: str, dims: dict, spec, vector_lanes: int, algorithm: str =
         vector_lanes=vector_lanes, query_block=query_block, key_block=key_block,
         rows=rows_for(key_block), pv_rows=rows_for(spec.v_head_size), softmax_algorithm=algorithm,
         fold_group=fold, pack_keys=query_block > UNPACKED_ROWS or (isinstance(rows, int) and rows > UNPACKED_ROWS),
+        key_tail=key_tail(dims.get("kv_len"), key_block, vector_lanes),
     )
 
 
