@@ -160,6 +160,19 @@ def test_flash_tiles_follow_static_lengths(length, query_block):
         _close(_flash(spec, knobs, dims, [q, k, v]), reference(q, k, v, spec), "float32", "S=77")
 
 
+def test_flash_packs_keys_in_one_parallel_loop():
+    """K's whole tiles and its narrow last tile are packed under one parallel loop over (batch,
+    head), then the blocks run under another: two thread-pool launches per call, not three."""
+    from tvmsoftmax.schedules import x86_attention
+
+    spec = AttentionSpec(q_heads=4, kv_heads=2, head_size=32, v_head_size=32, scale=32 ** -0.5)
+    dims = {"batch": 2, "q_len": 77, "kv_len": 77}
+    _, knobs = x86_attention.choose("flash", dims, spec, resolve("x86").vector_lanes)
+    assert knobs.key_tail
+    func = schedule_flash(flash_attention(spec, knobs.tiling(), dims), knobs)
+    assert func.script().count("T.parallel(") == 2
+
+
 @pytest.mark.parametrize("lanes", [4, 8, 16])
 def test_transpose_intrinsic(lanes):
     """The in-register transpose K's whole tiles are packed with: a lanes x lanes tile of a

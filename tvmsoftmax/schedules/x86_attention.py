@@ -149,8 +149,10 @@ def _schedule_key_packing(sch, block, lanes: int, transpose: bool):
     load (its bounds check one per key), its lanes stored a tile row apart. Element by element,
     a check each, the packing took 80% of a decoding step's kernel (0.66 -> 0.44 ms at 32 heads,
     1025 keys, D=128); a vector of keys gathered from D-strided rows: 0.54 ms."""
-    b, h, *_tile, e, j = sch.get_loops(block)
-    sch.parallel(sch.fuse(b, h))
+    loops = sch.get_loops(block)
+    e, j = loops[-2:]
+    if sch.get(loops[0]).kind != tirx.ForKind.PARALLEL:  # else: (batch, head) fused for a sibling
+        sch.parallel(sch.fuse(*loops[:2]))
     dtype = sch.get(block).writes[0].source.dtype
     reads = {str(region.source.dtype) for region in sch.get(block).reads}
     extents = static_extent(sch.get(e).extent), static_extent(sch.get(j).extent)
