@@ -140,7 +140,8 @@ def test_flash_matches_reference(name, tiles):
                                                 (128, 32), (384, 32), (None, 32)])
 def test_flash_tiles_follow_static_lengths(length, query_block):
     """`auto` computes the last key tile of a static length only as wide as its keys (whole
-    vectors: 77 keys are a 64-key tile and a 16-key one, not 128 keys) and halves the query block
+    vectors: 77 keys are a 64-key tile and a 16-key one, not 128 keys; a symbolic length gets a
+    32-key narrow tile, used where its keys fit) and halves the query block
     (32 -> 16) where that pads at least 5% fewer rows; tiles are whole where they divide the length
     or it is symbolic; K stays packed (blocks of 16 rows over 77 queries are not a decoding step).
     The chosen kernel at 77 against the reference."""
@@ -151,9 +152,12 @@ def test_flash_tiles_follow_static_lengths(length, query_block):
     dims = {"batch": 1, "q_len": length, "kv_len": length}
     _, knobs = x86_attention.choose("auto", dims, spec, lanes)
     assert (knobs.key_block, knobs.query_block, knobs.pack_keys) == (64, query_block, True)
-    tail = 0 if length is None or length % 64 == 0 else -(-(length % 64) // lanes) * lanes
-    assert knobs.key_tail == (tail if tail < 64 else 0)
-    assert knobs.tiling().tail_width(tvm.tirx.const(length or 64, "int64")) == (knobs.key_tail or None)
+    if length is None:  # a narrow tile used where the keys past the whole tiles fit, at run time
+        assert knobs.key_tail == x86_attention.NARROW_KEYS
+    else:
+        tail = 0 if length % 64 == 0 else -(-(length % 64) // lanes) * lanes
+        assert knobs.key_tail == (tail if tail < 64 else 0)
+        assert knobs.tiling().narrow_width(tvm.tirx.const(length, "int64")) == (knobs.key_tail or None)
     if length == 77:
         rng = np.random.default_rng(77)
         q, k, v = (rng.standard_normal((1, 2, 77, 32)).astype(np.float32) for _ in range(3))
@@ -289,6 +293,29 @@ def test_flash_dynamic_lengths_float16():
         out = tvm.runtime.tensor(np.zeros(arrays[0].shape[:3] + (spec.v_head_size,), "float16"), dev)
         lib(*[tvm.runtime.tensor(a, dev) for a in arrays], out)
         _close(out.numpy(), reference(*arrays[:3], spec_n, **kwargs), "float16", f"{sq}x{skv}")
+
+
+@pytest.mark.parametrize("name", ["causal-bottom-right", "lowest-mask-with-full-rows", "kv-lengths-causal"])
+def test_flash_narrow_key_tile_at_symbolic_lengths(name):
+    """One kernel with a symbolic key length and 16-key narrow tiles (32-key whole ones): the
+    keys past the whole tiles go to the narrow tile where they fit (45 keys: 13 past, 5: all),
+    else to a whole tile (60: 28 past), none where the tiles divide the length (64); against
+    the reference, with masks that skip tiles and rows recomputed whole."""
+    spec, _, _ = _problem(name)
+    knobs = X86AttentionKnobs(vector_lanes=resolve("x86").vector_lanes, query_block=16, key_block=32, key_tail=16)
+    dims = {"batch": 2, "q_len": 37, "kv_len": None}
+    func = schedule_flash(flash_attention(spec, knobs.tiling(), dims), knobs)
+    assert '"flash_qk_tail' in func.script()
+    lib = tvm.compile(func, target=resolve("x86").tvm_target(), tir_pipeline=TIR_PIPELINE)
+    for skv in (45, 60, 64, 5):
+        spec_n, arrays, kwargs = _problem(name, skv=skv, seed=skv)
+        if name == "kv-lengths-causal":
+            arrays[3][:] = [max(skv - 7, 1), min(3, skv)]
+            kwargs["kv_lengths"] = arrays[3]
+        dev = tvm.cpu()
+        out = tvm.runtime.tensor(np.zeros(arrays[0].shape[:3] + (spec.v_head_size,), "float32"), dev)
+        lib(*[tvm.runtime.tensor(a, dev) for a in arrays], out)
+        _close(out.numpy(), reference(*arrays[:3], spec_n, **kwargs), "float32", f"{name} Skv={skv}")
 
 
 def test_flash_skips_masked_tiles_exactly():

@@ -31,7 +31,8 @@ Two algorithms:
 * `attention_scores` + `ops.softmax` + `attention_output` (materialized): the scores exist as a
   float32 [B*Hq*Sq, Skv] buffer, normalised by any softmax algorithm of `ops.softmax`.
 * `flash_attention` (FlashAttention's online softmax, Milakov & Gimelshein's normalizer on tiles):
-  per block of `query_block` rows, keys are visited in tiles of `key_block`; each tile's scores
+  per block of `query_block` rows, keys are visited in tiles of `key_block` (those past the last
+  whole tile in a narrower one where they fit, `FlashTiling.key_tail`); each tile's scores
   live in a [query_block, key_block] buffer and the running (max, sum, acc) are rescaled by
   e^(m_old - m_new). No Sq x Skv buffer exists. Tiles are skipped, not computed:
   - above the causal diagonal and past kv_length (exact: those scores are -inf);
@@ -131,18 +132,26 @@ class FlashTiling:
     # share each tile of them too: a decoding step (Sq = 1) has `group` rows per block, each key
     # read once, instead of `group` one-row blocks that each read every key.
     fold_group: bool = False
-    # The last key tile of a static Skv that is not a multiple of key_block, computed this many
-    # keys wide (a multiple of the schedule's vector width, at least Skv % key_block) instead of
-    # key_block wide: at Skv = 197, whole 64-key tiles compute 256 keys, a 16-key last tile 208.
-    # 0: every tile whole (the keys past Skv masked).
+    # The keys past the last whole key tile (Skv % key_block of them) are visited in a narrow tile
+    # of this many keys (a multiple of the schedule's vector width) where they fit in it (decided
+    # at run time for a symbolic Skv), else in a whole tile: at Skv = 197, whole 64-key tiles
+    # compute 256 keys, a 16-key narrow tile 208. 0: every tile whole (the keys past Skv masked).
     key_tail: int = 0
 
-    def tail_width(self, skv) -> int | None:
-        """The width of the last key tile at this Skv, or None where every tile is whole."""
-        if not self.key_tail or not isinstance(skv, tirx.IntImm):
+    def narrow_width(self, skv) -> int | None:
+        """The width of the narrow tile at this Skv, or None where every tile is whole."""
+        kb, tail = self.key_block, self.key_tail
+        if not 0 < tail < kb:
             return None
-        rest = skv.value % self.key_block
-        return self.key_tail if 0 < rest <= self.key_tail < self.key_block else None
+        if isinstance(skv, tirx.IntImm):
+            rest = skv.value % kb
+            return tail if 0 < rest <= tail else None
+        return tail
+
+    def last_tile_width(self, skv) -> int:
+        """The columns of the last packed K tile that the tiles read."""
+        tail = self.narrow_width(skv)
+        return tail if tail is not None and isinstance(skv, tirx.IntImm) else self.key_block
 
 
 def _f32(value: float) -> tirx.PrimExpr:
@@ -444,7 +453,7 @@ def _pack_keys(T, spec, tiling, k, batch, skv, i64):
             whole = tirx.floordiv(skv, i64(kb))
             pack("flash_key_t", b, h, i64(0), whole, partial=False)
             # a narrow last tile (`key_tail`) reads only its first columns
-            pack("flash_key_t_tail", b, h, whole, kv_tiles - whole, partial=True, width=tiling.tail_width(skv) or kb)
+            pack("flash_key_t_tail", b, h, whole, kv_tiles - whole, partial=True, width=tiling.last_tile_width(skv))
         else:
             pack("flash_key_t", b, h, i64(0), kv_tiles, partial=True)
     return key_t
@@ -501,30 +510,35 @@ def _flash_blocks(T, spec, tiling, masking, q, keys, v, y, batch, sq, skv, i64, 
                     vi, ve = T.axis.remap("SS", [ii, e])
                     T.buffer_store(q_rows, _load(q, vb, ctx.head(vi), ctx.position(vi), ve), [vi, ve])
             ctx.q_rows = q_rows
-            tail = tiling.tail_width(skv)
+            tail = tiling.narrow_width(skv)
 
             def visit(suffix, skipping):
-                """The block's key tiles: whole ones, then (`tail`) the narrow last one."""
+                """The block's key tiles: whole ones, then (`tail`) the narrow ones past them."""
 
-                def one(t, suffix, width):
+                def one(t, suffix, extent, width):
                     if not skipping:
-                        ctx.tile(t, suffix, width)
+                        ctx.tile(t, suffix, extent, width)
                         return
-                    ctx.liveness(t, threshold, suffix, width)
+                    ctx.liveness(t, threshold, suffix, extent, width)
                     with T.If(_load(flag, 0) > _f32(0.0)):
                         with T.Then():
-                            ctx.tile(t, suffix, width)
+                            ctx.tile(t, suffix, extent, width)
 
                 if tail is None:
                     with T.serial(tiles) as t:
-                        one(t, suffix, kb)
+                        one(t, suffix, tiles, None)
                     return
-                whole = i64(skv.value // kb)
-                with T.serial(tirx.min(tiles, whole)) as t:
-                    one(t, suffix, kb)
-                with T.If(tiles > whole):
-                    with T.Then():
-                        one(whole, f"{suffix}_tail", tail)
+                # The keys past the whole tiles in one narrow tile where it holds them (always at a
+                # static Skv), else in a whole one: several narrow tiles cost more than a whole one
+                # (each rescales the running state; a symbolic Skv with 52 keys past its whole
+                # tiles, four 16-key tiles: 1.19 -> 1.40 ms).
+                whole = tirx.floordiv(skv, i64(kb))
+                fits = skv - whole * i64(kb) <= i64(tail)
+                with T.serial(tirx.Select(fits, tirx.min(tiles, whole), tiles)) as t:
+                    one(t, suffix, tiles, None)
+                narrow = tirx.Select(tirx.And(fits, key_end > whole * i64(kb)), i64(1), i64(0))
+                with T.serial(narrow) as n:
+                    one(n, f"{suffix}_tail", narrow, tail)
 
             ctx.init(variant)
             visit(variant, skipping=threshold is not None)
@@ -556,12 +570,19 @@ class _FlashTile:
     def row(self, ii):
         return tirx.min(self.q0 + ii, self.rows - self.i64(1))  # rows past the last repeat it
 
-    def key(self, vt, vj, ve):
-        """Dim ve of key vj of tile vt: from the packed tiles or from K (keys past Skv repeat the
-        last one; their scores are masked)."""
+    def place(self, vt, width):
+        """(packed tile, first column) of tile vt: a whole tile, or (`width`) narrow tile vt past
+        the whole ones (`FlashTiling.key_tail`)."""
+        if width is None:
+            return vt, self.i64(0)
+        return tirx.floordiv(self.skv, self.i64(self.kb)), vt * self.i64(width)
+
+    def key(self, tile, column, ve):
+        """Dim ve of the key in `column` of packed `tile`: from the packed tiles or from K (keys
+        past Skv repeat the last one; their scores are masked)."""
         if len(self.keys.shape) == 5:
-            return _load(self.keys, self.b, self.kh, vt, ve, vj)
-        j = tirx.min(vt * self.i64(self.kb) + vj, self.skv - self.i64(1))
+            return _load(self.keys, self.b, self.kh, tile, ve, column)
+        j = tirx.min(tile * self.i64(self.kb) + column, self.skv - self.i64(1))
         return _load(self.keys, self.b, self.kh, j, ve)
 
     def head(self, ii):
@@ -593,17 +614,18 @@ class _FlashTile:
                 vi, ve = T.axis.remap("SS", [ii, e])
                 T.buffer_store(self.acc, _f32(0.0), [vi, ve])
 
-    def liveness(self, t, threshold, variant="", width=None):
-        """_load(flag, 0) = 1 if some score of tile t (its first `width` keys) may count (see the
-        module docstring), else 0."""
+    def liveness(self, t, threshold, variant="", extent=None, width=None):
+        """_load(flag, 0) = 1 if some score of tile t (of `extent`; narrow, `width` keys wide: see
+        `place`) may count (see the module docstring), else 0."""
         T, i64 = self.T, self.i64
         with T.grid(i64(self.qb), i64(width or self.kb)) as (ii, jj):
             with T.sblock(f"flash_live{variant}"):
-                vt = T.axis.spatial(self.tiles, t)
+                vt = T.axis.spatial(extent if extent is not None else self.tiles, t)
                 vi, vj = T.axis.remap("RR", [ii, jj])
                 with T.init():
                     T.buffer_store(self.flag, _f32(0.0), [0])
-                j = vt * i64(self.kb) + vj
+                tile, column = self.place(vt, width)
+                j = tile * i64(self.kb) + column + vj
                 dead = self.masking.negligible(
                     self.b,
                     self.head(vi),
@@ -633,12 +655,12 @@ class _FlashTile:
                 T.buffer_store(self.flag, tirx.max(_load(self.flag, 0), low), [0])
 
     @contextmanager
-    def scope(self, name, t):
-        """A scope block around the pure dataflow of tile t (an inner product, the softmax of the
-        scores): the blocks around it update the running state in place, and TensorIR reorders,
-        vectorises, inlines and rfactors only in scopes of pure dataflow."""
+    def scope(self, name, t, extent):
+        """A scope block around the pure dataflow of tile t of `extent` (an inner product, the
+        softmax of the scores): the blocks around it update the running state in place, and
+        TensorIR reorders, vectorises, inlines and rfactors only in scopes of pure dataflow."""
         with self.T.sblock(name):
-            yield self.T.axis.spatial(self.tiles, t)
+            yield self.T.axis.spatial(extent, t)
 
     def row_reduce(self, name, vt, width, out, identity: float, combine, value_of):
         """out[i] = combine over the tile's `width` keys j of value_of(vt, i, j), from `identity`:
@@ -651,18 +673,21 @@ class _FlashTile:
                 T.buffer_store(out, _f32(identity), [vi])
             T.buffer_store(out, combine(_load(out, vi), value_of(vt, vi, vj)), [vi])
 
-    def tile(self, t, suffix, width=None):
-        """Tile t's blocks over its first `width` keys (default: all key_block of them)."""
+    def tile(self, t, suffix, extent=None, width=None):
+        """The blocks of tile t of `extent` tiles: whole (key_block keys), or narrow (`width` keys,
+        the narrow tiles past the whole ones, see `place`)."""
         from tvm.script.ir_builder import IRBuilder
 
         T, i64, spec = self.T, self.i64, self.spec
+        extent = extent if extent is not None else self.tiles
         qb, kb, kw = i64(self.qb), i64(self.kb), i64(width or self.kb)  # kb: the tile stride
         per_key_open = spec.empty_row == "zero_if_masked" and self.masking.row_open(self.b, self.q0) is None
         # The scores, their softmax and its row sum form one scope of pure dataflow (the running
         # state is only read in it; the new max goes to `m_new`, state updates follow the scope):
         # every row of the tile is complete once its scores are, so a schedule can run the whole
         # softmax of a register block of rows while its scores are in L1.
-        with self.scope(f"flash_qk_tile{suffix}", t) as vt:
+        with self.scope(f"flash_qk_tile{suffix}", t, extent) as vt:
+            tile, column = self.place(vt, width)
             # The scores exist only in this scope (a schedule may keep them out of memory).
             self.dots = IRBuilder.name("dots", T.sblock_alloc_buffer((qb, kw), "float32"))
             self.scores = IRBuilder.name("scores", T.sblock_alloc_buffer((qb, kw), "float32"))
@@ -673,14 +698,14 @@ class _FlashTile:
                         T.buffer_store(self.dots, _f32(0.0), [vi, vj])
                     product = _to_f32(
                         _load(self.q_rows, vi, ve)
-                    ) * _to_f32(self.key(vt, vj, ve))
+                    ) * _to_f32(self.key(tile, column + vj, ve))
                     T.buffer_store(
                         self.dots, _load(self.dots, vi, vj) + product, [vi, vj]
                     )
             with T.grid(qb, kw) as (ii, jj):
                 with T.sblock(f"flash_mask{suffix}"):
                     vi, vj = T.axis.remap("SS", [ii, jj])
-                    j = vt * kb + vj
+                    j = tile * kb + column + vj
                     s = self.masking.score(
                         _load(self.dots, vi, vj),
                         self.b,
@@ -695,7 +720,7 @@ class _FlashTile:
                 # 0 where the mask keeps key j, else the lowest float (the identity of a max that
                 # a schedule can split across lanes; -inf is not one).
                 def kept(vt, vi, vj):
-                    j = vt * kb + vj
+                    j = tile * kb + column + vj
                     value = self.masking.mask_open(self.b, self.head(vi), self.position(vi), tirx.min(j, self.skv - i64(1)))
                     keep = tirx.And(j < self.skv, value >= _f32(FLT_LOWEST))
                     return tirx.Select(keep, _f32(0.0), _f32(FLT_LOWEST))
@@ -728,14 +753,15 @@ class _FlashTile:
         # acc' = alpha * acc + P V: the tile's P V is a pure inner product (zero-initialised, in a
         # buffer of the scope: TensorIR vectorises and tensorizes no in-place update), then
         # folded into the rescaled acc (a schedule may inline that into the product's write-back).
-        with self.scope(f"flash_pv_tile{suffix}", t) as vt:
+        with self.scope(f"flash_pv_tile{suffix}", t, extent) as vt:
+            tile, column = self.place(vt, width)
             self.tile_pv = IRBuilder.name("tile_pv", T.sblock_alloc_buffer((qb, i64(self.dv)), "float32"))
             # The tile's rows of V (keys past Skv repeat the last one; their P is 0).
             v_tile = IRBuilder.name("v_tile", T.sblock_alloc_buffer((kw, i64(self.dv)), spec.dtype))
             with T.grid(kw, i64(self.dv)) as (jj, e):
                 with T.sblock(f"flash_v{suffix}"):
                     vj, ve = T.axis.remap("SS", [jj, e])
-                    j = tirx.min(vt * kb + vj, self.skv - i64(1))
+                    j = tirx.min(tile * kb + column + vj, self.skv - i64(1))
                     T.buffer_store(v_tile, _load(self.v, self.b, self.kh, j, ve), [vj, ve])
             with T.grid(qb, kw, i64(self.dv)) as (ii, jj, e):
                 with T.sblock(f"flash_pv{suffix}"):

@@ -236,12 +236,21 @@ def _tile(length, whole: int, half: int, saving_percent: int) -> int:
     return half if padded(half) * 100 <= padded(whole) * (100 - saving_percent) else whole
 
 
+# The narrow key tile of a symbolic Skv: this many keys (or a vector), used where the keys past the
+# last whole tile fit (at run time). Symbolic Skv, (1, 12, S, 64), 1 thread, kernel ms, whole tiles
+# / 16 / 32: S = 77 0.31 / 0.22 / 0.25; 150 0.74 / 0.75 / 0.65; 197 1.35 / 1.16 / 1.22; 64, 100
+# and 180 alike. 32 pays off at half the lengths, 16 at a quarter.
+NARROW_KEYS = 32
+
+
 def key_tail(kv_len, key_block: int, lanes: int) -> int:
-    """`X86AttentionKnobs.key_tail` for a static `kv_len`: its keys past the last whole tile,
-    padded to whole vectors (0 where the tiles divide it, the padding fills a tile, or the length
-    is symbolic)."""
-    rest = kv_len % key_block if isinstance(kv_len, int) else 0
-    tail = -(-rest // lanes) * lanes
+    """`X86AttentionKnobs.key_tail`: for a static `kv_len`, its keys past the last whole tile padded
+    to whole vectors (one narrow tile; 0 where the tiles divide it or the padding fills a tile);
+    for a symbolic one, NARROW_KEYS (at least a vector; 0 where that does not divide the tile)."""
+    if not isinstance(kv_len, int):
+        tail = max(NARROW_KEYS, lanes)
+        return tail if tail < key_block and key_block % tail == 0 else 0
+    tail = -(-(kv_len % key_block) // lanes) * lanes
     return tail if tail < key_block else 0
 
 
@@ -251,8 +260,9 @@ def choose(requested: str, dims: dict, spec, vector_lanes: int, algorithm: str =
 
     Knobs: 32-row query blocks (fewer when the query length is known and shorter: a power of two
     at least as long; 16 where a static length pads much less so, `_tile`) and 64-key tiles (a
-    packed K tile of 64 x D floats stays in L1/L2 while the block's rows use it), the last one of
-    a static length as narrow as its keys (`key_tail`); GQA/MQA blocks fold the query heads of a
+    packed K tile of 64 x D floats stays in L1/L2 while the block's rows use it), the keys past
+    the last whole one in narrow tiles (`key_tail`: one as wide as they are where the length is
+    static, a 32-key one where it is not and they fit); GQA/MQA blocks fold the query heads of a
     key/value head into their rows
     (`FlashTiling.fold_group`; decoding 32 query heads over 8 key/value heads, 1025 keys, D=128,
     1 thread: the kernel 1.10 -> 0.71 ms); with a query length known only at run time the kernel
