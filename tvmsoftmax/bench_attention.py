@@ -11,7 +11,10 @@ Implementations, timed side by side (interleaved rounds) in one worker process p
   onnxruntime (all graph optimisations on);
 * ``ort-mha``: com.microsoft MultiHeadAttention (3-D inputs, ``unidirectional`` for causal);
 * ``ort-attention23``: ONNX Attention-23 (``is_causal``);
-* ``torch-sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` if torch is installed.
+* ``torch-sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` if torch is installed;
+* ``flash-unmasked`` (causal shapes only): ``flash`` compiled without the causal mask, timed in the
+  same rounds, so the causal speed-up (`flash_causal_vs_not_causal`) compares two timings taken
+  side by side rather than two shapes timed minutes apart.
 
 float32, (B, H, S, D); FLOP count 4*B*H*S^2*D for every shape (causal included, so a causal
 speed-up shows as higher GFLOP/s).
@@ -35,7 +38,8 @@ SHAPES = [
     (1, 12, 128, 64, False), (1, 12, 512, 64, False), (1, 16, 2048, 64, False), (1, 32, 1024, 128, False),
     (1, 32, 1024, 128, True),
 ]
-IMPLEMENTATIONS = ["flash", "flash-16B", "materialized", "ort-unfused", "ort-mha", "ort-attention23", "torch-sdpa"]
+IMPLEMENTATIONS = ["flash", "flash-16B", "materialized", "ort-unfused", "ort-mha", "ort-attention23", "torch-sdpa",
+                   "flash-unmasked"]
 ORT = ("ort-unfused", "ort-mha", "ort-attention23")
 
 
@@ -108,6 +112,12 @@ def _worker(config: dict) -> None:
         feeds3 = {"q": to3(q), "k": to3(k), "v": to3(v)}
         calls, outputs = {}, {}
         for name in config["implementations"]:
+            if name == "flash-unmasked":
+                if not causal:
+                    continue
+                compiled = tvmsoftmax.compile(_models(b, h, s, d, False)[0], attention="flash")
+                calls[name] = lambda c=compiled: c.run(feeds4)
+                continue
             if name in ("flash", "materialized", "flash-16B"):
                 compiled = tvmsoftmax.compile(attention, attention=name.removesuffix("-16B"))
                 feeds = {n: sixteen(a) for n, a in feeds4.items()} if name == "flash-16B" else feeds4
@@ -144,9 +154,9 @@ def _worker(config: dict) -> None:
                 calls[name], outputs[name] = sdpa, (lambda f=sdpa: f().numpy())
         meta, timers = {}, {}
         for name, call in calls.items():
-            got = outputs[name]()
             meta[name] = {}
-            if want is not None:
+            if want is not None and name in outputs:  # (flash-unmasked computes another function)
+                got = outputs[name]()
                 meta[name]["max_abs_err"] = float(np.abs(got.astype(np.float64) - want).max())
             timers[name], meta[name]["batch"] = _calibrate(call, budget=0.05)
         samples = {name: [] for name in calls}
@@ -183,10 +193,14 @@ def summarize(results: list) -> dict:
                             "flash_vs_best_onnxruntime": best_ort / times["flash"] if "flash" in times else None,
                             "flash_16B_vs_best_onnxruntime":
                                 best_ort / times["flash-16B"] if "flash-16B" in times else None}
-        # Causal vs the same shape without the mask (flash), when both were run.
+        # Causal vs the same shape without the mask (flash): timed side by side (flash-unmasked),
+        # else from the two shapes' rows when both were run.
         flash = {(tuple(r["shape"]), r["causal"]): r["median_s"] for r in rows if r["implementation"] == "flash"}
         for (shape, causal), median in flash.items():
-            if causal and (shape, False) in flash:
+            times = per_shape.get(f"{shape} causal", {})
+            if causal and "flash-unmasked" in times:
+                summary[f"{shape} causal"]["flash_causal_vs_not_causal"] = times["flash-unmasked"] / median
+            elif causal and (shape, False) in flash:
                 summary[f"{shape} causal"]["flash_causal_vs_not_causal"] = flash[(shape, False)] / median
         out[f"{threads} thread(s)"] = summary
     return out
