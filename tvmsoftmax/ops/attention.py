@@ -513,7 +513,7 @@ def _flash_blocks(T, spec, tiling, masking, q, keys, v, y, batch, sq, skv, i64, 
             tail = tiling.narrow_width(skv)
 
             def visit(suffix, skipping):
-                """The block's key tiles: whole ones, then (`tail`) the narrow ones past them."""
+                """The block's key tiles: whole ones, then (`tail`) a narrow one past them."""
 
                 def one(t, suffix, extent, width):
                     if not skipping:
@@ -571,8 +571,8 @@ class _FlashTile:
         return tirx.min(self.q0 + ii, self.rows - self.i64(1))  # rows past the last repeat it
 
     def place(self, vt, width):
-        """(packed tile, first column) of tile vt: a whole tile, or (`width`) narrow tile vt past
-        the whole ones (`FlashTiling.key_tail`)."""
+        """(packed tile, first column) of tile vt: a whole tile, or (`width`) the narrow tile past
+        the whole ones (`FlashTiling.key_tail`; vt = 0, its loop runs once or not at all)."""
         if width is None:
             return vt, self.i64(0)
         return tirx.floordiv(self.skv, self.i64(self.kb)), vt * self.i64(width)
@@ -675,7 +675,7 @@ class _FlashTile:
 
     def tile(self, t, suffix, extent=None, width=None):
         """The blocks of tile t of `extent` tiles: whole (key_block keys), or narrow (`width` keys,
-        the narrow tiles past the whole ones, see `place`)."""
+        the narrow tile past the whole ones, see `place`)."""
         from tvm.script.ir_builder import IRBuilder
 
         T, i64, spec = self.T, self.i64, self.spec
