@@ -34,7 +34,7 @@ class X86AttentionKnobs:
     fold_group: bool = False  # flash, GQA: a block's rows span the query heads of a K/V head
     pack_keys: bool = True  # flash: K packed per tile for the inner products (else read in place)
     transpose_keys: bool = True  # flash: K's whole tiles packed by in-register transposes
-    key_tail: int = 0  # flash, static Skv: keys of the narrow last key tile (0: tiles all whole)
+    key_tail: int = 0  # flash: keys of the narrow tile past the whole ones (0: tiles all whole)
 
     def tiling(self) -> FlashTiling:
         return FlashTiling(query_block=self.query_block, key_block=self.key_block, fold_group=self.fold_group,
@@ -246,11 +246,11 @@ NARROW_KEYS = 32
 def key_tail(kv_len, key_block: int, lanes: int) -> int:
     """`X86AttentionKnobs.key_tail`: for a static `kv_len`, its keys past the last whole tile padded
     to whole vectors (one narrow tile; 0 where the tiles divide it or the padding fills a tile);
-    for a symbolic one, NARROW_KEYS (at least a vector; 0 where that does not divide the tile)."""
-    if not isinstance(kv_len, int):
+    for a symbolic one, NARROW_KEYS (at least a vector; 0 where that fills a tile)."""
+    if isinstance(kv_len, int):
+        tail = -(-(kv_len % key_block) // lanes) * lanes
+    else:
         tail = max(NARROW_KEYS, lanes)
-        return tail if tail < key_block and key_block % tail == 0 else 0
-    tail = -(-(kv_len % key_block) // lanes) * lanes
     return tail if tail < key_block else 0
 
 
