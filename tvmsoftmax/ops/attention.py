@@ -688,6 +688,7 @@ class _FlashTile:
         # softmax of a register block of rows while its scores are in L1.
         with self.scope(f"flash_qk_tile{suffix}", t, extent) as vt:
             tile, column = self.place(vt, width)
+            first = tile * kb + column  # the key of the tile's column 0
             # The scores exist only in this scope (a schedule may keep them out of memory).
             self.dots = IRBuilder.name("dots", T.sblock_alloc_buffer((qb, kw), "float32"))
             self.scores = IRBuilder.name("scores", T.sblock_alloc_buffer((qb, kw), "float32"))
@@ -705,7 +706,7 @@ class _FlashTile:
             with T.grid(qb, kw) as (ii, jj):
                 with T.sblock(f"flash_mask{suffix}"):
                     vi, vj = T.axis.remap("SS", [ii, jj])
-                    j = tile * kb + column + vj
+                    j = first + vj
                     s = self.masking.score(
                         _load(self.dots, vi, vj),
                         self.b,
@@ -720,7 +721,7 @@ class _FlashTile:
                 # 0 where the mask keeps key j, else the lowest float (the identity of a max that
                 # a schedule can split across lanes; -inf is not one).
                 def kept(vt, vi, vj):
-                    j = tile * kb + column + vj
+                    j = first + vj
                     value = self.masking.mask_open(self.b, self.head(vi), self.position(vi), tirx.min(j, self.skv - i64(1)))
                     keep = tirx.And(j < self.skv, value >= _f32(FLT_LOWEST))
                     return tirx.Select(keep, _f32(0.0), _f32(FLT_LOWEST))
@@ -755,13 +756,14 @@ class _FlashTile:
         # folded into the rescaled acc (a schedule may inline that into the product's write-back).
         with self.scope(f"flash_pv_tile{suffix}", t, extent) as vt:
             tile, column = self.place(vt, width)
+            first = tile * kb + column
             self.tile_pv = IRBuilder.name("tile_pv", T.sblock_alloc_buffer((qb, i64(self.dv)), "float32"))
             # The tile's rows of V (keys past Skv repeat the last one; their P is 0).
             v_tile = IRBuilder.name("v_tile", T.sblock_alloc_buffer((kw, i64(self.dv)), spec.dtype))
             with T.grid(kw, i64(self.dv)) as (jj, e):
                 with T.sblock(f"flash_v{suffix}"):
                     vj, ve = T.axis.remap("SS", [jj, e])
-                    j = tirx.min(tile * kb + column + vj, self.skv - i64(1))
+                    j = tirx.min(first + vj, self.skv - i64(1))
                     T.buffer_store(v_tile, _load(self.v, self.b, self.kh, j, ve), [vj, ve])
             with T.grid(qb, kw, i64(self.dv)) as (ii, jj, e):
                 with T.sblock(f"flash_pv{suffix}"):
